@@ -1,0 +1,494 @@
+"""Real redis-server and clickhouse-server processes for tests and development.
+
+Each server runs from its own directory on a loopback port, with a generated
+configuration, and can be stopped, killed and restarted on the same port and
+data directory (fault tests do that mid-test). Only the standard library is
+used, so ``scripts/dev-services`` can import this module from any Python 3.
+
+Tests normally use the fixtures in ``conftest.py`` instead of these classes.
+"""
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+#: Where Debian keeps daemons that are not on a normal user's PATH.
+EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+#: Every server started without ``detach``, so none outlives the interpreter.
+_children = set()
+
+
+class ServerError(RuntimeError):
+    """A server binary is missing, or the server did not start or stop."""
+
+
+def free_port(host=LOOPBACK):
+    """Return a TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def find_binary(*names):
+    """Return the path of the first of ``names`` found on PATH or in sbin."""
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), *EXTRA_BIN_DIRS])
+    for name in names:
+        path = shutil.which(name, path=search)
+        if path:
+            return path
+    return None
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _port_open(host, port, timeout=0.5):
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class Server:
+    """One server process with start, stop, kill and restart.
+
+    ``base_dir`` holds the configuration, the data and ``server.log`` (the
+    process' stdout and stderr). Without ``base_dir`` a temporary directory
+    is made and removed by ``cleanup()``. A ``detach``-ed server runs in its
+    own session, is not stopped when this interpreter exits, and records
+    its pid in ``server.pid`` so a later process can ``adopt()`` it.
+    """
+
+    name = "server"
+    host = LOOPBACK
+    start_timeout = 30.0
+    stop_timeout = 30.0
+
+    def __init__(self, base_dir=None, port=None, detach=False):
+        self._owns_dir = base_dir is None
+        if base_dir is None:
+            base_dir = tempfile.mkdtemp(prefix="bklit-%s-" % (self.name,))
+        self.base_dir = Path(base_dir).resolve()
+        self.port = port or free_port()
+        self.detach = detach
+        self.process = None
+        self.pid = None
+
+    @property
+    def log_path(self):
+        """The file that receives the server's stdout and stderr."""
+        return self.base_dir / "server.log"
+
+    @property
+    def pid_path(self):
+        """The pid file written for every start."""
+        return self.base_dir / "server.pid"
+
+    @property
+    def running(self):
+        """Whether the process started or adopted by this object is alive."""
+        if self.process is not None:
+            return self.process.poll() is None
+        return self.pid is not None and _pid_alive(self.pid)
+
+    def command(self):
+        """Write the configuration and return the argv that runs the server."""
+        raise NotImplementedError
+
+    def ping(self):
+        """Return True when the server answers a trivial request."""
+        raise NotImplementedError
+
+    def start(self):
+        """Start the server and wait until it answers; raise ServerError if not."""
+        if self.running:
+            raise ServerError("%s is already running (pid %d)" % (self.name, self.pid))
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        argv = self.command()
+        with open(self.log_path, "ab") as log:
+            log.write(b"--- starting: %s\n" % " ".join(argv).encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                argv,
+                cwd=self.base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.detach,
+            )
+        self.pid = self.process.pid
+        self.pid_path.write_text("%d\n" % self.pid)
+        if not self.detach:
+            _children.add(self)
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self):
+        deadline = time.monotonic() + self.start_timeout
+        delay = 0.02
+        while True:
+            if not self.running:
+                code = self.process.returncode if self.process else None
+                self._forget()
+                raise ServerError(self._failure("exited with status %s" % (code,)))
+            if self.ping():
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServerError(
+                    self._failure("did not answer within %.0f s" % self.start_timeout)
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def _failure(self, what):
+        return "%s on %s:%d %s; see %s\n%s" % (
+            self.name, self.host, self.port, what, self.base_dir, self.log_tail(),
+        )
+
+    def log_tail(self, lines=40):
+        """Return the last ``lines`` lines of the server's logs."""
+        tail = []
+        for path in self.log_files():
+            try:
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            tail.append("==> %s <==" % (path,))
+            tail.extend(text)
+        return "\n".join(tail)
+
+    def log_files(self):
+        """The files worth showing when the server fails."""
+        return [self.log_path]
+
+    def stop(self):
+        """SIGTERM the server and wait for it to exit (SIGKILL after a timeout)."""
+        if self.running:
+            if not self._signal_and_wait(signal.SIGTERM, self.stop_timeout):
+                self._signal_and_wait(signal.SIGKILL, self.stop_timeout)
+        self._forget()
+
+    def kill(self):
+        """SIGKILL the server, as a crash would, and wait for it to be gone."""
+        if self.running:
+            self._signal_and_wait(signal.SIGKILL, self.stop_timeout)
+        self._forget()
+
+    def restart(self):
+        """Stop the server and start it again on the same port and data."""
+        self.stop()
+        return self.start()
+
+    def ensure_running(self):
+        """Start the server again if a test left it stopped or killed."""
+        if not self.running:
+            self.start()
+        return self
+
+    def adopt(self):
+        """Take over a detached server from its pid file if it still answers.
+
+        Return True when the server is alive and answering; False (and a
+        clean slate) otherwise.
+        """
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return False
+        if _pid_alive(pid) and self.ping():
+            self.pid = pid
+            return True
+        return False
+
+    def cleanup(self):
+        """Stop the server and remove its directory if this object made it."""
+        self.stop()
+        if self._owns_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def _signal_and_wait(self, sig, timeout):
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return True
+        if self.process is not None:
+            try:
+                self.process.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while _pid_alive(self.pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _forget(self):
+        self.process = None
+        self.pid = None
+        _children.discard(self)
+        try:
+            self.pid_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.cleanup()
+
+    def __repr__(self):
+        return "<%s %s:%d %s>" % (type(self).__name__, self.host, self.port, self.base_dir)
+
+
+class RedisServer(Server):
+    """``redis-server`` with an append-only file fsynced on every write.
+
+    ``url`` is ``redis://127.0.0.1:PORT/0``. Data survives ``stop()``,
+    ``kill()`` and ``restart()``.
+    """
+
+    name = "redis-server"
+
+    @property
+    def url(self):
+        """The Redis URL of database 0."""
+        return "redis://%s:%d/0" % (self.host, self.port)
+
+    def command(self):
+        binary = find_binary("redis-server")
+        if binary is None:
+            raise ServerError(
+                "redis-server not found on PATH: install the Debian package "
+                "redis-server (`make packages`)"
+            )
+        data = self.base_dir / "data"
+        data.mkdir(exist_ok=True)
+        config = self.base_dir / "redis.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    "port %d" % self.port,
+                    "bind %s" % self.host,
+                    "dir %s" % data,
+                    "daemonize no",
+                    'logfile ""',
+                    "appendonly yes",
+                    "appendfsync always",
+                    'save ""',
+                    "",
+                ]
+            )
+        )
+        return [binary, str(config)]
+
+    def ping(self):
+        try:
+            return self._call(("PING",), timeout=1) == "PONG"
+        except (OSError, ServerError):
+            return False
+
+    def execute(self, *args):
+        """Send one command over a fresh connection and return its reply.
+
+        Handles status, error, integer and bulk replies, which is all the
+        fixtures need; an error reply raises ServerError.
+        """
+        return self._call(args, timeout=10)
+
+    def _call(self, args, timeout):
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            sock.sendall(b"".join(parts))
+            reply = sock.makefile("rb")
+            line = reply.readline().rstrip(b"\r\n")
+            kind, rest = line[:1], line[1:]
+            if kind == b"+":
+                return rest.decode()
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                size = int(rest)
+                return None if size < 0 else reply.read(size + 2)[:-2]
+            if kind == b"-":
+                raise ServerError("redis: %s" % rest.decode(errors="replace"))
+            raise ServerError("unexpected redis reply %r" % (line,))
+
+
+class ClickHouseServer(Server):
+    """``clickhouse-server`` (Debian's 18.16 or newer) on loopback only.
+
+    The configuration is the system ``config.xml`` (or a minimal one) with
+    ports, paths and logs moved into ``base_dir`` and every other listener,
+    cluster and system-log section removed; ``users.xml`` is copied beside
+    it. ``port`` is the native TCP port; ``http_port`` answers ``/ping``.
+    The server time zone is UTC, whatever the machine's.
+    """
+
+    name = "clickhouse-server"
+    system_config_dir = Path("/etc/clickhouse-server")
+
+    #: Elements dropped from the system config: listeners on other ports,
+    #: replication and cluster settings, and background system-log tables.
+    DROPPED = (
+        "listen_host", "https_port", "tcp_port_secure", "interserver_http_port",
+        "interserver_https_port", "interserver_http_host", "mysql_port",
+        "postgresql_port", "grpc_port", "tcp_with_proxy_port", "prometheus",
+        "keeper_server", "remote_servers", "zookeeper", "macros",
+        "include_from", "distributed_ddl", "graphite", "query_log",
+        "query_thread_log", "query_views_log", "part_log", "trace_log",
+        "metric_log", "asynchronous_metric_log", "text_log", "crash_log",
+        "opentelemetry_span_log", "session_log", "processors_profile_log",
+        "asynchronous_insert_log", "backup_log", "s3queue_log",
+        "blob_storage_log", "error_log", "latency_log", "query_metric_log",
+        "user_directories", "timezone", "http_port", "tcp_port", "path",
+        "tmp_path", "user_files_path", "format_schema_path", "users_config",
+        "logger",
+    )
+
+    def __init__(self, base_dir=None, port=None, http_port=None, detach=False,
+                 database="bklit"):
+        super().__init__(base_dir, port, detach)
+        self.http_port = http_port or free_port()
+        while self.http_port == self.port:
+            self.http_port = free_port()
+        self.database = database
+
+    @property
+    def url(self):
+        """The clickhouse-driver URL of the ``bklit`` database."""
+        return self.url_for(self.database)
+
+    def url_for(self, database):
+        """The clickhouse-driver URL of ``database`` on this server."""
+        return "clickhouse://default:@%s:%d/%s" % (self.host, self.port, database)
+
+    def log_files(self):
+        log_dir = self.base_dir / "log"
+        return [self.log_path, log_dir / "clickhouse-server.err.log"]
+
+    def command(self):
+        binary = find_binary("clickhouse-server")
+        argv = [binary] if binary else None
+        if argv is None:
+            binary = find_binary("clickhouse")
+            argv = [binary, "server"] if binary else None
+        if argv is None:
+            raise ServerError(
+                "clickhouse-server not found on PATH or in /usr/sbin: install "
+                "the Debian package clickhouse-server (`make packages`)"
+            )
+        config = self.write_config()
+        return argv + ["--config-file=%s" % config]
+
+    def write_config(self):
+        """Write ``config.xml`` and ``users.xml`` into ``base_dir``."""
+        for sub in ("data", "data/tmp", "data/user_files", "data/format_schemas", "log"):
+            (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+        root = self._system_xml("config.xml", "<yandex/>")
+        for name in self.DROPPED:
+            for element in root.findall(name):
+                root.remove(element)
+        data = self.base_dir / "data"
+        log_dir = self.base_dir / "log"
+        logger = ET.SubElement(root, "logger")
+        for key, value in [
+            ("level", "information"),
+            ("log", log_dir / "clickhouse-server.log"),
+            ("errorlog", log_dir / "clickhouse-server.err.log"),
+            ("size", "100M"),
+            ("count", "2"),
+            ("console", "0"),
+        ]:
+            ET.SubElement(logger, key).text = str(value)
+        users = self.base_dir / "users.xml"
+        ET.ElementTree(self._system_xml("users.xml", _MINIMAL_USERS)).write(users)
+        for key, value in [
+            ("listen_host", self.host),
+            ("tcp_port", self.port),
+            ("http_port", self.http_port),
+            ("path", "%s/" % data),
+            ("tmp_path", "%s/tmp/" % data),
+            ("user_files_path", "%s/user_files/" % data),
+            ("format_schema_path", "%s/format_schemas/" % data),
+            ("users_config", users),
+            ("timezone", "UTC"),
+        ]:
+            ET.SubElement(root, key).text = str(value)
+        for key, value in [("mlock_executable", "false"), ("default_profile", "default"),
+                           ("default_database", "default")]:
+            if root.find(key) is None:
+                ET.SubElement(root, key).text = value
+        config = self.base_dir / "config.xml"
+        ET.ElementTree(root).write(config)
+        return config
+
+    def _system_xml(self, name, fallback):
+        """Parse the system's ``name`` without its ``incl`` substitutions."""
+        try:
+            root = ET.parse(self.system_config_dir / name).getroot()
+        except (OSError, ET.ParseError):
+            root = ET.fromstring(fallback)
+        for element in root.iter():
+            element.attrib.pop("incl", None)
+        return root
+
+    def ping(self):
+        url = "http://%s:%d/ping" % (self.host, self.http_port)
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                answered = response.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+        return answered and _port_open(self.host, self.port)
+
+    def query(self, sql):
+        """Run ``sql`` over HTTP and return the response body as text."""
+        request = urllib.request.Request(
+            "http://%s:%d/" % (self.host, self.http_port), data=sql.encode()
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError as e:
+            raise ServerError("clickhouse: %s" % e.read().decode(errors="replace"))
+
+
+_MINIMAL_USERS = """<yandex>
+  <profiles><default/></profiles>
+  <users><default><password/><networks><ip>::/0</ip></networks>
+    <profile>default</profile><quota>default</quota></default></users>
+  <quotas><default/></quotas>
+</yandex>"""
+
+
+@atexit.register
+def _stop_children():
+    for server in list(_children):
+        server.kill()

@@ -1,0 +1,249 @@
+"""The ClickHouse tables: column lists, versioned DDL migrations, insert value conversion.
+
+Types are limited to those of every ClickHouse from 18.16 to current:
+String, UInt8 (booleans), UInt32, UInt64, Float64, DateTime, and
+Nullable(DateTime) for tracked_session.ended_at only. Plain columns take
+their type's default, so no column needs Nullable where NULL means nothing.
+Table and column names follow the original product's so its queries work.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: its name and ClickHouse type."""
+
+    name: str
+    type: str
+
+
+def _columns(spec: str) -> tuple[Column, ...]:
+    """Build columns from ``name Type`` lines."""
+    return tuple(Column(*line.split(None, 1)) for line in spec.strip().splitlines())
+
+
+TABLES: dict[str, tuple[Column, ...]] = {
+    "page_view_event": _columns("""
+        id String
+        project_id String
+        session_id String
+        timestamp DateTime
+        received_at DateTime
+        url String
+        title String
+        referrer String
+        referrer_hostname String
+        referrer_path String
+        referrer_type String
+        utm_source String
+        utm_medium String
+        utm_campaign String
+        utm_term String
+        utm_content String
+        utm_id String
+        gclid String
+        fbclid String
+        msclkid String
+        ttclid String
+        li_fat_id String
+        twclid String
+        user_agent String
+        browser String
+        os String
+        device_type String
+        mobile UInt8
+        is_bot UInt8
+        language String
+        timezone String
+        screen_width UInt32
+        screen_height UInt32
+        viewport_width UInt32
+        viewport_height UInt32
+        ip String
+        country String
+        country_code String
+        region String
+        region_name String
+        city String
+        lat Float64
+        lon Float64
+        is_new_visitor UInt8
+        landing_page String
+    """),
+    "tracked_event": _columns("""
+        id String
+        project_id String
+        session_id String
+        timestamp DateTime
+        received_at DateTime
+        tracking_id String
+        event_type String
+        event_definition_id String
+        metadata String
+        trigger_method String
+    """),
+    "tracked_session": _columns("""
+        id String
+        session_id String
+        project_id String
+        started_at DateTime
+        ended_at Nullable(DateTime)
+        duration UInt32
+        pageviews UInt32
+        did_bounce UInt8
+        entry_page String
+        exit_page String
+        user_agent String
+        country String
+        country_code String
+        city String
+        end_reason String
+        updated_at DateTime
+        version UInt64
+    """),
+}
+
+# Version 1 as it was released. Later changes get a new version with their
+# own statements (ALTER TABLE ... ADD COLUMN ...); never edit a released one,
+# since databases already at that version would not see the change.
+_V1_PAGE_VIEW_EVENT = """CREATE TABLE IF NOT EXISTS {db}.page_view_event (
+    id String, project_id String, session_id String,
+    timestamp DateTime, received_at DateTime,
+    url String, title String,
+    referrer String, referrer_hostname String, referrer_path String, referrer_type String,
+    utm_source String, utm_medium String, utm_campaign String,
+    utm_term String, utm_content String, utm_id String,
+    gclid String, fbclid String, msclkid String, ttclid String, li_fat_id String, twclid String,
+    user_agent String, browser String, os String, device_type String,
+    mobile UInt8, is_bot UInt8,
+    language String, timezone String,
+    screen_width UInt32, screen_height UInt32, viewport_width UInt32, viewport_height UInt32,
+    ip String, country String, country_code String, region String, region_name String,
+    city String, lat Float64, lon Float64,
+    is_new_visitor UInt8, landing_page String
+) ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (project_id, timestamp, id)"""
+
+_V1_TRACKED_EVENT = """CREATE TABLE IF NOT EXISTS {db}.tracked_event (
+    id String, project_id String, session_id String,
+    timestamp DateTime, received_at DateTime,
+    tracking_id String, event_type String, event_definition_id String,
+    metadata String, trigger_method String
+) ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (project_id, tracking_id, timestamp, id)"""
+
+_V1_TRACKED_SESSION = """CREATE TABLE IF NOT EXISTS {db}.tracked_session (
+    id String, session_id String, project_id String,
+    started_at DateTime, ended_at Nullable(DateTime),
+    duration UInt32, pageviews UInt32, did_bounce UInt8,
+    entry_page String, exit_page String, user_agent String,
+    country String, country_code String, city String,
+    end_reason String, updated_at DateTime, version UInt64
+) ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(started_at)
+ORDER BY (project_id, session_id)"""
+
+# (version, statements), applied in order by the migration runner after
+# ``statement.format(db=database)``; each statement is harmless to run again.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, (
+        "CREATE DATABASE IF NOT EXISTS {db}",
+        _V1_PAGE_VIEW_EVENT,
+        _V1_TRACKED_EVENT,
+        _V1_TRACKED_SESSION,
+    )),
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MAX_DATETIME = 2**32 - 1
+_UINT_MAX = {"UInt8": 2**8 - 1, "UInt16": 2**16 - 1, "UInt32": 2**32 - 1, "UInt64": 2**64 - 1}
+
+
+def _table(table: str) -> tuple[Column, ...]:
+    """The columns of a table; ValueError naming an unknown table."""
+    try:
+        return TABLES[table]
+    except KeyError:
+        raise ValueError(f"unknown table {table!r}") from None
+
+
+def insert_columns(table: str) -> list[str]:
+    """Column names of a table in DDL order, as an INSERT lists them."""
+    return [column.name for column in _table(table)]
+
+
+def _datetime(value, where: str) -> datetime:
+    """A DateTime value: epoch seconds or ISO text to aware UTC, clamped to DateTime's range."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, str):
+        try:
+            return _datetime(datetime.fromisoformat(value), where)
+        except ValueError:
+            raise ValueError(f"{where}: not an ISO 8601 time") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: time must be finite")
+        seconds = min(max(value, 0), _MAX_DATETIME)
+        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    raise ValueError(f"{where}: expected epoch seconds or a datetime")
+
+
+def _unsigned(value, maximum: int, where: str) -> int:
+    """An unsigned integer value: bools to 0/1, floats truncated, clamped to [0, maximum]."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: number must be finite")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError(f"{where}: expected an integer")
+    return min(max(int(value), 0), maximum)
+
+
+def _text(value) -> str | bytes:
+    """A String value: text and bytes as given, dicts and lists as compact JSON, else str()."""
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return str(value)
+
+
+def _value(table: str, column: Column, value):
+    """Convert one row value to what clickhouse-driver expects for the column's type."""
+    kind, where = column.type, f"{table}.{column.name}"
+    if kind.startswith("Nullable("):
+        if value is None:
+            return None
+        kind = kind[len("Nullable("):-1]
+    if kind == "String":
+        return "" if value is None else _text(value)
+    if kind in _UINT_MAX:
+        return 0 if value is None else _unsigned(value, _UINT_MAX[kind], where)
+    if kind == "Float64":
+        if value is None:
+            return 0.0
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise ValueError(f"{where}: expected a number")
+    if kind == "DateTime":
+        return _EPOCH if value is None else _datetime(value, where)
+    raise ValueError(f"{where}: unsupported type {column.type}")
+
+
+def to_insert_row(table: str, row: dict) -> tuple:
+    """Values of a row dict in column order, for ``INSERT INTO db.t (cols) VALUES``.
+
+    Missing keys take the type's zero value ("", 0, 0.0, the epoch; None for
+    Nullable); DateTime values given as epoch seconds become aware UTC
+    datetimes. Keys that are not columns are ignored, so rows written by a
+    newer or older version still insert. Raises ValueError naming the column
+    for a value of the wrong kind.
+    """
+    return tuple(_value(table, column, row.get(column.name)) for column in _table(table))

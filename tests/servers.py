@@ -111,6 +111,10 @@ class Server:
             return self.process.poll() is None
         return self.pid is not None and _pid_alive(self.pid)
 
+    def ports(self):
+        """Every port the server listens on."""
+        return [self.port]
+
     def command(self):
         """Write the configuration and return the argv that runs the server."""
         raise NotImplementedError
@@ -123,6 +127,12 @@ class Server:
         """Start the server and wait until it answers; raise ServerError if not."""
         if self.running:
             raise ServerError("%s is already running (pid %d)" % (self.name, self.pid))
+        busy = [port for port in self.ports() if _port_open(self.host, port)]
+        if busy:
+            raise ServerError(
+                "%s cannot start: something already listens on %s:%s"
+                % (self.name, self.host, ",".join(map(str, busy)))
+            )
         self.base_dir.mkdir(parents=True, exist_ok=True)
         argv = self.command()
         with open(self.log_path, "ab") as log:
@@ -207,19 +217,28 @@ class Server:
         return self
 
     def adopt(self):
-        """Take over a detached server from its pid file if it still answers.
+        """Take over the detached server named by the pid file, if still alive.
 
-        Return True when the server is alive and answering; False (and a
-        clean slate) otherwise.
+        The process counts only if its working directory is in ``base_dir``
+        (where ``start()`` runs it), so a pid reused by another program after
+        a reboot is left alone. Return whether a server was adopted;
+        ``ping()`` tells whether it answers.
         """
         try:
             pid = int(self.pid_path.read_text().strip())
         except (OSError, ValueError):
             return False
-        if _pid_alive(pid) and self.ping():
-            self.pid = pid
-            return True
-        return False
+        if not _pid_alive(pid):
+            return False
+        if os.path.isdir("/proc/self"):
+            try:
+                cwd = Path(os.readlink("/proc/%d/cwd" % pid))
+            except OSError:
+                return False
+            if cwd != self.base_dir and self.base_dir not in cwd.parents:
+                return False
+        self.pid = pid
+        return True
 
     def cleanup(self):
         """Stop the server and remove its directory if this object made it."""
@@ -388,6 +407,9 @@ class ClickHouseServer(Server):
     def url_for(self, database):
         """The clickhouse-driver URL of ``database`` on this server."""
         return "clickhouse://default:@%s:%d/%s" % (self.host, self.port, database)
+
+    def ports(self):
+        return [self.port, self.http_port]
 
     def log_files(self):
         log_dir = self.base_dir / "log"

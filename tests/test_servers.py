@@ -142,12 +142,19 @@ def test_a_missing_binary_fails_with_the_package_name(tmp_path, monkeypatch):
             server.start()
 
 
+def test_a_busy_port_is_refused_before_starting(tmp_path, redis_server):
+    """start() refuses a port that answers already, even if it is a Redis."""
+    server = RedisServer(tmp_path / "r", port=redis_server.port)
+    with pytest.raises(ServerError, match="already listens"):
+        server.start()
+    assert not server.running
+
+
 def test_a_failed_start_reports_the_log(tmp_path):
     """A server that cannot start raises with the tail of its log."""
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
         for server in [
             RedisServer(tmp_path / "r", port=port),
             ClickHouseServer(tmp_path / "c", port=port),

@@ -1,0 +1,53 @@
+# Developer entry points.
+#   make test    install what is missing, then run the test suite
+#   make run     start local Redis and ClickHouse, then the daemon on :8080
+#   make bench   run the benchmarks under bench/
+#   make clean   stop the local servers, remove .venv and .run
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+RUN_ARGS ?=
+BENCH ?= $(filter-out bench/_%,$(wildcard bench/*.py))
+
+.PHONY: all packages venv $(VENV) test run services stop bench clean
+
+all: $(VENV)
+
+packages:
+	scripts/ensure-packages redis-server clickhouse-server
+
+venv $(VENV): $(STAMP)
+
+# compat mode: twistd only finds twisted/plugins/bklit_plugin.py in an
+# editable install of that kind. Then the plugin cache is written once here,
+# as a service user may not write it later.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -U pip
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+	$(VENV)/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+test: packages $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+run: packages $(STAMP)
+	$(PYTHON) scripts/dev-services run $(RUN_ARGS)
+
+services: packages
+	$(PYTHON) scripts/dev-services start
+
+stop:
+	$(PYTHON) scripts/dev-services stop
+
+bench: packages $(STAMP)
+	@test -n "$(BENCH)" || { echo "no benchmarks under bench/" >&2; exit 1; }
+	@for script in $(BENCH); do \
+		echo "== $$script"; $(VENV)/bin/python $$script || exit 1; \
+	done
+
+clean:
+	-test ! -d .run || $(PYTHON) scripts/dev-services stop
+	rm -rf $(VENV) .run *.egg-info twisted/plugins/dropin.cache

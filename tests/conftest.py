@@ -6,15 +6,25 @@ restart them, and the next test gets them running again. ``redis_url`` gives
 a test an empty Redis, ``clickhouse_db``/``clickhouse_url`` a database of its
 own. A missing binary or a server that does not start fails the tests that
 need it; they are never skipped.
+
+A thread that is still running when the session ends (a thread pool some
+service did not stop) would keep the interpreter from exiting: the run then
+names it and exits with a failure instead of hanging.
 """
 
 import itertools
+import os
+import sys
+import threading
+import time
 
 import pytest
 
+import servers
 from servers import ClickHouseServer, RedisServer, ServerError
 
 _database_numbers = itertools.count(1)
+_exit_status = {}
 
 
 def _running(server):
@@ -61,3 +71,36 @@ def clickhouse_db(clickhouse_server):
 def clickhouse_url(clickhouse_server, clickhouse_db):
     """``clickhouse://default:@127.0.0.1:PORT/bklit_test_<n>`` for this test."""
     return clickhouse_server.url_for(clickhouse_db)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remember the exit status for ``pytest_unconfigure``."""
+    _exit_status["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Fail, rather than hang, when threads outlive the session.
+
+    Runs after pytest-twisted has stopped the reactor (and so its thread
+    pool); any other non-daemon thread left after a short grace period
+    would block interpreter exit forever.
+    """
+    deadline = time.monotonic() + 3
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    left = [
+        thread.name for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
+    ]
+    if not left:
+        return
+    sys.stdout.flush()
+    sys.stderr.write(
+        "\nFAILED: threads still running after the tests, which would hang the "
+        "exit (a thread pool not stopped?): %s\n" % ", ".join(left)
+    )
+    sys.stderr.flush()
+    servers.stop_all()
+    os._exit(_exit_status.get("status") or 1)

@@ -511,6 +511,7 @@ _MINIMAL_USERS = """<yandex>
 
 
 @atexit.register
-def _stop_children():
+def stop_all():
+    """Kill every server started here without ``detach`` that still runs."""
     for server in list(_children):
         server.kill()

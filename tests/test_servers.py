@@ -1,6 +1,10 @@
 """The server fixtures run real Redis and ClickHouse that survive restarts."""
 
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -162,3 +166,23 @@ def test_a_failed_start_reports_the_log(tmp_path):
             with pytest.raises(ServerError, match="Address already in use"):
                 server.start()
             assert not server.running
+
+
+def test_a_leaked_thread_fails_the_run_instead_of_hanging(tmp_path):
+    """A non-daemon thread left running makes pytest exit 1, naming it."""
+    here = Path(__file__).parent
+    for name in ("conftest.py", "servers.py"):
+        shutil.copy(here / name, tmp_path / name)
+    (tmp_path / "test_leak.py").write_text(
+        "import threading\n"
+        "def test_leaks():\n"
+        "    threading.Thread(target=threading.Event().wait, name='leaky').start()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    assert "threads still running after the tests" in result.stderr
+    assert "leaky" in result.stderr

@@ -1,0 +1,204 @@
+"""The ``bklit`` admin command.
+
+``bklit token create|list|revoke`` manages API keys; ``bklit schema
+migrate`` creates or upgrades the ClickHouse schema.  Settings (``--redis``,
+``--clickhouse``, ``--config``) are read like the daemon's: defaults < ini
+file < ``BKLIT_*`` environment < flags.  Exit codes: 0 done, 1 failed,
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+from bklit.config import Config, ConfigError, load_config
+from bklit.tokens import SCOPES, TokenStore
+
+PROJECT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DOMAIN = re.compile(r"(\*\.)?([a-z0-9-]+\.)*[a-z0-9-]+")
+
+
+class Failed(Exception):
+    """The command could not do its job (exit 1); the message says why."""
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``bklit``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", help="ini file (section [bklit]); env BKLIT_CONFIG")
+    common.add_argument("--redis", help="Redis URL (default from config)")
+    common.add_argument("--clickhouse", help="ClickHouse URL (default from config)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    top = argparse.ArgumentParser(prog="bklit", description="Administer a bklit deployment.")
+    groups = top.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    token = groups.add_parser("token", help="manage API keys").add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = token.add_parser("create", parents=[common], help="make a new key; prints it alone on stdout")
+    create.add_argument("--project", action="append", required=True, help="project id (repeat or comma-separate for several)")
+    create.add_argument("--scope", choices=SCOPES, default="ingest", help="ingest (SDK) or read (dashboards); default ingest")
+    create.add_argument("--name", default="", help="a label for listings")
+    create.add_argument("--expires-days", type=float, help="days until the key stops working")
+    create.add_argument("--domains", default="", help="comma-separated Origin hosts allowed, e.g. a.com,*.b.com")
+    token.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
+    revoke = token.add_parser("revoke", parents=[common], help="revoke a key by its id or the key itself")
+    revoke.add_argument("token", help="token id (from list, 6+ hex digits) or the key")
+
+    schema = groups.add_parser("schema", help="ClickHouse schema").add_subparsers(dest="action", required=True, metavar="ACTION")
+    schema.add_parser("migrate", parents=[common], help="create or upgrade the database and tables")
+    return top
+
+
+def settings(args: argparse.Namespace) -> Config:
+    """The configuration these arguments select."""
+    ini = args.config or os.environ.get("BKLIT_CONFIG")
+    return load_config(ini, os.environ, {"redis": args.redis, "clickhouse": args.clickhouse})
+
+
+def split_list(values: Sequence[str]) -> tuple[str, ...]:
+    """``["a,b", "c"]`` -> ``("a", "b", "c")``."""
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+async def redis_call(config: Config) -> Any:
+    """A ``call(command, *args)`` bound to a fresh Redis connection."""
+    from twisted.internet import reactor
+
+    from bklit import redis_client
+
+    address = config.redis_address
+    try:
+        connection = await redis_client.connect(address, config.redis_timeout, lazy=False)
+    except Exception as e:
+        raise Failed(f"cannot reach Redis at {address.host}:{address.port}: {e}") from None
+    reactor.addSystemEventTrigger("before", "shutdown", connection.disconnect)
+    return connection.execute_command
+
+
+def say(*parts: object) -> None:
+    """Details for people: on stderr, so stdout stays parseable."""
+    print(*parts, file=sys.stderr)
+
+
+async def token_create(args: argparse.Namespace, config: Config) -> None:
+    projects = split_list(args.project)
+    bad = [p for p in projects if not PROJECT.fullmatch(p)]
+    if bad or not projects:
+        raise UsageProblem(f"--project: invalid project id {bad[0] if bad else ''!r} (1-64 of A-Z a-z 0-9 _ -)")
+    domains = tuple(d.lower() for d in split_list([args.domains]))
+    bad = [d for d in domains if not DOMAIN.fullmatch(d)]
+    if bad:
+        raise UsageProblem(f"--domains: {bad[0]!r} is not a host name or *.host pattern")
+    if args.expires_days is not None and args.expires_days <= 0:
+        raise UsageProblem("--expires-days: must be more than 0")
+    expires_at = time.time() + args.expires_days * 86400 if args.expires_days else 0
+    store = TokenStore(await redis_call(config))
+    key, token = await store.create(projects, args.scope, args.name, expires_at, domains)
+    if args.json:
+        print(json.dumps({"key": key, **token.as_dict()}))
+        return
+    print(key)
+    say(f"created {token.scope} key {token.id} for {', '.join(projects)}"
+        + (f", name {token.name!r}" if token.name else "")
+        + (f", domains {', '.join(domains)}" if domains else "")
+        + (f", expires {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expires_at))}" if expires_at else ""))
+    say("The key is shown only this once; store it now.")
+
+
+async def token_list(args: argparse.Namespace, config: Config) -> None:
+    tokens = await TokenStore(await redis_call(config)).list()
+    if args.json:
+        print(json.dumps([t.as_dict() for t in tokens]))
+        return
+    print(f"{'ID':12}  {'SCOPE':6}  {'STATE':8}  {'EXPIRES':10}  {'PROJECTS':20}  NAME")
+    now = time.time()
+    for t in tokens:
+        state = "revoked" if t.revoked else "expired" if t.expired(now) else "active"
+        expires = time.strftime("%Y-%m-%d", time.gmtime(t.expires_at)) if t.expires_at else "never"
+        print(f"{t.id:12}  {t.scope:6}  {state:8}  {expires:10}  {','.join(t.projects):20}  {t.name}")
+
+
+async def token_revoke(args: argparse.Namespace, config: Config) -> None:
+    store = TokenStore(await redis_call(config))
+    found = await store.find(args.token)
+    if not found:
+        raise Failed(f"no token matches {args.token[:12]!r}" if not args.token.startswith("bk_") else "no token matches that key")
+    if len(found) > 1:
+        raise Failed(f"{len(found)} tokens match {args.token!r}; give more digits")
+    await store.revoke(found[0])
+    if args.json:
+        print(json.dumps({"revoked": found[0].id}))
+    else:
+        say(f"revoked {found[0].id}")
+
+
+async def schema_migrate(args: argparse.Namespace, config: Config) -> None:
+    from twisted.internet.threads import deferToThread
+
+    from bklit.clickhouse import thd_migrate
+
+    try:
+        applied = await deferToThread(thd_migrate, config.clickhouse, config.clickhouse_database)
+    except Exception as e:
+        raise Failed(f"migration failed: {type(e).__name__}: {e}") from None
+    if args.json:
+        print(json.dumps({"database": config.clickhouse_database, "applied": applied}))
+    elif applied:
+        say(f"{config.clickhouse_database}: applied migrations {', '.join(map(str, applied))}")
+    else:
+        say(f"{config.clickhouse_database}: schema is up to date")
+
+
+class UsageProblem(Exception):
+    """A bad argument value (exit 2)."""
+
+
+COMMANDS = {
+    ("token", "create"): token_create,
+    ("token", "list"): token_list,
+    ("token", "revoke"): token_revoke,
+    ("schema", "migrate"): schema_migrate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``bklit`` command; returns the exit code."""
+    args = parser().parse_args(argv)
+    try:
+        config = settings(args)
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            say(f"bklit: config error: {line}")
+        return 2
+    command = COMMANDS[(args.group, args.action)]
+    outcome: dict[str, int] = {}
+
+    async def run(reactor: Any) -> None:
+        try:
+            await command(args, config)
+            outcome["code"] = 0
+        except UsageProblem as e:
+            say(f"bklit: {e}")
+            outcome["code"] = 2
+        except Failed as e:
+            say(f"bklit: {e}")
+            outcome["code"] = 1
+
+    from twisted.internet import defer, task
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else 1
+    return outcome.get("code", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

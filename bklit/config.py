@@ -1,0 +1,295 @@
+"""The daemon's configuration: one frozen object built from four layers.
+
+Defaults < the ini file (section ``[bklit]``) < environment variables
+``BKLIT_<KEY>`` < command-line flags.  Every key is declared once in
+``KEYS`` with its parser and the one line of help ``etc/bklit.ini`` repeats;
+unknown keys are refused, and every bad value is reported at once, each
+error naming its key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping
+from urllib.parse import unquote, urlsplit
+
+ROLES = ("all", "ingest", "writer")
+
+
+class ConfigError(Exception):
+    """One or more configuration values are wrong.
+
+    ``errors`` is a list of ``(key, message)``; ``str()`` gives one line per
+    error, each naming its key.
+    """
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("\n".join(f"{key}: {message}" for key, message in errors))
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is: parsed from ``redis://[:password@]host:port/db``."""
+
+    host: str
+    port: int
+    db: int
+    password: str | None
+    tls: bool
+
+    def __repr__(self) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        return f"RedisAddress({scheme}://{self.host}:{self.port}/{self.db})"
+
+
+def parse_redis_url(value: str) -> RedisAddress:
+    """Parse a Redis URL; ``ValueError`` says what is wrong with it."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("must start with redis:// or rediss://")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    path = parts.path.lstrip("/")
+    if path and not path.isdigit():
+        raise ValueError("database must be a number, as in redis://host:6379/0")
+    return RedisAddress(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        db=int(path or 0),
+        password=unquote(parts.password) if parts.password else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def clickhouse_database(value: str) -> str:
+    """The database named by a ``clickhouse://`` URL (default ``bklit``)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("clickhouse", "clickhouses"):
+        raise ValueError("must start with clickhouse:// or clickhouses://")
+    if not parts.hostname:
+        raise ValueError("needs a host, as in clickhouse://default:@127.0.0.1:9000/bklit")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    database = parts.path.strip("/") or "bklit"
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", database):
+        raise ValueError(f"database name {database!r} is not a plain identifier")
+    return database
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    return parse
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, not {value!r}")
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number, not {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, not {number}")
+        return number
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(f"must be a number of seconds, not {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds, not {number:g}")
+        return number
+
+    return parse
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _redis_url(value: str) -> str:
+    parse_redis_url(value.strip())
+    return value.strip()
+
+
+def _clickhouse_url(value: str) -> str:
+    clickhouse_database(value.strip())
+    return value.strip()
+
+
+def _proxies(value: str) -> tuple[str, ...]:
+    from bklit.enrich import parse_proxies
+
+    items = _list(value)
+    parse_proxies(items)
+    return items
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its default (as text), parser and help line."""
+
+    default: str
+    parse: Callable[[str], object]
+    help: str
+
+
+KEYS: dict[str, Key] = {
+    "listen": Key("tcp:8080", _text, "Twisted endpoint string to listen on (tcp:8080, systemd:domain=INET:index=0)."),
+    "redis": Key("redis://127.0.0.1:6379/0", _redis_url, "Redis URL: redis://[:password@]host:port/db, rediss:// for TLS."),
+    "clickhouse": Key("clickhouse://default:@127.0.0.1:9000/bklit", _clickhouse_url, "ClickHouse URL as clickhouse-driver's Client.from_url reads it."),
+    "role": Key("all", _choice(*ROLES), "Which parts run here: all, ingest (WebSocket endpoints) or writer (stream to ClickHouse)."),
+    "auto_migrate": Key("true", _bool, "Create or upgrade the ClickHouse schema at start."),
+    "redis_timeout": Key("5", _seconds(0.1, 300), "Seconds to wait for a Redis reply before an event is refused as overloaded."),
+    "batch_size": Key("5000", _int(1, 1_000_000), "Most rows the writer inserts in one ClickHouse INSERT."),
+    "flush_interval": Key("1", _seconds(0.01, 3600), "Seconds between writer runs when the stream has no full batch waiting."),
+    "claim_idle": Key("60", _seconds(1, 86400), "Seconds an entry may stay pending at a consumer before another writer reclaims it."),
+    "writer_threads": Key("2", _int(1, 64), "Threads (each with its own ClickHouse connection) that run inserts."),
+    "max_message_size": Key("16384", _int(256, 1 << 24), "Largest SDK message in bytes; larger ones get too_large."),
+    "max_url_length": Key("2048", _int(16, 65536), "Longest url, referrer or landingPage in characters."),
+    "max_metadata_size": Key("4096", _int(2, 1 << 20), "Largest event metadata, serialized as JSON, in bytes."),
+    "max_errors": Key("10", _int(1, 10000), "Errors one connection may cause before it is closed with 1008."),
+    "token_cache_ttl": Key("5", _seconds(0, 3600), "Seconds an API key verdict (good or bad) is cached."),
+    "trusted_proxies": Key("", _proxies, "Comma-separated proxy addresses or networks whose X-Forwarded-For / X-Real-IP are believed."),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's settings, validated.  Build it with ``load_config``."""
+
+    listen: str
+    redis: str
+    clickhouse: str
+    role: str
+    auto_migrate: bool
+    redis_timeout: float
+    batch_size: int
+    flush_interval: float
+    claim_idle: float
+    writer_threads: int
+    max_message_size: int
+    max_url_length: int
+    max_metadata_size: int
+    max_errors: int
+    token_cache_ttl: float
+    trusted_proxies: tuple[str, ...]
+
+    @property
+    def redis_address(self) -> RedisAddress:
+        """The parsed Redis URL."""
+        return parse_redis_url(self.redis)
+
+    @property
+    def clickhouse_database(self) -> str:
+        """The ClickHouse database events are stored in."""
+        return clickhouse_database(self.clickhouse)
+
+    @property
+    def runs_ingest(self) -> bool:
+        """Whether this process serves the WebSocket endpoints."""
+        return self.role in ("all", "ingest")
+
+    @property
+    def runs_writer(self) -> bool:
+        """Whether this process moves the stream into ClickHouse."""
+        return self.role in ("all", "writer")
+
+    def replace(self, **changes: object) -> "Config":
+        """A copy with some values changed (already parsed values)."""
+        return dataclasses.replace(self, **changes)
+
+
+assert set(KEYS) == {f.name for f in dataclasses.fields(Config)}
+
+
+def read_ini(path: str) -> dict[str, str]:
+    """The ``[bklit]`` section of an ini file as raw strings.
+
+    Raises ``ConfigError`` (key ``config``) when the file cannot be read or
+    parsed.
+    """
+    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as e:
+        raise ConfigError([("config", f"cannot read {path}: {e.strerror}")]) from None
+    except configparser.Error as e:
+        raise ConfigError([("config", f"{path} is not a valid ini file: {e.message.splitlines()[0]}")]) from None
+    if not parser.has_section("bklit"):
+        raise ConfigError([("config", f"{path} has no [bklit] section")])
+    return dict(parser.items("bklit"))
+
+
+def load_config(
+    ini_path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str | None] | None = None,
+) -> Config:
+    """Merge the four layers and validate every value.
+
+    ``flags`` maps key names to the raw flag values (``None`` = not given).
+    Raises ``ConfigError`` listing every bad or unknown key.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, tuple[str, str]] = {name: (key.default, "default") for name, key in KEYS.items()}
+    errors: list[tuple[str, str]] = []
+    if ini_path:
+        for name, value in read_ini(ini_path).items():
+            if name not in KEYS:
+                errors.append((name, f"unknown key in {ini_path}"))
+            else:
+                raw[name] = (value, ini_path)
+    for env_name, value in environ.items():
+        if not env_name.startswith("BKLIT_"):
+            continue
+        name = env_name[len("BKLIT_"):].lower()
+        if name in KEYS:
+            raw[name] = (value, env_name)
+        elif name != "config":
+            errors.append((env_name, "unknown setting"))
+    for name, value in (flags or {}).items():
+        if value is not None:
+            raw[name] = (value, f"--{name}")
+    values: dict[str, object] = {}
+    for name, (value, source) in raw.items():
+        try:
+            values[name] = KEYS[name].parse(value)
+        except ValueError as e:
+            where = "" if source in ("default", f"--{name}") else f" (from {source})"
+            errors.append((name, f"{e}{where}"))
+    if errors:
+        raise ConfigError(errors)
+    return Config(**values)  # type: ignore[arg-type]

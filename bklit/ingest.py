@@ -1,0 +1,280 @@
+"""The SDK WebSocket endpoint: one socket per browser tab.
+
+``SdkProtocol`` is thin: it parses frames with ``bklit.wire`` and dispatches
+to ``handle_<type>``; what an accepted event becomes and where it goes is
+``Ingest``'s business.  The authentication gate works per connection:
+
+- ``new``: no key seen yet.  The first message carrying a key (``auth`` or
+  the ``apiKey`` of a pageview/event) starts a check;
+- ``checking``: messages that arrive meanwhile wait, in order, and are
+  handled once the verdict is in;
+- ``open``: the key was good; events are accepted;
+- ``refused``: an ``unauthorized`` error was sent and the socket closes 1008.
+
+An event is acked (``{"type":"ack"}``) only when Redis has stored it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import task
+from twisted.logger import Logger
+
+from bklit import enrich, rows, wire
+from bklit.config import Config
+from bklit.ids import EventIds
+from bklit.queue import StreamProducer
+from bklit.tokens import TokenVerifier
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+
+MAX_WAITING = 100  # messages held while a key is being checked
+
+
+class Ingest:
+    """What happens to accepted events, shared by all SDK connections."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, verifier: TokenVerifier, producer: StreamProducer, clock: Any):
+        self.config = config
+        self.verifier = verifier
+        self.producer = producer
+        self.clock = clock
+        self.ids = EventIds()
+        self.limits = wire.Limits(
+            max_message_bytes=config.max_message_size,
+            max_url_length=config.max_url_length,
+            max_metadata_bytes=config.max_metadata_size,
+        )
+        self.trusted_proxies = enrich.parse_proxies(config.trusted_proxies)
+        self.connections: set[SdkProtocol] = set()
+
+    async def close_all(self, timeout: float = 3.0) -> None:
+        """Close every SDK socket with 1001 and wait (up to ``timeout``) for them."""
+        for conn in list(self.connections):
+            conn.close(CLOSE_GOING_AWAY, "Server shutting down")
+        waited = 0.0
+        while self.connections and waited < timeout:
+            await task.deferLater(self.clock, 0.05, lambda: None)
+            waited += 0.05
+
+    def record(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> tuple[str, str]:
+        """The event id and stream entry (JSON) for an accepted message."""
+        event_id = self.ids.new()
+        received_at = time.time()
+        if isinstance(message, wire.PageView):
+            table = "page_view_event"
+            row = rows.pageview_row(
+                message, event_id=event_id, project_id=conn.project_id,
+                session_id=conn.session_id, received_at=received_at, ip=conn.ip)
+        else:
+            table = "tracked_event"
+            row = rows.event_row(
+                message, event_id=event_id, project_id=conn.project_id,
+                session_id=conn.session_id, received_at=received_at)
+        return event_id, json.dumps({"table": table, "row": row}, separators=(",", ":"))
+
+    def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> Any:
+        """Queue an accepted event; the Deferred fires with its event id."""
+        event_id, entry = self.record(message, conn)
+        return self.producer.enqueue(entry).addCallback(lambda _: event_id)
+
+
+class SdkProtocol(WebSocketServerProtocol):
+    """One SDK socket: ids from the query string, the auth gate, acks."""
+
+    log = Logger()
+    ingest: Ingest
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.project_id = ""
+        self.session_id = ""
+        self.bad_ids = ""
+        self.client_origin: str | None = None
+        self.ip = ""
+        self.gate = "new"
+        self.api_key: str | None = None
+        self.waiting: list[wire.Auth | wire.PageView | wire.Event] = []
+        self.errors = 0
+        self.closed = False
+
+    # Autobahn callbacks ---------------------------------------------------
+
+    def onConnect(self, request: Any) -> None:
+        self.ingest = self.factory.ingest
+        params = request.params
+        self.project_id = (params.get("projectId") or [""])[0]
+        self.session_id = (params.get("sessionId") or [""])[0]
+        if not self.project_id:
+            self.bad_ids = "Missing projectId"
+        elif not wire.valid_project_id(self.project_id):
+            self.bad_ids = "Invalid projectId"
+        elif not self.session_id:
+            self.bad_ids = "Missing sessionId"
+        elif not wire.valid_session_id(self.session_id):
+            self.bad_ids = "Invalid sessionId"
+        self.client_origin = request.headers.get("origin")
+        peer = self.transport.getPeer()
+        full_ip = enrich.client_ip(getattr(peer, "host", ""), request.headers, self.ingest.trusted_proxies)
+        self.ip = enrich.anonymise_ip(full_ip)
+
+    def onOpen(self) -> None:
+        if self.bad_ids:
+            self.close(CLOSE_POLICY, self.bad_ids)
+            return
+        self.ingest.connections.add(self)
+        self.sendMessage(wire.connected(self.project_id, self.session_id, time.time()))
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.bad_ids or self.gate == "refused":
+            return
+        if isBinary:
+            self.close(CLOSE_UNSUPPORTED, "Binary frames are not accepted")
+            return
+        try:
+            message = wire.parse_message(payload, self.ingest.limits)
+        except wire.ProtocolError as e:
+            self.reject(e.code, e.message)
+            return
+        self.receive(message)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed = True
+        self.waiting = []
+        self.ingest.connections.discard(self)
+
+    # The auth gate ----------------------------------------------------------
+
+    def receive(self, message: wire.Auth | wire.PageView | wire.Event) -> None:
+        """Handle a parsed message now, or hold it while a key is checked."""
+        if self.gate == "checking":
+            if len(self.waiting) >= MAX_WAITING:
+                self.reject("rate_limited", "Too many messages before authentication finished")
+                return
+            self.waiting.append(message)
+            return
+        if self.gate == "new":
+            key = message.api_key
+            if not key:
+                self.refuse("An API key is required: send auth first")
+                return
+            self.gate = "checking"
+            self.waiting.append(message)
+            d = self.ingest.verifier.verify(key, self.project_id, "ingest", self.client_origin)
+            d.addCallbacks(self.verified, self.verify_failed, callbackArgs=(key,))
+            return
+        getattr(self, "handle_" + type(message).__name__.lower())(message)
+
+    def verified(self, verdict: Any, key: str) -> None:
+        """The key's verdict is in: open the gate or refuse the connection."""
+        if self.closed:
+            return
+        if not verdict.ok:
+            self.refuse(verdict.reason)
+            return
+        self.gate = "open"
+        self.api_key = key
+        waiting, self.waiting = self.waiting, []
+        for message in waiting:
+            if self.closed or self.gate != "open":
+                break
+            getattr(self, "handle_" + type(message).__name__.lower())(message)
+
+    def verify_failed(self, failure: Any) -> None:
+        """The key could not be checked (Redis down): try again later."""
+        self.log.warn("API key check failed: {error}", error=failure.getErrorMessage())
+        if self.closed:
+            return
+        self.gate = "new"
+        self.waiting = []
+        self.send_error("overloaded", "Cannot check the API key now; try again later")
+        self.close(CLOSE_GOING_AWAY, "Try again later")
+
+    def refuse(self, reason: str) -> None:
+        """Send ``unauthorized`` and close 1008."""
+        self.gate = "refused"
+        self.waiting = []
+        self.send_error("unauthorized", reason)
+        self.close(CLOSE_POLICY, "Unauthorized")
+
+    # Message handlers (connection is open) -------------------------------
+
+    def handle_auth(self, message: wire.Auth) -> None:
+        """A repeated ``auth``: confirm again (later keys are not needed)."""
+        self.sendMessage(wire.auth_success())
+
+    def handle_pageview(self, message: wire.PageView) -> None:
+        """Accept a pageview (ack once queued)."""
+        self.accept(message, "pageview")
+
+    def handle_event(self, message: wire.Event) -> None:
+        """Accept a custom event (ack once queued)."""
+        self.accept(message, "event")
+
+    def accept(self, message: wire.PageView | wire.Event, kind: str) -> None:
+        if message.project_id is not None and message.project_id != self.project_id:
+            self.reject("project_mismatch", "data.projectId does not match the connection")
+            return
+        if message.session_id is not None and message.session_id != self.session_id:
+            self.reject("project_mismatch", "data.sessionId does not match the connection")
+            return
+        d = self.ingest.accept(message, self)
+        d.addCallbacks(self.acked, self.not_queued, callbackArgs=(kind,))
+
+    def acked(self, event_id: str, kind: str) -> None:
+        if not self.closed:
+            self.sendMessage(wire.ack(event_id, kind))
+
+    def not_queued(self, failure: Any) -> None:
+        self.log.warn("event not queued: {error}", error=failure.getErrorMessage())
+        if not self.closed:
+            self.send_error("overloaded", "The server cannot store events right now; not acked")
+
+    # Errors and closing ----------------------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake with any protocol close code.
+
+        (Autobahn's ``sendClose`` only takes 1000 and 3000-4999; PROTOCOL.md
+        uses 1001, 1003, 1008 and 1011 as RFC 6455 defines them.)
+        """
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def send_error(self, code: str, message: str) -> None:
+        if not self.closed:
+            self.sendMessage(wire.error(code, message))
+
+    def reject(self, code: str, message: str) -> None:
+        """Answer a bad message; too many of them close the socket 1008."""
+        self.send_error(code, message)
+        self.errors += 1
+        if self.errors >= self.ingest.config.max_errors:
+            self.close(CLOSE_POLICY, "Too many errors")
+
+
+class SdkFactory(WebSocketServerFactory):
+    """Builds ``SdkProtocol``s sharing one ``Ingest``, with limits from config."""
+
+    protocol = SdkProtocol
+
+    def __init__(self, ingest: Ingest):
+        super().__init__()
+        self.ingest = ingest
+        self.setProtocolOptions(
+            maxMessagePayloadSize=ingest.config.max_message_size,
+            maxFramePayloadSize=ingest.config.max_message_size,
+            openHandshakeTimeout=5,
+            closeHandshakeTimeout=2,
+            autoPingInterval=25,
+            autoPingTimeout=10,
+        )

@@ -1,0 +1,111 @@
+"""The daemon's Redis connections, made with txredisapi.
+
+``RedisService`` owns one lazy, reconnecting connection for commands (the
+stream producer, token lookups and the writer all pipeline onto it: txredisapi
+writes each command as it is called).  ``call`` never waits for a connection
+that is not there: when Redis is down it fails at once with
+``RedisUnavailable``, and a reply that does not come within the configured
+timeout fails the same way, so callers can refuse work instead of piling it up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+
+from bklit.config import RedisAddress
+
+
+class RedisUnavailable(Exception):
+    """Redis is not connected, did not answer in time, or refused a command."""
+
+
+def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
+    """A txredisapi connection to ``address``.
+
+    Lazy (the default): returns the handler at once and (re)connects in the
+    background.  Not lazy: a Deferred that fires with the handler once
+    connected.  ``rediss://`` verifies the server certificate against the
+    system trust store and the host name.
+    """
+    tls = optionsForClientTLS(address.host) if address.tls else False
+    make = txredisapi.lazyConnection if lazy else txredisapi.Connection
+    return make(
+        host=address.host,
+        port=address.port,
+        dbid=address.db,
+        password=address.password,
+        reconnect=True,
+        ssl_context_factory=tls,
+        connectTimeout=timeout,
+        replyTimeout=timeout,
+        convertNumbers=False,
+    )
+
+
+class RedisService(Service):
+    """One Redis connection for the process, opened on start, closed on stop."""
+
+    log = Logger()
+
+    def __init__(self, address: RedisAddress, timeout: float, clock: Any):
+        self.address = address
+        self.timeout = timeout
+        self.clock = clock
+        self.connection: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.connection = connect(self.address, self.timeout)
+        self.log.info("connecting to Redis at {address!r}", address=self.address)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        connection, self.connection = self.connection, None
+        if connection is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(connection.disconnect).addErrback(lambda _: None)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a live connection to Redis is open right now."""
+        if self.connection is None:
+            return False
+        factory = self.connection._factory
+        return any(conn.connected for conn in factory.pool)
+
+    def ready(self) -> defer.Deferred:
+        """Fires once the first connection is made (for start-up ordering)."""
+        return self.connection._connected
+
+    def call(self, command: str, *args: Any) -> defer.Deferred:
+        """Run one Redis command; fails with ``RedisUnavailable`` when down.
+
+        The reply comes back as txredisapi parses it (bytes decoded as UTF-8,
+        numbers not converted).
+        """
+        if not self.connected:
+            return defer.fail(RedisUnavailable("Redis is not connected"))
+        d = self.connection.execute_command(command, *args)
+        return d.addErrback(_unavailable)
+
+    def eval(self, script: str, keys: list[str], args: list[Any]) -> defer.Deferred:
+        """Run a Lua script (by SHA once Redis knows it)."""
+        if not self.connected:
+            return defer.fail(RedisUnavailable("Redis is not connected"))
+        return self.connection.eval(script, keys, args).addErrback(_unavailable)
+
+
+def _unavailable(failure: Any) -> None:
+    """Turn connection loss and timeouts into ``RedisUnavailable``.
+
+    Redis's own error replies (``ResponseError``) pass through unchanged.
+    """
+    if failure.check(RedisUnavailable, txredisapi.ResponseError):
+        failure.raiseException()
+    raise RedisUnavailable(f"{failure.type.__name__}: {failure.getErrorMessage()}")

@@ -1,0 +1,124 @@
+"""``twistd bklit``: command-line options and the service tree.
+
+``Options.postOptions`` builds the frozen ``Config`` (so a bad value stops
+twistd before the reactor runs, with one line per bad key), and
+``makeService`` wires the services in the order they must start:
+
+1. ``RedisService`` — the connection everything else uses;
+2. the listener (role ``all`` or ``ingest``) — the SDK WebSocket endpoint
+   and the HTTP resources, on the configured endpoint string;
+3. ``WriterService`` (role ``all`` or ``writer``) — the stream into
+   ClickHouse, which first brings the schema up to date when
+   ``auto_migrate`` is on.
+
+They stop in reverse: stop listening and close the sockets, write the last
+batch, then close Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+
+from bklit.clickhouse import Inserter, thd_migrate
+from bklit.config import ConfigError, load_config
+from bklit.ingest import Ingest, SdkFactory
+from bklit.queue import StreamProducer
+from bklit.redis_client import RedisService
+from bklit.tokens import TokenStore, TokenVerifier
+from bklit.web import make_site
+from bklit.writer import WriterService
+
+
+class Options(usage.Options):
+    """Flags of ``twistd bklit``; every other setting comes from the ini file or env."""
+
+    optParameters = [
+        ["config", "c", None, "Path of the ini file (section [bklit]); env BKLIT_CONFIG."],
+        ["listen", None, None, "Twisted endpoint string to listen on (default tcp:8080)."],
+        ["redis", None, None, "Redis URL, redis://[:password@]host:port/db (rediss:// for TLS)."],
+        ["clickhouse", None, None, "ClickHouse URL, clickhouse://user:password@host:port/database."],
+        ["role", None, None, "all, ingest or writer (default all)."],
+    ]
+
+    def postOptions(self) -> None:
+        """Build the configuration; exit with one line per bad key."""
+        import os
+
+        ini = self["config"] or os.environ.get("BKLIT_CONFIG")
+        flags = {name: self[name] for name in ("listen", "redis", "clickhouse", "role")}
+        try:
+            self.config = load_config(ini, os.environ, flags)
+        except ConfigError as e:
+            raise SystemExit("\n".join(f"bklit: config error: {line}" for line in str(e).splitlines()))
+
+
+class BklitService(MultiService):
+    """The daemon: starts its parts in order, stops them in reverse."""
+
+    log = Logger()
+
+    def __init__(self, config: Any, reactor: Any):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.redis = RedisService(config.redis_address, config.redis_timeout, reactor)
+        self.redis.setServiceParent(self)
+        self.ingest: Ingest | None = None
+        self.listener: Any = None
+        self.writer: WriterService | None = None
+        if config.runs_ingest:
+            producer = StreamProducer(self.redis, reactor)
+            verifier = TokenVerifier(TokenStore(self.redis.call), reactor, config.token_cache_ttl)
+            self.ingest = Ingest(config, verifier, producer, reactor)
+            site = make_site(SdkFactory(self.ingest))
+            self.listener = strports.service(config.listen, site, reactor=reactor)
+            self.listener.setServiceParent(self)
+        if config.runs_writer:
+            inserter = Inserter(config.clickhouse, config.clickhouse_database)
+            self.writer = WriterService(
+                self.redis, inserter, reactor, reactor=reactor,
+                batch_size=config.batch_size, flush_interval=config.flush_interval,
+                claim_idle=config.claim_idle, threads=config.writer_threads,
+                prepare=self.migrate if config.auto_migrate else None)
+            self.writer.setServiceParent(self)
+
+    async def migrate(self) -> None:
+        """Bring the ClickHouse schema up to date (in the writer's threads)."""
+        applied = await deferToThreadPool(
+            self.reactor, self.writer.pool, thd_migrate,
+            self.config.clickhouse, self.config.clickhouse_database)
+        if applied:
+            self.log.info("schema migrated to version {version}", version=applied[-1])
+
+    def stopService(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        self.running = 0
+        steps = [
+            ("stop listening", self.listener and self.listener.stopService),
+            ("close sockets", self.ingest and self.ingest.close_all),
+            ("stop the writer", self.writer and self.writer.stopService),
+            ("close Redis", self.redis.stopService),
+        ]
+        for what, step in steps:
+            if not step:
+                continue
+            try:
+                await defer.maybeDeferred(step)
+            except Exception:
+                self.log.failure("shutdown: {what} failed", what=what)
+
+
+def makeService(options: Options, reactor: Any = None) -> BklitService:
+    """The service tree for ``twistd bklit``."""
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    return BklitService(options.config, reactor)

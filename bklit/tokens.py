@@ -1,0 +1,270 @@
+"""API keys: creation, storage as SHA-256 in Redis, and the cached verifier.
+
+A key is ``bk_`` followed by 240 random bits.  Redis never sees the key, only
+its SHA-256: ``bklit:token:<hash>`` is a hash of the token's projects, scope,
+allowed domains, expiry, name and revocation, and the set ``bklit:tokens``
+indexes them so listing needs no ``KEYS``.  A token is shown by the first 12
+hex digits of its hash, its id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+SCOPES = ("ingest", "read")
+INDEX_KEY = "bklit:tokens"
+
+
+def token_key(digest: str) -> str:
+    """The Redis key of the token whose SHA-256 is ``digest``."""
+    return f"bklit:token:{digest}"
+
+
+def new_key() -> str:
+    """A fresh random API key."""
+    return "bk_" + secrets.token_urlsafe(30)
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 (hex) under which a key is stored."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def domain_allows(domains: tuple[str, ...], origin: str | None) -> bool:
+    """Whether an ``Origin`` header value is one of a key's domains.
+
+    ``example.com`` matches that host exactly; ``*.example.com`` matches any
+    subdomain of it (not the bare domain).  No domains: any origin.
+    """
+    if not domains:
+        return True
+    if not origin:
+        return False
+    host = (urlsplit(origin.strip()).hostname or "").rstrip(".").lower()
+    if not host:
+        return False
+    for domain in domains:
+        if domain.startswith("*."):
+            if host.endswith(domain[1:]) and len(host) > len(domain) - 1:
+                return True
+        elif hmac.compare_digest(host.encode(), domain.encode()):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Token:
+    """A stored token (never the key itself)."""
+
+    digest: str
+    projects: tuple[str, ...]
+    scope: str
+    domains: tuple[str, ...]
+    expires_at: float  # epoch seconds; 0 = never
+    name: str
+    created_at: float
+    revoked: bool
+
+    @property
+    def id(self) -> str:
+        """Short public handle: the first 12 hex digits of the hash."""
+        return self.digest[:12]
+
+    def expired(self, now: float) -> bool:
+        """Whether the token's expiry has passed at ``now``."""
+        return bool(self.expires_at) and now >= self.expires_at
+
+    def to_fields(self) -> list[str]:
+        """The flat field/value list stored in the Redis hash."""
+        return [
+            "projects", ",".join(self.projects),
+            "scope", self.scope,
+            "domains", ",".join(self.domains),
+            "expires_at", repr(self.expires_at),
+            "name", self.name,
+            "created_at", repr(self.created_at),
+            "revoked", "1" if self.revoked else "0",
+        ]
+
+    @classmethod
+    def from_fields(cls, digest: str, fields: dict[str, str]) -> "Token":
+        """Rebuild a token from its Redis hash."""
+        def items(name: str) -> tuple[str, ...]:
+            return tuple(x for x in fields.get(name, "").split(",") if x)
+
+        return cls(
+            digest=digest,
+            projects=items("projects"),
+            scope=fields.get("scope", ""),
+            domains=items("domains"),
+            expires_at=float(fields.get("expires_at") or 0),
+            name=fields.get("name", ""),
+            created_at=float(fields.get("created_at") or 0),
+            revoked=fields.get("revoked") == "1",
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly description (for ``bklit token list --json``)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "projects": list(self.projects),
+            "scope": self.scope,
+            "domains": list(self.domains),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at or None,
+            "revoked": self.revoked,
+        }
+
+
+def _pairs(reply: Any) -> dict[str, str]:
+    """An HGETALL reply (dict or flat list) as a dict."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2]))
+
+
+class TokenStore:
+    """Tokens in Redis.  ``call(command, *args)`` runs one Redis command."""
+
+    def __init__(self, call: Callable[..., defer.Deferred]):
+        self.call = call
+
+    async def create(
+        self,
+        projects: tuple[str, ...],
+        scope: str,
+        name: str = "",
+        expires_at: float = 0,
+        domains: tuple[str, ...] = (),
+        now: float | None = None,
+    ) -> tuple[str, Token]:
+        """Make, store and return a new key with its token record."""
+        key = new_key()
+        token = Token(
+            digest=key_digest(key),
+            projects=projects,
+            scope=scope,
+            domains=tuple(d.lower() for d in domains),
+            expires_at=expires_at,
+            name=name,
+            created_at=time.time() if now is None else now,
+            revoked=False,
+        )
+        await self.call("HSET", token_key(token.digest), *token.to_fields())
+        await self.call("SADD", INDEX_KEY, token.digest)
+        return key, token
+
+    async def get(self, digest: str) -> Token | None:
+        """The token stored under ``digest``, or None."""
+        fields = _pairs(await self.call("HGETALL", token_key(digest)))
+        return Token.from_fields(digest, fields) if fields else None
+
+    async def list(self) -> list[Token]:
+        """Every stored token, oldest first."""
+        digests = await self.call("SMEMBERS", INDEX_KEY)
+        tokens = [t for t in [await self.get(d) for d in sorted(digests)] if t]
+        return sorted(tokens, key=lambda t: t.created_at)
+
+    async def find(self, id_or_key: str) -> list[Token]:
+        """Tokens matching a full key or an id prefix (at least 6 hex digits)."""
+        if id_or_key.startswith("bk_"):
+            token = await self.get(key_digest(id_or_key))
+            return [token] if token else []
+        prefix = id_or_key.lower()
+        if len(prefix) < 6:
+            return []
+        return [t for t in await self.list() if t.digest.startswith(prefix)]
+
+    async def revoke(self, token: Token) -> None:
+        """Mark a token revoked (kept, so listings show it)."""
+        await self.call("HSET", token_key(token.digest), "revoked", "1")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer to "may this key do this?": ``reason`` says why not."""
+
+    ok: bool
+    reason: str = ""
+    token: Token | None = None
+
+
+class TokenVerifier:
+    """Checks keys against the store, caching each lookup for ``ttl`` seconds.
+
+    Lookups, found or not, are cached, so a flood of bad keys costs Redis one
+    read per key per ``ttl``; concurrent checks of one key share one lookup.
+    The cache is bounded: when full it is cleared.
+    """
+
+    max_entries = 100_000
+
+    def __init__(self, store: TokenStore, clock: Any, ttl: float):
+        self.store = store
+        self.clock = clock
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, Token | None]] = {}
+        self._inflight: dict[str, list[defer.Deferred]] = {}
+
+    def lookup(self, key: str) -> defer.Deferred:
+        """The stored token for ``key`` (or None), from cache when fresh."""
+        digest = key_digest(key)
+        now = self.clock.seconds()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return defer.succeed(cached[1])
+        waiters = self._inflight.get(digest)
+        if waiters is None:
+            waiters = self._inflight[digest] = []
+            defer.ensureDeferred(self.store.get(digest)).addBoth(self._settle, digest)
+        result: defer.Deferred = defer.Deferred()
+        waiters.append(result)
+        return result
+
+    def _settle(self, outcome: Any, digest: str) -> None:
+        waiters = self._inflight.pop(digest)
+        failed = isinstance(outcome, Failure)
+        if not failed and self.ttl > 0:
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()
+            self._cache[digest] = (self.clock.seconds() + self.ttl, outcome)
+        for waiter in waiters:
+            if failed:
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+
+    def verify(self, key: Any, project_id: str, scope: str, origin: str | None = None) -> defer.Deferred:
+        """Fires with a ``Verdict`` for using ``key`` on ``project_id``."""
+        if not isinstance(key, str) or not key or len(key) > 256:
+            return defer.succeed(Verdict(False, "invalid API key"))
+        d = self.lookup(key)
+        d.addCallback(self.judge, project_id, scope, origin)
+        return d
+
+    def judge(self, token: Token | None, project_id: str, scope: str, origin: str | None) -> Verdict:
+        """The verdict for a looked-up token (pure)."""
+        if token is None:
+            return Verdict(False, "invalid API key")
+        if token.revoked:
+            return Verdict(False, "API key revoked")
+        if token.expired(self.clock.seconds()):
+            return Verdict(False, "API key expired")
+        if token.scope != scope:
+            return Verdict(False, f"API key is not valid for {scope}")
+        if project_id not in token.projects:
+            return Verdict(False, "API key is not valid for this project")
+        if not domain_allows(token.domains, origin):
+            return Verdict(False, "origin not allowed for this API key")
+        return Verdict(True, token=token)
+

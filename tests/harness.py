@@ -1,0 +1,197 @@
+"""Running the daemon in the test's reactor, and talking to it as clients do.
+
+``running_daemon`` starts a real ``BklitService`` (real Redis, real
+ClickHouse, a real listening socket on a free loopback port) and stops it
+afterwards; ``SocketClient`` is an Autobahn WebSocket client that records
+every message and the close code.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from clickhouse_driver import Client
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import clientFromString
+
+from bklit.config import load_config
+from bklit.tap import BklitService
+from bklit.tokens import TokenStore
+
+TIMEOUT = 10.0
+
+SESSION = "1732608000000-k3j4h5"
+
+
+def sdk_pageview(project: str, session: str = SESSION, key: str | None = None, **changes: Any) -> dict:
+    """A pageview shaped exactly as ``@bklit/sdk`` 1.0.1 sends it."""
+    data = {
+        "url": "https://example.com/pricing?utm_source=news&utm_medium=email&gclid=abc",
+        "timestamp": None,
+        "referrer": "https://www.google.com/search?q=bklit",
+        "referrerHostname": "www.google.com",
+        "referrerType": "organic",
+        "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36",
+        "viewport": {"width": 1280, "height": 720},
+        "screen": {"width": 1920, "height": 1080},
+        "language": "en-US",
+        "timezone": "Europe/Berlin",
+        "sessionId": session,
+        "projectId": project,
+        "isNewVisitor": True,
+        "landingPage": "https://example.com/",
+    }
+    data.update(changes)
+    if data["timestamp"] is None:
+        import time
+
+        from bklit.wire import iso_timestamp
+
+        data["timestamp"] = iso_timestamp(time.time())
+    message = {"type": "pageview", "data": data}
+    if key is not None:
+        message["apiKey"] = key
+    return message
+
+
+def sdk_event(project: str, session: str = SESSION, key: str | None = None) -> dict:
+    """A custom event shaped as ``trackEvent("cta-button", "click", {position: "hero"})`` sends it."""
+    import time
+
+    from bklit.wire import iso_timestamp
+
+    message = {"type": "event", "data": {
+        "trackingId": "cta-button", "eventType": "click", "timestamp": iso_timestamp(time.time()),
+        "metadata": {"position": "hero", "triggerMethod": "manual"},
+        "projectId": project, "sessionId": session,
+    }}
+    if key is not None:
+        message["apiKey"] = key
+    return message
+
+
+class SocketClient(WebSocketClientProtocol):
+    """Records messages in a queue and the close in ``closed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbox: defer.DeferredQueue = defer.DeferredQueue()
+        self.opened: defer.Deferred = defer.Deferred()
+        self.closed: defer.Deferred = defer.Deferred()
+        self.close_code: int | None = None
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.inbox.put(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.close_code = code
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))
+        self.closed.callback((code, reason))
+
+    def send(self, message: Any) -> None:
+        """Send a JSON message (or raw bytes/str as they are)."""
+        if isinstance(message, bytes):
+            self.sendMessage(message)
+        elif isinstance(message, str):
+            self.sendMessage(message.encode())
+        else:
+            self.sendMessage(json.dumps(message).encode())
+
+    async def next(self, timeout: float = TIMEOUT) -> dict:
+        """The next message, failing after ``timeout`` seconds."""
+        return await self.inbox.get().addTimeout(timeout, reactor)
+
+    async def next_of(self, kind: str, timeout: float = TIMEOUT) -> dict:
+        """The next message of ``kind``, skipping others."""
+        while True:
+            message = await self.next(timeout)
+            if message.get("type") == kind:
+                return message
+
+    async def wait_closed(self, timeout: float = TIMEOUT) -> tuple[int | None, str | None]:
+        """The close code and reason, once the socket closed."""
+        return await self.closed.addTimeout(timeout, reactor)
+
+
+async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
+                  headers: dict | None = None, origin: str | None = None) -> SocketClient:
+    """An open ``SocketClient`` to ``ws://127.0.0.1:<port><path>``."""
+    url = f"ws://127.0.0.1:{port}{path}"
+    factory = WebSocketClientFactory(url, headers=headers or {}, origin=origin)
+    factory.protocol = SocketClient
+    endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
+    client = await endpoint.connect(factory)
+    await client.opened.addTimeout(TIMEOUT, reactor)
+    return client
+
+
+def settings(redis_url: str, clickhouse_url: str, **values: str) -> Any:
+    """A Config for a test daemon: loopback port 0, fast writer."""
+    flags = {"listen": "tcp:0:interface=127.0.0.1", "redis": redis_url, "clickhouse": clickhouse_url}
+    env = {"BKLIT_FLUSH_INTERVAL": "0.1", "BKLIT_TOKEN_CACHE_TTL": "0"}
+    env.update({f"BKLIT_{k.upper()}": str(v) for k, v in values.items()})
+    return load_config(None, env, flags)
+
+
+class Daemon:
+    """A started ``BklitService`` and what tests need from it."""
+
+    def __init__(self, service: BklitService, port: int | None):
+        self.service = service
+        self.port = port
+
+    async def token(self, project: str = "p1", scope: str = "ingest", **kwargs: Any) -> str:
+        """A new key stored in this daemon's Redis."""
+        key, _ = await TokenStore(self.service.redis.call).create((project,), scope, **kwargs)
+        return key
+
+
+@asynccontextmanager
+async def running_daemon(config: Any):
+    """Start the daemon in this reactor; stop it on exit."""
+    service = BklitService(config, reactor)
+    service.startService()
+    port = None
+    if service.listener is not None:
+        listening = await service.listener._waitingForPort
+        port = listening.getHost().port
+    await service.redis.ready().addTimeout(TIMEOUT, reactor)
+    if service.writer is not None:
+        await eventually(lambda: service.writer.prepare is None, timeout=TIMEOUT)
+    try:
+        yield Daemon(service, port)
+    finally:
+        await service.stopService()
+
+
+def clickhouse_rows(clickhouse_url: str, query: str) -> list[tuple]:
+    """Run a query against the test database (blocking; fine in tests)."""
+    client = Client.from_url(clickhouse_url)
+    try:
+        return client.execute(query)
+    finally:
+        client.disconnect()
+
+
+async def eventually(check, timeout: float = 5.0, interval: float = 0.1) -> Any:
+    """Poll ``check()`` until it returns something truthy; fail after ``timeout``."""
+    waited = 0.0
+    while True:
+        try:
+            value = check()
+        except Exception as e:  # e.g. a table the writer has not created yet
+            value = e
+        else:
+            if value:
+                return value
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout} s (last value {value!r})")
+        await task.deferLater(reactor, interval, lambda: None)
+        waited += interval

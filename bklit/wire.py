@@ -195,6 +195,26 @@ def _require_http_url(value: str, path: str) -> str:
     return value
 
 
+def _referrer(value: str | None) -> str | None:
+    """Keep an http(s) or ``android-app://`` referrer; drop any other.
+
+    A referrer is the browser's word about where the visitor came from, not
+    the page itself: Chrome on Android reports ``android-app://<package>/``
+    for links opened from apps, and odd schemes are not worth refusing the
+    pageview for.  They are dropped, so only web and app referrers are stored.
+    """
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        return None
+    if host and parts.scheme in ("http", "https", "android-app"):
+        return value
+    return None
+
+
 def _dimensions(data: dict, key: str, path: str) -> tuple[int | None, int | None]:
     """Return (width, height) of an optional ``{width, height}`` object of integers."""
     value = data.get(key)
@@ -230,9 +250,7 @@ def _parse_pageview(message: dict, limits: Limits) -> PageView:
     data = _data(message)
     url_max, text_max = limits.max_url_length, limits.max_string_length
     url = _require_http_url(_string(data, "url", "data.url", url_max, required=True), "data.url")
-    referrer = _string(data, "referrer", "data.referrer", url_max) or None
-    if referrer is not None:
-        _require_http_url(referrer, "data.referrer")
+    referrer = _referrer(_string(data, "referrer", "data.referrer", url_max) or None)
     viewport = _dimensions(data, "viewport", "data.viewport")
     screen = _dimensions(data, "screen", "data.screen")
     is_new_visitor = data.get("isNewVisitor")

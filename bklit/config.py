@@ -267,7 +267,12 @@ def load_config(
     raw: dict[str, tuple[str, str]] = {name: (key.default, "default") for name, key in KEYS.items()}
     errors: list[tuple[str, str]] = []
     if ini_path:
-        for name, value in read_ini(ini_path).items():
+        try:
+            ini = read_ini(ini_path)
+        except ConfigError as e:
+            errors.extend(e.errors)
+            ini = {}
+        for name, value in ini.items():
             if name not in KEYS:
                 errors.append((name, f"unknown key in {ini_path}"))
             else:

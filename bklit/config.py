@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 ROLES = ("all", "ingest", "writer")
 
@@ -66,6 +66,16 @@ def parse_redis_url(value: str) -> RedisAddress:
         password=unquote(parts.password) if parts.password else None,
         tls=parts.scheme == "rediss",
     )
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password, if it has one, replaced by ``***``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def clickhouse_database(value: str) -> str:
@@ -225,6 +235,13 @@ class Config:
     def runs_writer(self) -> bool:
         """Whether this process moves the stream into ClickHouse."""
         return self.role in ("all", "writer")
+
+    def __repr__(self) -> str:
+        """All values, with the passwords in the URLs replaced by ``***``."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["redis"] = hide_password(self.redis)
+        values["clickhouse"] = hide_password(self.clickhouse)
+        return f"Config({', '.join(f'{name}={value!r}' for name, value in values.items())})"
 
     def replace(self, **changes: object) -> "Config":
         """A copy with some values changed (already parsed values)."""

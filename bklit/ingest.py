@@ -38,6 +38,8 @@ CLOSE_INTERNAL = 1011
 
 MAX_WAITING = 100  # messages held while a key is being checked
 
+log = Logger()
+
 
 class Ingest:
     """What happens to accepted events, shared by all SDK connections."""
@@ -90,9 +92,11 @@ class Ingest:
 
 
 class SdkProtocol(WebSocketServerProtocol):
-    """One SDK socket: ids from the query string, the auth gate, acks."""
+    """One SDK socket: ids from the query string, the auth gate, acks.
 
-    log = Logger()
+    (Logging goes through the module's ``log``: Autobahn's ``self.log`` is
+    its own, filtered at info level, and logs every frame at debug level.)
+    """
     ingest: Ingest
 
     def __init__(self) -> None:
@@ -192,7 +196,7 @@ class SdkProtocol(WebSocketServerProtocol):
 
     def verify_failed(self, failure: Any) -> None:
         """The key could not be checked (Redis down): try again later."""
-        self.log.warn("API key check failed: {error}", error=failure.getErrorMessage())
+        log.warn("API key check failed: {error}", error=failure.getErrorMessage())
         if self.closed:
             return
         self.gate = "new"
@@ -236,7 +240,7 @@ class SdkProtocol(WebSocketServerProtocol):
             self.sendMessage(wire.ack(event_id, kind))
 
     def not_queued(self, failure: Any) -> None:
-        self.log.warn("event not queued: {error}", error=failure.getErrorMessage())
+        log.warn("event not queued: {error}", error=failure.getErrorMessage())
         if not self.closed:
             self.send_error("overloaded", "The server cannot store events right now; not acked")
 

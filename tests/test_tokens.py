@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bklit.redis_client import RedisUnavailable
-from bklit.tokens import (INDEX_KEY, Token, TokenStore, TokenVerifier, domain_allows, key_digest,
+from bklit.tokens import (INDEX_KEY, TokenStore, TokenVerifier, domain_allows, key_digest,
                           new_key, token_key)
 
 

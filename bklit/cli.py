@@ -67,14 +67,28 @@ def split_list(values: Sequence[str]) -> tuple[str, ...]:
 
 
 async def redis_call(config: Config) -> Any:
-    """A ``call(command, *args)`` bound to a fresh Redis connection."""
-    from twisted.internet import reactor
+    """A ``call(command, *args)`` bound to a fresh Redis connection.
 
-    from bklit import redis_client
+    The connection does not retry: when Redis cannot be reached the command
+    fails at once (within ``redis_timeout``) instead of waiting for it.
+    """
+    import txredisapi
+    from twisted.internet import reactor
+    from twisted.internet.ssl import optionsForClientTLS
 
     address = config.redis_address
     try:
-        connection = await redis_client.connect(address, config.redis_timeout, lazy=False)
+        connection = await txredisapi.Connection(
+            host=address.host,
+            port=address.port,
+            dbid=address.db,
+            password=address.password,
+            reconnect=False,
+            ssl_context_factory=optionsForClientTLS(address.host) if address.tls else False,
+            connectTimeout=config.redis_timeout,
+            replyTimeout=config.redis_timeout,
+            convertNumbers=False,
+        )
     except Exception as e:
         raise Failed(f"cannot reach Redis at {address.host}:{address.port}: {e}") from None
     reactor.addSystemEventTrigger("before", "shutdown", connection.disconnect)

@@ -153,10 +153,15 @@ async def token_revoke(args: argparse.Namespace, config: Config) -> None:
 
 
 async def schema_migrate(args: argparse.Namespace, config: Config) -> None:
+    import logging
+
     from twisted.internet.threads import deferToThread
 
     from bklit.clickhouse import thd_migrate
 
+    # clickhouse-driver logs every failed connection attempt with a
+    # traceback; the failure is reported once, below.
+    logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
     try:
         applied = await deferToThread(thd_migrate, config.clickhouse, config.clickhouse_database)
     except Exception as e:

@@ -22,6 +22,7 @@ from bklit.tokens import SCOPES, TokenStore
 
 PROJECT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DOMAIN = re.compile(r"(\*\.)?([a-z0-9-]+\.)*[a-z0-9-]+")
+MAX_EXPIRES_DAYS = 36500
 
 
 class Failed(Exception):
@@ -109,8 +110,8 @@ async def token_create(args: argparse.Namespace, config: Config) -> None:
     bad = [d for d in domains if not DOMAIN.fullmatch(d)]
     if bad:
         raise UsageProblem(f"--domains: {bad[0]!r} is not a host name or *.host pattern")
-    if args.expires_days is not None and args.expires_days <= 0:
-        raise UsageProblem("--expires-days: must be more than 0")
+    if args.expires_days is not None and not 0 < args.expires_days <= MAX_EXPIRES_DAYS:
+        raise UsageProblem(f"--expires-days: must be more than 0 and at most {MAX_EXPIRES_DAYS}")
     expires_at = time.time() + args.expires_days * 86400 if args.expires_days else 0
     store = TokenStore(await redis_call(config))
     key, token = await store.create(projects, args.scope, args.name, expires_at, domains)

@@ -55,8 +55,26 @@ class Options(usage.Options):
         flags = {name: self[name] for name in ("listen", "redis", "clickhouse", "role")}
         try:
             self.config = load_config(ini, os.environ, flags)
+            if self.config.runs_ingest:
+                check_endpoint(self.config.listen)
         except ConfigError as e:
             raise SystemExit("\n".join(f"bklit: config error: {line}" for line in str(e).splitlines()))
+
+
+def check_endpoint(description: str) -> None:
+    """Raise ``ConfigError`` on ``listen`` unless Twisted can parse ``description``.
+
+    Parsing makes the endpoint without listening on it, so a typo is one
+    config error line at start-up rather than a traceback from makeService.
+    """
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except IndexError:  # systemd: no socket passed at that index
+        raise ConfigError([("listen", f"{description!r}: no socket was passed at that index")]) from None
+    except Exception as e:
+        raise ConfigError([("listen", f"{description!r} is not a usable endpoint string: {e}")]) from None
 
 
 class BklitService(MultiService):

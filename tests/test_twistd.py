@@ -1,0 +1,189 @@
+"""``twistd bklit`` as operators run it: a subprocess with real Redis and ClickHouse.
+
+A bad setting stops twistd at once with one line per bad key and no
+traceback.  A good start serves the SDK endpoint; SIGTERM closes the
+sockets with 1001, stores what was accepted and shuts down cleanly.
+
+After a clean shutdown caused by a signal, twistd ends itself with that
+same signal (``twisted.application.app._exitWithSignal``), so the exit
+status is "killed by SIGTERM", which systemd counts as a clean stop.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+
+from harness import clickhouse_rows, connect, eventually, sdk_pageview
+from servers import free_port
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+BKLIT = os.path.join(BIN, "bklit")
+
+
+def clean_env(**settings):
+    """The environment without BKLIT_* variables, plus ``settings``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BKLIT_")}
+    env.update(settings)
+    return env
+
+
+def twistd_argv(*args):
+    """``twistd -n --pidfile= bklit ARGS``: in the foreground, no pid file."""
+    return [TWISTD, "--nodaemon", "--pidfile=", "bklit", *args]
+
+
+def run_twistd(tmp_path, *args, env=None, timeout=20):
+    """Run twistd until it exits; the CompletedProcess (stderr merged into stdout)."""
+    return subprocess.run(twistd_argv(*args), cwd=tmp_path, env=clean_env(**(env or {})),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def error_lines(output):
+    """The ``bklit: config error:`` lines of twistd's output, without the prefix."""
+    prefix = "bklit: config error: "
+    return [line[len(prefix):] for line in output.splitlines() if line.startswith(prefix)]
+
+
+class TestBadConfiguration:
+    """A bad setting stops twistd before the reactor runs, naming the key."""
+
+    def test_bad_ini_value_and_bad_flag(self, tmp_path):
+        """Both errors are reported, one line each, naming batch_size and role."""
+        ini = tmp_path / "bklit.ini"
+        ini.write_text("[bklit]\nbatch_size = lots\n")
+        started = time.monotonic()
+        done = run_twistd(tmp_path, "--config", str(ini), "--role", "bogus")
+        assert done.returncode != 0
+        assert time.monotonic() - started < 15
+        lines = error_lines(done.stdout)
+        assert sorted(line.split(":")[0] for line in lines) == ["batch_size", "role"]
+        assert any("'lots'" in line and str(ini) in line for line in lines)
+        assert any("'bogus'" in line for line in lines)
+        assert "Traceback" not in done.stdout
+        assert not any(path.name.startswith("twistd") for path in tmp_path.iterdir())
+
+    @pytest.mark.parametrize("args,env,key", [
+        (["--config", "missing.ini"], {}, "config"),
+        ([], {"BKLIT_CONFIG": "missing.ini"}, "config"),
+        ([], {"BKLIT_FLUSH_INTERVALL": "1"}, "BKLIT_FLUSH_INTERVALL"),
+        ([], {"BKLIT_AUTO_MIGRATE": "perhaps"}, "auto_migrate"),
+        (["--redis", "localhost:6379"], {}, "redis"),
+        (["--clickhouse", "clickhouse://127.0.0.1:9000/no-such-name"], {}, "clickhouse"),
+        (["--listen", "tcp:eighty"], {}, "listen"),
+        (["--listen", "nosuchtype:80"], {}, "listen"),
+    ])
+    def test_each_kind_of_error_names_its_key(self, tmp_path, args, env, key):
+        """A missing file, an unknown variable, a bad value or endpoint: one line, its key."""
+        done = run_twistd(tmp_path, *args, env=env)
+        assert done.returncode != 0
+        [line] = error_lines(done.stdout)
+        assert line.startswith(f"{key}: ")
+        assert "Traceback" not in done.stdout
+
+    def test_busy_port_aborts_start(self, tmp_path, redis_url, clickhouse_url):
+        """A port already taken stops the daemon instead of running without a listener."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            done = run_twistd(tmp_path, "--listen", f"tcp:{port}:interface=127.0.0.1",
+                              "--redis", redis_url, "--clickhouse", clickhouse_url)
+        assert done.returncode != 0
+        assert "Address already in use" in done.stdout
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """Start ``twistd bklit`` in the background; returns (process, log path). Killed afterwards."""
+    started = []
+
+    def start(*args, env=None):
+        log = tmp_path / "twistd.out"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(twistd_argv(*args), cwd=tmp_path, env=clean_env(**(env or {})),
+                                       stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        started.append(process)
+        return process, log
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def sleep(seconds):
+    """Let the reactor run for ``seconds``."""
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_for_port(port, process, log, timeout=30.0):
+    """Wait until something accepts connections on ``port``; fail if the daemon died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"twistd exited with {process.returncode}:\n{log.read_text()}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"twistd did not listen within {timeout} s:\n{log.read_text()}"
+        await sleep(0.1)
+
+
+async def wait_for_exit(process, timeout):
+    """The exit code of ``process``, waiting (reactor running) up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            return None
+        await sleep(0.05)
+    return process.returncode
+
+
+@pytest_twisted.ensureDeferred
+async def test_serves_stores_and_stops_cleanly_on_sigterm(daemon, redis_url, clickhouse_url):
+    """Start, take a pageview with a key made by ``bklit token create``, store it; stop on SIGTERM.
+
+    The socket still open at SIGTERM is closed with 1001, a pageview acked
+    just before it is stored too, and the process is gone within 10 s.
+    """
+    port = free_port()
+    process, log = daemon("--listen", f"tcp:{port}:interface=127.0.0.1",
+                          "--redis", redis_url, "--clickhouse", clickhouse_url,
+                          env={"BKLIT_FLUSH_INTERVAL": "0.2"})
+    await wait_for_port(port, process, log)
+
+    created = subprocess.run([BKLIT, "token", "create", "--project", "p1", "--redis", redis_url],
+                             capture_output=True, text=True, timeout=30, env=clean_env())
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+
+    client = await connect(port)
+    assert (await client.next_of("connected"))["projectId"] == "p1"
+    client.send(sdk_pageview("p1", key=key, url="https://example.com/first"))
+    first = await client.next_of("ack")
+    rows = await eventually(lambda: clickhouse_rows(
+        clickhouse_url, "SELECT id, project_id, url FROM page_view_event"), timeout=15)
+    assert rows == [(first["eventId"], "p1", "https://example.com/first")]
+
+    client.send(sdk_pageview("p1", key=key, url="https://example.com/last"))
+    last = await client.next_of("ack")
+    process.send_signal(signal.SIGTERM)
+    code, _ = await client.wait_closed()
+    assert code == 1001
+    assert await wait_for_exit(process, 10) == -signal.SIGTERM, log.read_text()
+
+    stored = clickhouse_rows(clickhouse_url, "SELECT id FROM page_view_event ORDER BY id")
+    assert sorted(stored) == sorted([(first["eventId"],), (last["eventId"],)])
+    output = log.read_text()
+    assert output.rstrip().endswith("Server Shut Down."), output
+    assert "Traceback" not in output and "Unhandled" not in output, output

@@ -186,11 +186,18 @@ KEYS: dict[str, Key] = {
     "flush_interval": Key("1", _seconds(0.01, 3600), "Seconds between writer runs when the stream has no full batch waiting."),
     "claim_idle": Key("60", _seconds(1, 86400), "Seconds an entry may stay pending at a consumer before another writer reclaims it."),
     "writer_threads": Key("2", _int(1, 64), "Threads (each with its own ClickHouse connection) that run inserts."),
-    "max_message_size": Key("16384", _int(256, 1 << 24), "Largest SDK message in bytes; larger ones get too_large."),
+    "max_message_size": Key("16384", _int(256, 1 << 24), "Largest SDK message in bytes; a larger one closes the socket with 1009."),
     "max_url_length": Key("2048", _int(16, 65536), "Longest url, referrer or landingPage in characters."),
     "max_metadata_size": Key("4096", _int(2, 1 << 20), "Largest event metadata, serialized as JSON, in bytes."),
     "max_errors": Key("10", _int(1, 10000), "Errors one connection may cause before it is closed with 1008."),
     "token_cache_ttl": Key("5", _seconds(0, 3600), "Seconds an API key verdict (good or bad) is cached."),
+    "heartbeat_interval": Key("15", _seconds(0.05, 3600), "Seconds between refreshes of this node's live sessions in Redis."),
+    "session_timeout": Key("90", _seconds(0.1, 86400), "Seconds without a refresh after which the sweeper ends a session (its node died)."),
+    "sweep_interval": Key("15", _seconds(0.05, 3600), "Seconds between sweeps for sessions whose node died (one node sweeps at a time)."),
+    "resume_window": Key("1800", _seconds(1, 86400), "Seconds after its end during which a session can be resumed by a new socket."),
+    "dashboard_origins": Key("", _list, "Comma-separated Origins (https://app.example.com) whose dashboards need no read key. Empty: none."),
+    "dashboard_auth_timeout": Key("5", _seconds(0.1, 300), "Seconds a dashboard socket has to send its auth message."),
+    "dashboard_max_skipped": Key("100", _int(0, 1_000_000), "Live events a dashboard that stopped reading may miss before it is disconnected."),
     "trusted_proxies": Key("", _proxies, "Comma-separated proxy addresses or networks whose X-Forwarded-For / X-Real-IP are believed."),
 }
 
@@ -214,6 +221,13 @@ class Config:
     max_metadata_size: int
     max_errors: int
     token_cache_ttl: float
+    heartbeat_interval: float
+    session_timeout: float
+    sweep_interval: float
+    resume_window: float
+    dashboard_origins: tuple[str, ...]
+    dashboard_auth_timeout: float
+    dashboard_max_skipped: int
     trusted_proxies: tuple[str, ...]
 
     @property

@@ -16,6 +16,7 @@ An event is acked (``{"type":"ack"}``) only when Redis has stored it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import Any
@@ -24,10 +25,11 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet import task
 from twisted.logger import Logger
 
-from bklit import enrich, rows, wire
+from bklit import enrich, live, queue, rows, wire
 from bklit.config import Config
 from bklit.ids import EventIds
 from bklit.queue import StreamProducer
+from bklit.sessions import LiveSessions
 from bklit.tokens import TokenVerifier
 
 CLOSE_NORMAL = 1000
@@ -44,13 +46,15 @@ log = Logger()
 class Ingest:
     """What happens to accepted events, shared by all SDK connections."""
 
-    log = Logger()
-
-    def __init__(self, config: Config, verifier: TokenVerifier, producer: StreamProducer, clock: Any):
+    def __init__(self, config: Config, verifier: TokenVerifier, producer: StreamProducer,
+                 sessions: LiveSessions, clock: Any, node: str):
         self.config = config
         self.verifier = verifier
         self.producer = producer
+        self.sessions = sessions
         self.clock = clock
+        self.node = node
+        self.sockets = itertools.count(1)
         self.ids = EventIds()
         self.limits = wire.Limits(
             max_message_bytes=config.max_message_size,
@@ -69,26 +73,44 @@ class Ingest:
             await task.deferLater(self.clock, 0.05, lambda: None)
             waited += 0.05
 
-    def record(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> tuple[str, str]:
-        """The event id and stream entry (JSON) for an accepted message."""
+    def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> Any:
+        """Queue an accepted event and its broadcast; fires with its event id.
+
+        A pageview also starts, continues or resumes the connection's session.
+        """
         event_id = self.ids.new()
         received_at = time.time()
+        project, session = conn.project_id, conn.session_id
         if isinstance(message, wire.PageView):
-            table = "page_view_event"
-            row = rows.pageview_row(
-                message, event_id=event_id, project_id=conn.project_id,
-                session_id=conn.session_id, received_at=received_at, ip=conn.ip)
+            row = rows.pageview_row(message, event_id=event_id, project_id=project,
+                                    session_id=session, received_at=received_at, ip=conn.ip)
+            head, tail = live.pageview_parts(row, received_at)
+            if not conn.joined:
+                conn.joined = True
+                self.sessions.attach(project, session)
+            d = self.producer.pageview(
+                _entry("page_view_event", row), project, session, conn.socket_id,
+                int(received_at * 1000), row["url"], head, tail, row.get("user_agent", ""),
+                row.get("country", ""), row.get("country_code", ""), row.get("city", ""))
         else:
-            table = "tracked_event"
-            row = rows.event_row(
-                message, event_id=event_id, project_id=conn.project_id,
-                session_id=conn.session_id, received_at=received_at)
-        return event_id, json.dumps({"table": table, "row": row}, separators=(",", ":"))
+            row = rows.event_row(message, event_id=event_id, project_id=project,
+                                 session_id=session, received_at=received_at)
+            d = self.producer.enqueue(_entry("tracked_event", row), queue.channel(project),
+                                      live.event_message(row, received_at))
+        return d.addCallback(lambda _: event_id)
 
-    def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> Any:
-        """Queue an accepted event; the Deferred fires with its event id."""
-        event_id, entry = self.record(message, conn)
-        return self.producer.enqueue(entry).addCallback(lambda _: event_id)
+    def closed(self, conn: "SdkProtocol") -> None:
+        """A socket closed: it leaves its session, which ends if it was the last."""
+        self.connections.discard(conn)
+        if conn.joined:
+            conn.joined = False
+            d = self.sessions.detach(conn.project_id, conn.session_id, conn.socket_id)
+            d.addErrback(lambda f: log.warn("session end not stored: {error}", error=f.getErrorMessage()))
+
+
+def _entry(table: str, row: dict) -> str:
+    """The stream entry of one row."""
+    return json.dumps({"table": table, "row": row}, separators=(",", ":"))
 
 
 class SdkProtocol(WebSocketServerProtocol):
@@ -111,11 +133,14 @@ class SdkProtocol(WebSocketServerProtocol):
         self.waiting: list[wire.Auth | wire.PageView | wire.Event] = []
         self.errors = 0
         self.closed = False
+        self.joined = False
+        self.socket_id = ""
 
     # Autobahn callbacks ---------------------------------------------------
 
     def onConnect(self, request: Any) -> None:
         self.ingest = self.factory.ingest
+        self.socket_id = f"{self.ingest.node}:{next(self.ingest.sockets)}"
         params = request.params
         self.project_id = (params.get("projectId") or [""])[0]
         self.session_id = (params.get("sessionId") or [""])[0]
@@ -155,7 +180,8 @@ class SdkProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.closed = True
         self.waiting = []
-        self.ingest.connections.discard(self)
+        if hasattr(self, "ingest"):
+            self.ingest.closed(self)
 
     # The auth gate ----------------------------------------------------------
 
@@ -281,4 +307,5 @@ class SdkFactory(WebSocketServerFactory):
             closeHandshakeTimeout=2,
             autoPingInterval=25,
             autoPingTimeout=10,
+            failByDrop=False,
         )

@@ -25,6 +25,15 @@ class RedisUnavailable(Exception):
     """Redis is not connected, did not answer in time, or refused a command."""
 
 
+def endpoint(address: RedisAddress, timeout: float) -> Any:
+    """A client endpoint for ``address``, with verified TLS for ``rediss://``."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    plain = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+    return wrapClientTLS(optionsForClientTLS(address.host), plain) if address.tls else plain
+
+
 def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
     """A txredisapi connection to ``address``.
 

@@ -25,15 +25,19 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.resource import Resource
+from autobahn.twisted.resource import WebSocketResource
 
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit.config import ConfigError, load_config
+from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
 from bklit.ingest import Ingest, SdkFactory
+from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
 from bklit.tokens import TokenStore, TokenVerifier
-from bklit.web import make_site
-from bklit.writer import WriterService
+from bklit.web import LiveCount, make_site
+from bklit.writer import WriterService, consumer_name
 
 
 class Options(usage.Options):
@@ -86,26 +90,54 @@ class BklitService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.node = consumer_name()
         self.redis = RedisService(config.redis_address, config.redis_timeout, reactor)
         self.redis.setServiceParent(self)
+        self.producer = StreamProducer(self.redis, reactor, config.resume_window)
         self.ingest: Ingest | None = None
+        self.dashboards: Dashboards | None = None
+        self.sessions: LiveSessions | None = None
         self.listener: Any = None
         self.writer: WriterService | None = None
         if config.runs_ingest:
-            producer = StreamProducer(self.redis, reactor)
-            verifier = TokenVerifier(TokenStore(self.redis.call), reactor, config.token_cache_ttl)
-            self.ingest = Ingest(config, verifier, producer, reactor)
-            site = make_site(SdkFactory(self.ingest))
-            self.listener = strports.service(config.listen, site, reactor=reactor)
-            self.listener.setServiceParent(self)
+            self._build_endpoints()
         if config.runs_writer:
             inserter = Inserter(config.clickhouse, config.clickhouse_database)
             self.writer = WriterService(
-                self.redis, inserter, reactor, reactor=reactor,
+                self.redis, inserter, reactor, reactor=reactor, consumer=self.node,
                 batch_size=config.batch_size, flush_interval=config.flush_interval,
                 claim_idle=config.claim_idle, threads=config.writer_threads,
                 prepare=self.migrate if config.auto_migrate else None)
             self.writer.setServiceParent(self)
+
+    def _build_endpoints(self) -> None:
+        """The SDK and dashboard endpoints, /api/live, and their listener."""
+        config, reactor = self.config, self.reactor
+        verifier = TokenVerifier(TokenStore(self.redis.call), reactor, config.token_cache_ttl)
+        self.sessions = LiveSessions(
+            self.redis, self.producer, reactor, self.node,
+            heartbeat_interval=config.heartbeat_interval, session_timeout=config.session_timeout,
+            sweep_interval=config.sweep_interval)
+        self.sessions.setServiceParent(self)
+        self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node)
+        self.dashboards = Dashboards(
+            verifier, self.sessions, reactor, origins=config.dashboard_origins,
+            auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped)
+        dashboard_factory = DashboardFactory(self.dashboards)
+        self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
+        api = Resource()
+        api.putChild(b"live", LiveCount(verifier, self.sessions))
+        site = make_site(SdkFactory(self.ingest), {
+            b"dashboard": WebSocketResource(dashboard_factory),
+            b"api": api,
+        })
+        self.listener = strports.service(config.listen, site, reactor=reactor)
+        self.listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.dashboards is not None:
+            self.dashboards.broadcaster.start()
 
     async def migrate(self) -> None:
         """Bring the ClickHouse schema up to date (in the writer's threads)."""
@@ -122,8 +154,12 @@ class BklitService(MultiService):
         self.running = 0
         steps = [
             ("stop listening", self.listener and self.listener.stopService),
-            ("close sockets", self.ingest and self.ingest.close_all),
+            ("close SDK sockets", self.ingest and self.ingest.close_all),
+            ("close dashboards", self.dashboards and self.dashboards.close_all),
+            ("stop the session loops", self.sessions and self.sessions.stopService),
+            ("store what was accepted", self.producer.drain),
             ("stop the writer", self.writer and self.writer.stopService),
+            ("stop pub/sub", self.dashboards and self.dashboards.broadcaster.stop),
             ("close Redis", self.redis.stopService),
         ]
         for what, step in steps:

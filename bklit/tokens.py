@@ -223,12 +223,14 @@ class TokenVerifier:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return defer.succeed(cached[1])
-        waiters = self._inflight.get(digest)
-        if waiters is None:
-            waiters = self._inflight[digest] = []
-            defer.ensureDeferred(self.store.get(digest)).addBoth(self._settle, digest)
         result: defer.Deferred = defer.Deferred()
-        waiters.append(result)
+        waiters = self._inflight.get(digest)
+        if waiters is not None:
+            waiters.append(result)
+            return result
+        self._inflight[digest] = [result]
+        # May settle at once (Redis down): the waiter is registered first.
+        defer.ensureDeferred(self.store.get(digest)).addBoth(self._settle, digest)
         return result
 
     def _settle(self, outcome: Any, digest: str) -> None:

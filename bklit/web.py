@@ -7,9 +7,16 @@ string to the ``wsHost`` its site configured.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet import defer
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
+
+from bklit import wire
+from bklit.dashboard import bearer
 
 from bklit.ingest import SdkFactory
 
@@ -24,6 +31,51 @@ class Root(Resource):
 
     def getChild(self, path: bytes, request: object) -> Resource:
         return self.named.get(path, self.sdk)
+
+
+def _json(request: Any, status: int, body: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class LiveCount(Resource):
+    """``GET /api/live?projectId=P`` with a read key: how many sessions are live."""
+
+    isLeaf = True
+
+    def __init__(self, verifier: Any, sessions: Any):
+        super().__init__()
+        self.verifier = verifier
+        self.sessions = sessions
+
+    def render_GET(self, request: Any) -> Any:
+        project = (request.args.get(b"projectId") or [b""])[0].decode("utf-8", "replace")
+        if not wire.valid_project_id(project):
+            return _json(request, 400, {"error": "bad_request", "message": "projectId is missing or invalid"})
+        authorization = request.getHeader(b"authorization") or b""
+        key = bearer({"authorization": authorization.decode("latin-1")})
+        if not key:
+            request.setHeader(b"www-authenticate", b"Bearer")
+            return _json(request, 401, {"error": "unauthorized", "message": "a read key is required (Authorization: Bearer)"})
+        d = defer.ensureDeferred(self._answer(request, project, key))
+        d.addErrback(lambda f: self._finish(request, 503, {"error": "unavailable", "message": "cannot read live sessions now"}))
+        return NOT_DONE_YET
+
+    async def _answer(self, request: Any, project: str, key: str) -> None:
+        verdict = await self.verifier.verify(key, project, "read")
+        if not verdict.ok:
+            self._finish(request, 403, {"error": "forbidden", "message": verdict.reason})
+            return
+        live = await self.sessions.live_count(project)
+        self._finish(request, 200, {"projectId": project, "live": live})
+
+    def _finish(self, request: Any, status: int, body: dict) -> None:
+        if request._disconnected or request.finished:
+            return
+        request.write(_json(request, status, body))
+        request.finish()
 
 
 class QuietSite(Site):

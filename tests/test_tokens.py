@@ -375,9 +375,6 @@ class VerifierTests(SynchronousTestCase):
         assert self.verdict(key).ok
         assert self.lookups() == 2
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "bklit.tokens.TokenVerifier.lookup settles a lookup that fails at once "
-        "before its waiter is registered, so verify() never fires while Redis is down"))
     def test_lookup_failing_at_once_fails_the_check(self):
         """With Redis down, ``call`` fails at once: the check fails too, it does not hang."""
         key, _ = self.create()

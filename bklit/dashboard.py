@@ -1,0 +1,291 @@
+"""The dashboard endpoint: live events of one project, from every node.
+
+``GET /dashboard?projectId=P`` upgrades to a WebSocket that is authorized by
+a read-scope key (``Authorization: Bearer`` on the upgrade, or a first
+``auth`` message within ``dashboard_auth_timeout``) or by an ``Origin`` in
+the configured allowlist.  Until then it gets nothing but ``connected``.
+Then a ``snapshot``, then every pageview, event and session end of the
+project.
+
+``Broadcaster`` holds one Redis pub/sub connection per node, subscribed to
+the channels of the projects that have a dashboard here.  Each published
+message was serialized once by the node that accepted the event; here it is
+framed once (an Autobahn prepared message) and written to every local
+dashboard of the project.  A dashboard that does not read is never waited
+for: once its socket buffer is full (Twisted pauses it as a producer) further
+messages are counted instead of queued, and past ``dashboard_max_skipped`` it
+is disconnected.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import txredisapi
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from bklit import wire
+from bklit.config import RedisAddress
+from bklit.live import snapshot_message
+from bklit.queue import channel
+from bklit.sessions import LiveSessions
+from bklit.tokens import TokenVerifier
+
+CLOSE_POLICY = 1008
+log = Logger()
+
+
+def bearer(headers: dict) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if any."""
+    value = headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    """Hands published messages to the broadcaster; resubscribes on reconnect."""
+
+    def connectionMade(self) -> Any:
+        d = super().connectionMade()
+        d.addCallback(lambda _: self.factory.broadcaster.subscribed(self))
+        return d
+
+    def messageReceived(self, pattern: Any, channel: str, message: str) -> None:
+        self.factory.broadcaster.deliver(channel, message)
+
+    def connectionLost(self, why: Any) -> None:
+        self.factory.broadcaster.connection = None
+        super().connectionLost(why)
+
+
+class Broadcaster:
+    """Per-node fan-out of Redis pub/sub messages to local dashboards."""
+
+    def __init__(self, address: RedisAddress, factory: WebSocketServerFactory):
+        self.address = address
+        self.ws_factory = factory
+        self.dashboards: dict[str, set[DashboardProtocol]] = {}
+        self.connection: _Subscriber | None = None
+        self.redis_factory: Any = None
+        self.delivered = 0
+
+    def start(self) -> None:
+        """Connect (and keep reconnecting) to Redis for pub/sub."""
+        from bklit.redis_client import endpoint
+
+        factory = txredisapi.SubscriberFactory()
+        factory.protocol = _Subscriber
+        factory.password = self.address.password
+        factory.broadcaster = self
+        factory.reconnect = True
+        factory.startConnecting(endpoint(self.address, timeout=5))
+        self.redis_factory = factory
+
+    def stop(self) -> defer.Deferred:
+        """Disconnect from Redis."""
+        if self.redis_factory is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(self.redis_factory.disconnect).addErrback(lambda _: None)
+
+    def subscribed(self, connection: _Subscriber) -> None:
+        self.connection = connection
+        if self.dashboards:
+            connection.subscribe([channel(p) for p in self.dashboards])
+
+    def add(self, dashboard: "DashboardProtocol") -> None:
+        """Start sending the project's live events to ``dashboard``."""
+        local = self.dashboards.setdefault(dashboard.project_id, set())
+        if not local and self.connection is not None:
+            self.connection.subscribe(channel(dashboard.project_id))
+        local.add(dashboard)
+
+    def remove(self, dashboard: "DashboardProtocol") -> None:
+        """Stop; unsubscribe when it was the project's last local dashboard."""
+        local = self.dashboards.get(dashboard.project_id)
+        if not local or dashboard not in local:
+            return
+        local.discard(dashboard)
+        if not local:
+            del self.dashboards[dashboard.project_id]
+            if self.connection is not None:
+                self.connection.unsubscribe(channel(dashboard.project_id))
+
+    def deliver(self, name: str, message: str) -> None:
+        """Frame a published message once and write it to each local dashboard."""
+        local = self.dashboards.get(name[len("bklit:live:"):])
+        if not local:
+            return
+        payload = message.encode("utf-8") if isinstance(message, str) else message
+        prepared = self.ws_factory.prepareMessage(payload)
+        for dashboard in list(local):
+            dashboard.push(prepared)
+        self.delivered += 1
+
+
+@implementer(IPushProducer)
+class DashboardProtocol(WebSocketServerProtocol):
+    """One dashboard socket: authorization, snapshot, then live events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.project_id = ""
+        self.bad_ids = ""
+        self.presented_key: str | None = None
+        self.allowed_origin = False
+        self.authorized = False
+        self.gone = False
+        self.paused = False
+        self.skipped = 0
+        self.auth_timer: Any = None
+
+    def onConnect(self, request: Any) -> None:
+        self.dash = self.factory.dash
+        self.project_id = (request.params.get("projectId") or [""])[0]
+        if not self.project_id:
+            self.bad_ids = "Missing projectId"
+        elif not wire.valid_project_id(self.project_id):
+            self.bad_ids = "Invalid projectId"
+        self.presented_key = bearer(request.headers)
+        origin = request.headers.get("origin")
+        self.allowed_origin = bool(origin) and origin in self.dash.origins
+
+    def onOpen(self) -> None:
+        if self.bad_ids:
+            self.close(CLOSE_POLICY, self.bad_ids)
+            return
+        self.sendMessage(wire.connected(self.project_id, None, time.time()))
+        # Our own flow control: written-but-unsent bytes pause us, not reads.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+        if self.allowed_origin:
+            self.authorize()
+        elif self.presented_key:
+            self.check(self.presented_key)
+        else:
+            self.auth_timer = self.dash.clock.callLater(self.dash.auth_timeout, self.refuse, "No auth in time")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.authorized or self.gone:
+            return
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or message.get("type") != "auth" or not isinstance(message.get("apiKey"), str):
+            self.refuse("Expected auth with a read key")
+            return
+        self.check(message["apiKey"])
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.gone = True
+        if self.auth_timer is not None and self.auth_timer.active():
+            self.auth_timer.cancel()
+        if self.authorized:
+            self.dash.broadcaster.remove(self)
+            self.dash.connected.discard(self)
+
+    def check(self, key: str) -> None:
+        """Verify a read key for this project."""
+        d = self.dash.verifier.verify(key, self.project_id, "read")
+        d.addCallbacks(self.verdict, lambda f: self.refuse("Cannot check the key now"))
+
+    def verdict(self, verdict: Any) -> None:
+        if verdict.ok:
+            self.authorize()
+        else:
+            self.refuse(verdict.reason)
+
+    def authorize(self) -> None:
+        """Send the snapshot, then join the project's live stream."""
+        if self.gone or self.authorized:
+            return
+        if self.auth_timer is not None and self.auth_timer.active():
+            self.auth_timer.cancel()
+        self.authorized = True
+        self.dash.connected.add(self)
+        self.dash.broadcaster.add(self)
+        d = defer.ensureDeferred(self.dash.sessions.snapshot(self.project_id))
+        d.addCallbacks(self.send_snapshot, lambda f: log.warn("snapshot failed: {e}", e=f.getErrorMessage()))
+
+    def send_snapshot(self, snapshot: tuple[int, list[dict]]) -> None:
+        if not self.gone:
+            self.sendMessage(snapshot_message(snapshot[0], snapshot[1], time.time()))
+
+    def refuse(self, reason: str) -> None:
+        if self.gone:
+            return
+        self.sendMessage(wire.error("unauthorized", reason))
+        self.close(CLOSE_POLICY, "Unauthorized")
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake with any protocol close code."""
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def push(self, prepared: Any) -> None:
+        """Send a live event, unless the socket is backed up."""
+        if self.gone:
+            return
+        if self.paused:
+            self.skipped += 1
+            if self.skipped > self.dash.max_skipped:
+                log.info("dropping a dashboard of {project} that stopped reading", project=self.project_id)
+                self.dash.dropped += 1
+                self.gone = True
+                self.transport.abortConnection()
+            return
+        self.sendPreparedMessage(prepared)
+
+    # IPushProducer: the transport tells us when its buffer is full/drained.
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.skipped = 0
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class Dashboards:
+    """What dashboard sockets share: auth, sessions, the broadcaster, limits."""
+
+    def __init__(self, verifier: TokenVerifier, sessions: LiveSessions, clock: Any, *,
+                 origins: tuple[str, ...], auth_timeout: float, max_skipped: int):
+        self.verifier = verifier
+        self.sessions = sessions
+        self.clock = clock
+        self.origins = frozenset(origins)
+        self.auth_timeout = auth_timeout
+        self.max_skipped = max_skipped
+        self.connected: set[DashboardProtocol] = set()
+        self.dropped = 0
+        self.broadcaster: Broadcaster | None = None
+
+    async def close_all(self, timeout: float = 2.0) -> None:
+        """Close every dashboard with 1001 and wait (up to ``timeout``) for them."""
+        for dashboard in list(self.connected):
+            dashboard.close(1001, "Server shutting down")
+        waited = 0.0
+        while self.connected and waited < timeout:
+            await task.deferLater(self.clock, 0.05, lambda: None)
+            waited += 0.05
+
+
+class DashboardFactory(WebSocketServerFactory):
+    """Builds dashboard sockets; read-only, so incoming messages stay small."""
+
+    protocol = DashboardProtocol
+
+    def __init__(self, dash: Dashboards):
+        super().__init__()
+        self.dash = dash
+        self.setProtocolOptions(maxMessagePayloadSize=4096, maxFramePayloadSize=4096,
+                                openHandshakeTimeout=5, closeHandshakeTimeout=2,
+                                autoPingInterval=25, autoPingTimeout=10)

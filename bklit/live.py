@@ -1,0 +1,78 @@
+"""Messages for dashboards: built once by the node that accepted the event.
+
+Each is serialized here exactly once, published to Redis as it is, and sent
+unchanged to every dashboard of the project on every node.  Pageview data
+uses the SDK's field names, enriched; it never carries the client address.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bklit.wire import iso_timestamp
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def pageview_parts(row: dict, now: float) -> tuple[str, str]:
+    """The pageview broadcast split around its ``isNewSession`` value.
+
+    Whether a pageview starts its session is decided in Redis; the message is
+    ``head + "true"|"false" + tail``.
+    """
+    data = {
+        "eventId": row["id"],
+        "projectId": row["project_id"],
+        "sessionId": row["session_id"],
+        "url": row["url"],
+        "title": row.get("title", ""),
+        "timestamp": iso_timestamp(row["timestamp"]),
+        "referrer": row.get("referrer") or None,
+        "referrerHostname": row.get("referrer_hostname") or None,
+        "referrerPath": row.get("referrer_path") or None,
+        "referrerType": row.get("referrer_type") or None,
+        "utmSource": row.get("utm_source", ""),
+        "utmMedium": row.get("utm_medium", ""),
+        "utmCampaign": row.get("utm_campaign", ""),
+        "userAgent": row.get("user_agent", ""),
+        "viewport": {"width": row.get("viewport_width", 0), "height": row.get("viewport_height", 0)},
+        "screen": {"width": row.get("screen_width", 0), "height": row.get("screen_height", 0)},
+        "language": row.get("language", ""),
+        "timezone": row.get("timezone", ""),
+        "country": row.get("country", ""),
+        "countryCode": row.get("country_code", ""),
+        "city": row.get("city", ""),
+        "isNewVisitor": bool(row.get("is_new_visitor")),
+        "landingPage": row.get("landing_page", ""),
+    }
+    head = '{"type":"pageview","data":' + _dumps(data)[:-1] + ',"isNewSession":'
+    tail = '},"timestamp":' + _dumps(iso_timestamp(now)) + "}"
+    return head, tail
+
+
+def event_message(row: dict, now: float) -> str:
+    """The broadcast of a custom event."""
+    return _dumps({"type": "event", "data": {
+        "eventId": row["id"],
+        "projectId": row["project_id"],
+        "sessionId": row["session_id"],
+        "trackingId": row["tracking_id"],
+        "eventType": row["event_type"],
+        "metadata": json.loads(row.get("metadata") or "{}"),
+        "timestamp": iso_timestamp(row["timestamp"]),
+    }, "timestamp": iso_timestamp(now)})
+
+
+def session_end_message(session_id: str, reason: str, now: float) -> str:
+    """The broadcast of a session's end (``disconnect`` or ``timeout``)."""
+    return _dumps({"type": "session_end", "data": {"sessionId": session_id, "reason": reason},
+                   "timestamp": iso_timestamp(now)})
+
+
+def snapshot_message(live: int, sessions: list[dict], now: float) -> bytes:
+    """What a dashboard gets right after authorization."""
+    return _dumps({"type": "snapshot", "data": {"live": live, "sessions": sessions},
+                   "timestamp": iso_timestamp(now)}).encode("utf-8")

@@ -1,0 +1,243 @@
+"""Live sessions and the dashboard stream, with two daemon nodes sharing Redis and ClickHouse."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack
+
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from harness import (SESSION, clickhouse_rows, connect, eventually, running_daemon, sdk_event,
+                     sdk_pageview, settings)
+
+FAST = {"heartbeat_interval": "0.2", "session_timeout": "1.5", "sweep_interval": "0.2"}
+
+
+async def two_nodes(stack, redis_url, clickhouse_url, **values):
+    """Start node A and node B on one Redis and one ClickHouse."""
+    a = await stack.enter_async_context(running_daemon(settings(redis_url, clickhouse_url, **values)))
+    b = await stack.enter_async_context(running_daemon(settings(redis_url, clickhouse_url, **values)))
+    return a, b
+
+
+async def open_dashboard(port, key, project="p1"):
+    """A dashboard authorized with a Bearer read key, past its snapshot."""
+    dash = await connect(port, path=f"/dashboard?projectId={project}", headers={"Authorization": f"Bearer {key}"})
+    assert (await dash.next())["type"] == "connected"
+    snapshot = await dash.next()
+    assert snapshot["type"] == "snapshot"
+    return dash, snapshot
+
+
+async def sdk_client(port, key, session=SESSION):
+    """An SDK socket for project p1, authenticated."""
+    client = await connect(port, path=f"/?projectId=p1&sessionId={session}")
+    await client.next_of("connected")
+    client.send({"type": "auth", "apiKey": key})
+    assert await client.next() == {"type": "auth_success"}
+    return client
+
+
+def redis_int(daemon, *command):
+    """An integer reply of a Redis command, through the daemon's connection."""
+    return daemon.service.redis.call(*command).addCallback(int)
+
+
+async def http_get(port, path, key=None):
+    """Status and JSON body of a GET, with a Bearer key when given."""
+    headers = Headers({b"authorization": [f"Bearer {key}".encode()]} if key else {})
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), headers)
+    return response.code, json.loads(await readBody(response))
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_on_other_node_sees_pageview_event_and_session_end(redis_url, clickhouse_url):
+    """SDK on node A, dashboard on node B: every event arrives, session_end within 1 s of the close."""
+    async with AsyncExitStack() as stack:
+        a, b = await two_nodes(stack, redis_url, clickhouse_url)
+        key, read = await a.token("p1"), await a.token("p1", scope="read")
+        dash, snapshot = await open_dashboard(b.port, read)
+        assert snapshot["data"] == {"live": 0, "sessions": []}
+
+        client = await sdk_client(a.port, key)
+        client.send(sdk_pageview("p1", key=key))
+        ack = await client.next_of("ack")
+        pageview = await dash.next()
+        assert pageview["type"] == "pageview"
+        assert pageview["data"]["eventId"] == ack["eventId"]
+        assert pageview["data"]["sessionId"] == SESSION and pageview["data"]["isNewSession"] is True
+        assert pageview["data"]["url"].startswith("https://example.com/pricing")
+        assert "ip" not in pageview["data"]
+
+        client.send(sdk_event("p1", key=key))
+        event_ack = await client.next_of("ack")
+        event = await dash.next()
+        assert event["type"] == "event" and event["data"]["eventId"] == event_ack["eventId"]
+        assert event["data"]["trackingId"] == "cta-button" and event["data"]["metadata"]["position"] == "hero"
+
+        client.send(sdk_pageview("p1", key=key, url="https://example.com/docs"))
+        await client.next_of("ack")
+        second = await dash.next()
+        assert second["data"]["isNewSession"] is False
+
+        client.sendClose()
+        closed_at = time.monotonic()
+        end = await dash.next()
+        latency = time.monotonic() - closed_at
+        assert end["type"] == "session_end"
+        assert end["data"] == {"sessionId": SESSION, "reason": "disconnect"}
+        assert latency < 1.0
+
+        rows = await eventually(lambda: clickhouse_rows(clickhouse_url, (
+            "SELECT session_id, pageviews, did_bounce, entry_page, exit_page, end_reason,"
+            " ended_at IS NOT NULL FROM tracked_session FINAL")))
+        assert rows == [(SESSION, 2, 0, "https://example.com/pricing?utm_source=news&utm_medium=email&gclid=abc",
+                         "https://example.com/docs", "disconnect", 1)]
+        dash.sendClose()
+        await dash.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_count_goes_0_1_0(redis_url, clickhouse_url):
+    """Connect, pageview, close: ZCARD and /api/live say 0, 1, 0."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+
+        async def counts():
+            zcard = await redis_int(daemon, "ZCARD", "live:sessions:p1")
+            code, body = await http_get(daemon.port, "/api/live?projectId=p1", read)
+            assert code == 200
+            return zcard, body
+
+        client = await sdk_client(daemon.port, key)
+        assert await counts() == (0, {"projectId": "p1", "live": 0})
+        client.send(sdk_pageview("p1", key=key))
+        await client.next_of("ack")
+        assert await counts() == (1, {"projectId": "p1", "live": 1})
+        client.sendClose()
+        await client.wait_closed()
+        for _ in range(50):
+            if (await counts())[0] == 0:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert await counts() == (0, {"projectId": "p1", "live": 0})
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_live_refuses_missing_ingest_and_other_project_keys(redis_url, clickhouse_url):
+    """/api/live wants a read key of that project."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        ingest, other = await daemon.token("p1"), await daemon.token("p2", scope="read")
+        assert (await http_get(daemon.port, "/api/live?projectId=p1"))[0] == 401
+        code, body = await http_get(daemon.port, "/api/live?projectId=p1", ingest)
+        assert code == 403 and ingest not in json.dumps(body)
+        assert (await http_get(daemon.port, "/api/live?projectId=p1", other))[0] == 403
+        assert (await http_get(daemon.port, "/api/live?projectId=", other))[0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnect_resumes_the_session(redis_url, clickhouse_url):
+    """A new socket with the same ids continues the session: one row, pageviews of both, first started_at."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        dash, _ = await open_dashboard(daemon.port, read)
+        first = await sdk_client(daemon.port, key)
+        first.send(sdk_pageview("p1", key=key, url="https://example.com/one"))
+        await first.next_of("ack")
+        started = await eventually(lambda: clickhouse_rows(
+            clickhouse_url, "SELECT started_at FROM tracked_session FINAL"))
+        first.sendClose()
+        await first.wait_closed()
+        assert (await dash.next_of("session_end"))["data"]["sessionId"] == SESSION
+
+        await task.deferLater(reactor, 1.1, lambda: None)  # started_at is in whole seconds
+        second = await sdk_client(daemon.port, key)
+        second.send(sdk_pageview("p1", key=key, url="https://example.com/two"))
+        await second.next_of("ack")
+        resumed = await dash.next_of("pageview")
+        assert resumed["data"]["isNewSession"] is False
+        assert await redis_int(daemon, "ZCARD", "live:sessions:p1") == 1
+        second.sendClose()
+        await second.wait_closed()
+        await dash.next_of("session_end")
+
+        query = ("SELECT count(), any(started_at), any(pageviews), any(entry_page), any(exit_page),"
+                 " any(ended_at IS NOT NULL) FROM tracked_session FINAL")
+        rows = await eventually(lambda: [r for r in clickhouse_rows(clickhouse_url, query) if r[2] == 2 and r[5]])
+        assert rows == [(1, started[0][0], 2, "https://example.com/one", "https://example.com/two", 1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_page_loads_overlapping_sockets_make_one_session(redis_url, clickhouse_url):
+    """The next page's socket may send before the old one's close is seen: still one live session."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        old = await sdk_client(daemon.port, key)
+        old.send(sdk_pageview("p1", key=key, url="https://example.com/one"))
+        await old.next_of("ack")
+        new = await sdk_client(daemon.port, key)
+        new.send(sdk_pageview("p1", key=key, url="https://example.com/two"))
+        await new.next_of("ack")
+        old.sendClose()
+        await old.wait_closed()
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert await redis_int(daemon, "ZCARD", "live:sessions:p1") == 1
+        new.sendClose()
+        await new.wait_closed()
+        assert await eventually(lambda: clickhouse_rows(clickhouse_url, (
+            "SELECT count(), any(pageviews), any(end_reason) FROM tracked_session FINAL"
+            " WHERE ended_at IS NOT NULL"))[0][0] == 1) is True
+        assert clickhouse_rows(clickhouse_url, "SELECT count(), any(pageviews) FROM tracked_session FINAL") == [(1, 2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_of_a_killed_node_end_by_timeout(redis_url, clickhouse_url, tmp_path):
+    """Node A (a real twistd) is SIGKILLed with a live session: node B's sweeper ends it, stored and broadcast."""
+    env = dict(os.environ, BKLIT_REDIS=redis_url, BKLIT_CLICKHOUSE=clickhouse_url,
+               **{f"BKLIT_{k.upper()}": v for k, v in FAST.items()})
+    port = _free_port()
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    node_a = subprocess.Popen([twistd, "-n", "--pidfile=", "--logfile", str(tmp_path / "a.log"), "bklit",
+                               "--listen", f"tcp:{port}:interface=127.0.0.1", "--role", "ingest"], env=env)
+    try:
+        async with running_daemon(settings(redis_url, clickhouse_url, **FAST)) as b:
+            key, read = await b.token("p1"), await b.token("p1", scope="read")
+            await eventually(lambda: _port_open(port), timeout=15)
+            dash, _ = await open_dashboard(b.port, read)
+            client = await sdk_client(port, key)
+            client.send(sdk_pageview("p1", key=key))
+            await client.next_of("ack")
+            assert (await dash.next_of("pageview"))["data"]["isNewSession"] is True
+            node_a.send_signal(signal.SIGKILL)
+            await deferToThread(node_a.wait, 10)
+            end = await dash.next_of("session_end", timeout=10)
+            assert end["data"] == {"sessionId": SESSION, "reason": "timeout"}
+            assert await redis_int(b, "ZCARD", "live:sessions:p1") == 0
+            rows = await eventually(lambda: clickhouse_rows(clickhouse_url, (
+                "SELECT end_reason, pageviews FROM tracked_session FINAL WHERE ended_at IS NOT NULL")))
+            assert rows == [("timeout", 1)]
+    finally:
+        if node_a.poll() is None:
+            node_a.kill()
+            node_a.wait()
+
+
+def _free_port():
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port):
+    """Whether something accepts connections on the loopback port."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -1,0 +1,184 @@
+"""The whole pipeline under load and with a server down: acked means stored, once.
+
+Sockets, the Redis stream, the writer and ClickHouse all run for real.  An
+ack is a promise: every acked event ends up in ClickHouse exactly once, even
+when ClickHouse was down meanwhile, and an event Redis could not take is
+refused (``overloaded``) instead of acked.
+"""
+
+
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+
+from harness import clickhouse_rows, connect, eventually, running_daemon, sdk_event, sdk_pageview, settings
+
+CONNECTIONS = 50
+PER_CONNECTION = 200
+IN_FLIGHT = 4
+
+
+def session_of(n):
+    """The session id of load connection ``n``."""
+    return f"1732608000000-load{n:03d}"
+
+
+def message(n, i, key):
+    """Message ``i`` of connection ``n``: every third one a custom event, the others pageviews."""
+    session = session_of(n)
+    if i % 3 == 2:
+        event = sdk_event("p1", session, key=key)
+        event["data"]["trackingId"] = f"t-{n}-{i}"
+        return event
+    return sdk_pageview("p1", session, key=key, url=f"https://example.com/{n}/{i}")
+
+
+def label(msg):
+    """What identifies a message's row: its url or tracking id."""
+    return msg["data"]["url"] if msg["type"] == "pageview" else msg["data"]["trackingId"]
+
+
+async def open_client(port, session, key):
+    """An authenticated socket for ``session`` of project p1."""
+    client = await connect(port, path=f"/?projectId=p1&sessionId={session}")
+    assert (await client.next())["type"] == "connected"
+    client.send({"type": "auth", "apiKey": key})
+    assert await client.next() == {"type": "auth_success"}
+    return client
+
+
+async def send_acked(client, messages, in_flight=IN_FLIGHT):
+    """Send ``messages`` with up to ``in_flight`` unacked; return ``{event id: message}``.
+
+    Acks come back in the order the messages were sent.
+    """
+    acked = {}
+    for msg in messages[:in_flight]:
+        client.send(msg)
+    for i, msg in enumerate(messages):
+        ack = await client.next()
+        assert ack["type"] == "ack" and ack["messageType"] == msg["type"], ack
+        assert ack["eventId"] not in acked
+        acked[ack["eventId"]] = msg
+        if i + in_flight < len(messages):
+            client.send(messages[i + in_flight])
+    return acked
+
+
+def stored(clickhouse_url, final=True):
+    """``([(id, url)], [(id, tracking_id)])`` rows in ClickHouse (FINAL unless told)."""
+    modifier = " FINAL" if final else ""
+    pageviews = clickhouse_rows(clickhouse_url, f"SELECT id, url FROM page_view_event{modifier}")
+    events = clickhouse_rows(clickhouse_url, f"SELECT id, tracking_id FROM tracked_event{modifier}")
+    return pageviews, events
+
+
+def counts(clickhouse_url, table):
+    """``(count(), uniqExact(id))`` of a table, FINAL."""
+    return clickhouse_rows(clickhouse_url, f"SELECT count(), uniqExact(id) FROM {table} FINAL")[0]
+
+
+def expected_rows(acked):
+    """``({(id, url)}, {(id, tracking_id)})`` that the acked messages must become."""
+    pageviews = {(i, label(m)) for i, m in acked.items() if m["type"] == "pageview"}
+    events = {(i, label(m)) for i, m in acked.items() if m["type"] == "event"}
+    return pageviews, events
+
+
+async def close(*clients):
+    """Close the sockets still open and wait until each is closed."""
+    for client in clients:
+        if client.close_code is None:
+            client.sendClose()
+        await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ten_thousand_events_from_fifty_sockets_are_stored_once_each(redis_server, redis_url, clickhouse_url):
+    """50 sessions send 200 events each as fast as acks come; ClickHouse holds exactly the acked ones."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        clients = await defer.gatherResults([
+            defer.ensureDeferred(open_client(daemon.port, session_of(n), key)) for n in range(CONNECTIONS)])
+        sent = [[message(n, i, key) for i in range(PER_CONNECTION)] for n in range(CONNECTIONS)]
+        results = await defer.gatherResults([
+            defer.ensureDeferred(send_acked(client, messages)) for client, messages in zip(clients, sent)],
+            consumeErrors=True)
+        acked = {}
+        for result in results:
+            acked.update(result)
+        assert len(acked) == CONNECTIONS * PER_CONNECTION
+        pageviews, events = expected_rows(acked)
+        assert (len(pageviews), len(events)) == (6700, 3300)
+
+        await eventually(lambda: redis_server.execute("XLEN", "bklit:events") == 0, timeout=60)
+        assert counts(clickhouse_url, "page_view_event") == (6700, 6700)
+        assert counts(clickhouse_url, "tracked_event") == (3300, 3300)
+        final_pageviews, final_events = stored(clickhouse_url)
+        assert set(final_pageviews) == pageviews and set(final_events) == events
+        raw_pageviews, raw_events = stored(clickhouse_url, final=False)
+        assert (len(raw_pageviews), len(raw_events)) == (6700, 3300)  # no batch went in twice
+        per_session = clickhouse_rows(clickhouse_url, (
+            "SELECT session_id, count() FROM (SELECT session_id FROM page_view_event"
+            " UNION ALL SELECT session_id FROM tracked_event) GROUP BY session_id"))
+        assert sorted(per_session) == [(session_of(n), PER_CONNECTION) for n in range(CONNECTIONS)]
+        assert redis_server.execute("XLEN", "bklit:events:dead") == 0
+        await close(*clients)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_refuses_events_until_it_is_back(redis_server, redis_url, clickhouse_url):
+    """With Redis stopped a pageview gets ``overloaded`` and no ack; once it is back, events flow again."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        before = await open_client(daemon.port, session_of(1), key)
+
+        await deferToThread(redis_server.stop)
+        before.send(sdk_pageview("p1", session_of(1), key=key, url="https://example.com/refused"))
+        error = await before.next()
+        assert error["type"] == "error" and error["code"] == "overloaded", error
+        assert set(error) == {"type", "code", "message"}
+
+        await deferToThread(redis_server.start)
+        await eventually(lambda: daemon.service.redis.connected, timeout=15)
+        after = await open_client(daemon.port, session_of(2), key)
+        after.send(sdk_pageview("p1", session_of(2), key=key, url="https://example.com/stored"))
+        ack = await after.next()
+        assert ack["type"] == "ack" and ack["messageType"] == "pageview", ack
+
+        await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT id FROM page_view_event"))
+        await eventually(lambda: redis_server.execute("XLEN", "bklit:events") == 0)
+        assert clickhouse_rows(clickhouse_url, "SELECT id, session_id, url FROM page_view_event") == [
+            (ack["eventId"], session_of(2), "https://example.com/stored")]
+        assert before.inbox.pending == []  # the refused pageview was never acked
+        await close(before, after)
+
+
+@pytest_twisted.ensureDeferred
+async def test_clickhouse_down_events_wait_in_the_stream_and_land_once(redis_server, clickhouse_server, redis_url, clickhouse_url):
+    """While ClickHouse stops and is down events are still acked; once it is back each is stored once."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        client = await open_client(daemon.port, session_of(1), key)
+        acked = await send_acked(client, [message(1, 0, key)])
+        await eventually(lambda: redis_server.execute("XLEN", "bklit:events") == 0)
+
+        stopping = deferToThread(clickhouse_server.stop)  # waits for open connections to end
+        try:
+            acked.update(await send_acked(client, [message(1, i, key) for i in range(1, 16)]))
+            await stopping
+            acked.update(await send_acked(client, [message(1, i, key) for i in range(16, 31)]))
+            assert len(acked) == 31
+            assert redis_server.execute("XLEN", "bklit:events") >= 15  # what came after the stop waits
+        finally:
+            await stopping
+            await deferToThread(clickhouse_server.start)
+
+        await eventually(lambda: redis_server.execute("XLEN", "bklit:events") == 0, timeout=60)
+        pageviews, events = expected_rows(acked)
+        assert counts(clickhouse_url, "page_view_event") == (len(pageviews), len(pageviews)) == (21, 21)
+        assert counts(clickhouse_url, "tracked_event") == (len(events), len(events)) == (10, 10)
+        final_pageviews, final_events = stored(clickhouse_url)
+        assert set(final_pageviews) == pageviews and set(final_events) == events
+        assert await daemon.service.redis.call("XPENDING", "bklit:events", "bklit-writers") == [0, None, None, None]
+        await close(client)

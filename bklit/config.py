@@ -179,6 +179,9 @@ KEYS: dict[str, Key] = {
     "listen": Key("tcp:8080", _text, "Twisted endpoint string to listen on (tcp:8080, systemd:domain=INET:index=0)."),
     "redis": Key("redis://127.0.0.1:6379/0", _redis_url, "Redis URL: redis://[:password@]host:port/db, rediss:// for TLS."),
     "clickhouse": Key("clickhouse://default:@127.0.0.1:9000/bklit", _clickhouse_url, "ClickHouse URL as clickhouse-driver's Client.from_url reads it."),
+    "tls_cert": Key("", _text, "TLS certificate chain (Let's Encrypt fullchain.pem). Empty with tls_key empty: plain ws."),
+    "tls_key": Key("", _text, "TLS private key (Let's Encrypt privkey.pem), readable by the service user."),
+    "tls_check_interval": Key("60", _seconds(0, 86400), "Seconds between checks for renewed certificate files (0: only on SIGHUP)."),
     "role": Key("all", _choice(*ROLES), "Which parts run here: all, ingest (WebSocket endpoints) or writer (stream to ClickHouse)."),
     "auto_migrate": Key("true", _bool, "Create or upgrade the ClickHouse schema at start."),
     "redis_timeout": Key("5", _seconds(0.1, 300), "Seconds to wait for a Redis reply before an event is refused as overloaded."),
@@ -207,6 +210,9 @@ class Config:
     """The daemon's settings, validated.  Build it with ``load_config``."""
 
     listen: str
+    tls_cert: str
+    tls_key: str
+    tls_check_interval: float
     redis: str
     clickhouse: str
     role: str
@@ -239,6 +245,11 @@ class Config:
     def clickhouse_database(self) -> str:
         """The ClickHouse database events are stored in."""
         return clickhouse_database(self.clickhouse)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener speaks TLS (wss)."""
+        return bool(self.tls_cert)
 
     @property
     def runs_ingest(self) -> bool:
@@ -326,6 +337,9 @@ def load_config(
         except ValueError as e:
             where = "" if source in ("default", f"--{name}") else f" (from {source})"
             errors.append((name, f"{e}{where}"))
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        missing = "tls_key" if values.get("tls_cert") else "tls_cert"
+        errors.append((missing, "must be set together with " + ("tls_cert" if missing == "tls_key" else "tls_key")))
     if errors:
         raise ConfigError(errors)
     return Config(**values)  # type: ignore[arg-type]

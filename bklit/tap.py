@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -35,6 +36,7 @@ from bklit.ingest import Ingest, SdkFactory
 from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
+from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSError, TLSServerEndpoint, load_pair
 from bklit.tokens import TokenStore, TokenVerifier
 from bklit.web import LiveCount, make_site
 from bklit.writer import WriterService, consumer_name
@@ -63,6 +65,12 @@ class Options(usage.Options):
                 check_endpoint(self.config.listen)
         except ConfigError as e:
             raise SystemExit("\n".join(f"bklit: config error: {line}" for line in str(e).splitlines()))
+        self.tls_pair = None
+        if self.config.runs_ingest and self.config.tls:
+            try:
+                self.tls_pair = load_pair(self.config.tls_cert, self.config.tls_key)
+            except TLSError as e:
+                raise SystemExit(f"bklit: TLS error: {e}")
 
 
 def check_endpoint(description: str) -> None:
@@ -86,10 +94,14 @@ class BklitService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Any, reactor: Any):
+    def __init__(self, config: Any, reactor: Any, tls_pair: LoadedPair | None = None):
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.tls: ReloadableTLS | None = None
+        if config.runs_ingest and config.tls:
+            pair = tls_pair or load_pair(config.tls_cert, config.tls_key)
+            self.tls = ReloadableTLS(config.tls_cert, config.tls_key, pair)
         self.node = consumer_name()
         self.redis = RedisService(config.redis_address, config.redis_timeout, reactor)
         self.redis.setServiceParent(self)
@@ -131,7 +143,14 @@ class BklitService(MultiService):
             b"dashboard": WebSocketResource(dashboard_factory),
             b"api": api,
         })
-        self.listener = strports.service(config.listen, site, reactor=reactor)
+        endpoint = endpoints.serverFromString(reactor, config.listen)
+        if self.tls is not None:
+            endpoint = TLSServerEndpoint(endpoint, self.tls)
+            CertificateWatch(self.tls, reactor, config.tls_check_interval).setServiceParent(self)
+        else:
+            self.log.warn("no tls_cert configured: serving plain ws:// on {listen}", listen=config.listen)
+        self.listener = StreamServerEndpointService(endpoint, site)
+        self.listener._raiseSynchronously = True  # a failed bind stops start-up, as strports does
         self.listener.setServiceParent(self)
 
     def startService(self) -> None:
@@ -175,4 +194,4 @@ def makeService(options: Options, reactor: Any = None) -> BklitService:
     """The service tree for ``twistd bklit``."""
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
-    return BklitService(options.config, reactor)
+    return BklitService(options.config, reactor, options.tls_pair)

@@ -121,12 +121,22 @@ class SocketClient(WebSocketClientProtocol):
 
 
 async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
-                  headers: dict | None = None, origin: str | None = None) -> SocketClient:
-    """An open ``SocketClient`` to ``ws://127.0.0.1:<port><path>``."""
-    url = f"ws://127.0.0.1:{port}{path}"
-    factory = WebSocketClientFactory(url, headers=headers or {}, origin=origin)
+                  headers: dict | None = None, origin: str | None = None,
+                  trust: bytes | None = None, host: str = "localhost") -> SocketClient:
+    """An open ``SocketClient`` to ``ws://127.0.0.1:<port><path>``.
+
+    With ``trust`` (a PEM CA certificate) it speaks wss and verifies the
+    server's certificate against that CA and ``host`` (service-identity).
+    """
+    scheme = "wss" if trust is not None else "ws"
+    factory = WebSocketClientFactory(f"{scheme}://{host}:{port}{path}", headers=headers or {}, origin=origin)
     factory.protocol = SocketClient
     endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
+    if trust is not None:
+        from twisted.internet.endpoints import wrapClientTLS
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=Certificate.loadPEM(trust)), endpoint)
     client = await endpoint.connect(factory)
     await client.opened.addTimeout(TIMEOUT, reactor)
     return client

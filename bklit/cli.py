@@ -53,13 +53,25 @@ def parser() -> argparse.ArgumentParser:
 
     schema = groups.add_parser("schema", help="ClickHouse schema").add_subparsers(dest="action", required=True, metavar="ACTION")
     schema.add_parser("migrate", parents=[common], help="create or upgrade the database and tables")
+
+    probe = groups.add_parser("probe", help="check a running server: TLS, connected, auth_success, ack",
+                              description="Check a running server as an SDK would, with timings. "
+                                          "Sends one real pageview (url --url) to the project.")
+    probe.add_argument("url", help="ws:// or wss:// address of the server, e.g. wss://analytics.example.com:8080")
+    probe.add_argument("--project", required=True, help="project id the key is valid for")
+    probe.add_argument("--key", help="ingest key (default: env BKLIT_PROBE_KEY)")
+    probe.add_argument("--ca", help="PEM file of the CA to trust instead of the system's")
+    probe.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
+    probe.add_argument("--url", dest="page_url", default=None, help="url of the probe pageview")
+    probe.add_argument("--json", action="store_true", help="print JSON instead of text")
     return top
 
 
 def settings(args: argparse.Namespace) -> Config:
     """The configuration these arguments select."""
-    ini = args.config or os.environ.get("BKLIT_CONFIG")
-    return load_config(ini, os.environ, {"redis": args.redis, "clickhouse": args.clickhouse})
+    ini = getattr(args, "config", None) or os.environ.get("BKLIT_CONFIG")
+    flags = {"redis": getattr(args, "redis", None), "clickhouse": getattr(args, "clickhouse", None)}
+    return load_config(ini, os.environ, flags)
 
 
 def split_list(values: Sequence[str]) -> tuple[str, ...]:
@@ -175,11 +187,41 @@ async def schema_migrate(args: argparse.Namespace, config: Config) -> None:
         say(f"{config.clickhouse_database}: schema is up to date")
 
 
+async def probe_server(args: argparse.Namespace, config: Config) -> None:
+    from twisted.internet import reactor
+
+    from bklit import probe
+
+    key = args.key or os.environ.get("BKLIT_PROBE_KEY")
+    if not key:
+        raise UsageProblem("--key (or BKLIT_PROBE_KEY) is required")
+    if not PROJECT.fullmatch(args.project):
+        raise UsageProblem(f"--project: invalid project id {args.project!r}")
+    ca = None
+    if args.ca:
+        try:
+            with open(args.ca, "rb") as handle:
+                ca = handle.read()
+        except OSError as e:
+            raise UsageProblem(f"--ca: cannot read {args.ca}: {e.strerror}") from None
+    try:
+        report = await probe.probe(reactor, args.url, args.project, key, ca, args.timeout,
+                                   args.page_url or probe.PROBE_URL)
+    except ValueError as e:
+        raise UsageProblem(str(e)) from None
+    except probe.ProbeFailed as e:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(e)}))
+        raise Failed(f"probe failed: {e}") from None
+    print(json.dumps({"ok": True, **report.as_dict()}) if args.json else probe.render(report))
+
+
 class UsageProblem(Exception):
     """A bad argument value (exit 2)."""
 
 
 COMMANDS = {
+    ("probe", None): probe_server,
     ("token", "create"): token_create,
     ("token", "list"): token_list,
     ("token", "revoke"): token_revoke,
@@ -196,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(e).splitlines():
             say(f"bklit: config error: {line}")
         return 2
-    command = COMMANDS[(args.group, args.action)]
+    command = COMMANDS[(args.group, getattr(args, "action", None))]
     outcome: dict[str, int] = {}
 
     async def run(reactor: Any) -> None:

@@ -1,0 +1,95 @@
+"""SIGTERM under load: stop accepting, close with 1001, lose nothing acked, exit within 10 s."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+
+from harness import clickhouse_rows, connect, eventually, sdk_pageview
+from tlscerts import CertificateAuthority
+
+CONNECTIONS = 200
+
+
+def _free_port():
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port):
+    """Whether something accepts connections on the loopback port."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def _sender(client, key, number, acked, stop):
+    """Send pageviews back to back until the socket closes; record acked ids."""
+    await client.next_of("connected")
+    client.send({"type": "auth", "apiKey": key})
+    await client.next_of("auth_success")
+    while not stop:
+        client.send(sdk_pageview("p1", session=f"s-{number}", key=key, url=f"https://example.com/{number}"))
+        message = await client.next(timeout=20)
+        while message["type"] not in ("ack", "error"):
+            message = await client.next(timeout=20)
+        if message["type"] == "ack":
+            acked.add(message["eventId"])
+        if client.close_code is not None:
+            break
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_under_load_loses_nothing_acked(tmp_path, redis_url, clickhouse_url):
+    """200 wss connections send; SIGTERM; every acked event is stored, all saw 1001, exit < 10 s."""
+    ca = CertificateAuthority()
+    cert, key_file = ca.server(tmp_path)
+    port = _free_port()
+    env = dict(os.environ, BKLIT_REDIS=redis_url, BKLIT_CLICKHOUSE=clickhouse_url, BKLIT_FLUSH_INTERVAL="0.2",
+               BKLIT_TLS_CERT=str(cert), BKLIT_TLS_KEY=str(key_file))
+    bindir = os.path.dirname(sys.executable)
+    key = subprocess.run([os.path.join(bindir, "bklit"), "token", "create", "--project", "p1"], env=env,
+                         check=True, capture_output=True, text=True).stdout.strip()
+    daemon = subprocess.Popen([os.path.join(bindir, "twistd"), "-n", "--pidfile=", "--logfile", str(tmp_path / "d.log"),
+                               "bklit", "--listen", f"tcp:{port}:interface=127.0.0.1"], env=env)
+    try:
+        await eventually(lambda: _port_open(port), timeout=15)
+        clients = []
+        for _ in range(CONNECTIONS):
+            clients.append(await connect(port, path=f"/?projectId=p1&sessionId=s-{len(clients)}", trust=ca.pem()))
+        acked, stop = set(), []
+        senders = [defer.ensureDeferred(_sender(c, key, n, acked, stop)) for n, c in enumerate(clients)]
+        await eventually(lambda: len(acked) >= 2000, timeout=60)
+        daemon.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = await deferToThread(daemon.wait, 15)
+        took = time.monotonic() - signalled
+        stop.append(True)
+        await defer.DeferredList(senders, consumeErrors=True)
+        closes = await defer.gatherResults([defer.ensureDeferred(c.wait_closed()) for c in clients])
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert took < 10, f"exit took {took:.1f} s"
+    assert code in (0, -signal.SIGTERM), (tmp_path / "d.log").read_text()[-2000:]
+    assert {code for code, _ in closes} == {1001}
+    # Every acked event is stored (a writer started now drains what is left in the stream).
+    from harness import running_daemon, settings
+
+    async with running_daemon(settings(redis_url, clickhouse_url, role="writer")):
+        stored = await eventually(lambda: {row[0] for row in clickhouse_rows(
+            clickhouse_url, "SELECT id FROM page_view_event FINAL")} >= acked or None, timeout=20)
+    ids = [row[0] for row in clickhouse_rows(clickhouse_url, "SELECT id FROM page_view_event FINAL")]
+    assert acked <= set(ids)
+    assert len(ids) == len(set(ids))
+    # and their sessions were ended, stored
+    ended = clickhouse_rows(clickhouse_url, "SELECT count() FROM tracked_session FINAL WHERE ended_at IS NULL")
+    assert ended == [(0,)]

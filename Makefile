@@ -2,11 +2,13 @@
 #   make test    install what is missing, then run the test suite
 #   make run     start local Redis and ClickHouse, then the daemon on :8080
 #   make bench   run the benchmarks under bench/
-#   make clean   stop the local servers, remove .venv and .run
+#   make clean   stop the local servers, remove .venv, .run and the browser tests' node_modules
 
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+NODE_MODULES := tests/browser/node_modules
+NODE_STAMP := $(NODE_MODULES)/.installed
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 BENCH ?= $(filter-out bench/_%,$(wildcard bench/*.py))
@@ -30,7 +32,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-test: packages $(STAMP)
+# The browser tests' npm packages (the real SDK, playwright-core) as locked;
+# npm ci starts from an empty node_modules, so the stamp is gone until it succeeds.
+$(NODE_STAMP): tests/browser/package.json tests/browser/package-lock.json
+	cd tests/browser && npm ci --no-audit --no-fund
+	touch $@
+
+test: packages $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 run: packages $(STAMP)
@@ -50,4 +58,4 @@ bench: packages $(STAMP)
 
 clean:
 	-test ! -d .run || $(PYTHON) scripts/dev-services stop
-	rm -rf $(VENV) .run *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) .run *.egg-info twisted/plugins/dropin.cache $(NODE_MODULES)

@@ -17,36 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from servers import ClickHouseServer, RedisServer, free_port  # noqa: E402
-
-BIN = Path(sys.executable).parent
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) of ``values``, nearest rank."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds a process has used so far."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from _stack import Stack, cpu_seconds
 
 
 def run_load(port: int, key: str, connections: int, seconds: float) -> dict:
@@ -58,18 +35,6 @@ def run_load(port: int, key: str, connections: int, seconds: float) -> dict:
     return json.loads(out.stdout)
 
 
-def count_rows(clickhouse_url: str) -> int:
-    from clickhouse_driver import Client
-
-    client = Client.from_url(clickhouse_url)
-    try:
-        return client.execute("SELECT count() FROM page_view_event")[0][0]
-    except Exception:
-        return 0
-    finally:
-        client.disconnect()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=200)
@@ -77,41 +42,24 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with tempfile.TemporaryDirectory() as tmp, \
-            RedisServer(Path(tmp) / "redis") as redis, \
-            ClickHouseServer(Path(tmp) / "clickhouse") as clickhouse:
-        redis_url, clickhouse_url = redis.url, clickhouse.url_for("bklit_bench")
-        port = free_port()
-        env = dict(os.environ, BKLIT_REDIS=redis_url, BKLIT_CLICKHOUSE=clickhouse_url)
-        subprocess.run([BIN / "bklit", "schema", "migrate"], env=env, check=True, capture_output=True)
-        key = subprocess.run([BIN / "bklit", "token", "create", "--project", "bench"], env=env,
-                             check=True, capture_output=True, text=True).stdout.strip()
-        daemon = subprocess.Popen(
-            [BIN / "twistd", "-n", "--pidfile=", "bklit", "--listen", f"tcp:{port}:interface=127.0.0.1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(1.5)
-            results = []
-            for run in range(args.runs):
-                before_rows = count_rows(clickhouse_url)
-                cpu_before = cpu_seconds(daemon.pid)
-                load = run_load(port, key, args.connections, args.seconds)
-                daemon_cpu = (cpu_seconds(daemon.pid) - cpu_before) / load["elapsed"]
-                target = before_rows + load["acked"]
-                started = time.monotonic()
-                while count_rows(clickhouse_url) < target and time.monotonic() - started < 60:
-                    time.sleep(0.05)
-                drain = time.monotonic() - started
-                stored_rate = load["acked"] / (load["elapsed"] + drain)
-                results.append({**load, "daemon_cpu": daemon_cpu, "drain": drain, "stored_rate": stored_rate})
-                print(f"run {run + 1}: {load['rate']:8.0f} acked/s  p50 {load['p50']:6.1f} ms"
-                      f"  p95 {load['p95']:6.1f} ms  p99 {load['p99']:6.1f} ms  daemon CPU {daemon_cpu:4.0%}"
-                      f"  loadgen CPU {load['cpu']:4.0%}  stored {stored_rate:8.0f}/s (drained {drain:.2f} s after)")
-        finally:
-            daemon.terminate()
-            daemon.wait(15)
+    results = []
+    with Stack() as stack:
+        time.sleep(1.0)
+        for run in range(args.runs):
+            before_rows = stack.count_rows()
+            cpu_before = cpu_seconds(stack.daemon.pid)
+            load = run_load(stack.port, stack.key, args.connections, args.seconds)
+            daemon_cpu = (cpu_seconds(stack.daemon.pid) - cpu_before) / load["elapsed"]
+            target = before_rows + load["acked"]
+            started = time.monotonic()
+            while stack.count_rows() < target and time.monotonic() - started < 60:
+                time.sleep(0.05)
+            drain = time.monotonic() - started
+            stored_rate = load["acked"] / (load["elapsed"] + drain)
+            results.append({**load, "daemon_cpu": daemon_cpu, "drain": drain, "stored_rate": stored_rate})
+            print(f"run {run + 1}: {load['rate']:8.0f} acked/s  p50 {load['p50']:6.1f} ms"
+                  f"  p95 {load['p95']:6.1f} ms  p99 {load['p99']:6.1f} ms  daemon CPU {daemon_cpu:4.0%}"
+                  f"  loadgen CPU {load['cpu']:4.0%}  stored {stored_rate:8.0f}/s (drained {drain:.2f} s after)")
 
     def median(name: str) -> float:
         return statistics.median(r[name] for r in results)

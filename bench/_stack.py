@@ -1,0 +1,103 @@
+"""A throwaway deployment for benchmarks: Redis, ClickHouse, one daemon, keys.
+
+    with Stack() as stack:
+        stack.port, stack.key, stack.read_key, stack.daemon.pid, stack.clickhouse_url
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from servers import ClickHouseServer, RedisServer, free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def raise_file_limit() -> None:
+    """Allow as many sockets as the hard limit permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Stack:
+    """Starts everything on enter, stops it on exit."""
+
+    def __init__(self, project: str = "bench", **settings: str):
+        self.project = project
+        self.settings = settings
+
+    def __enter__(self) -> "Stack":
+        raise_file_limit()
+        self._tmp = tempfile.TemporaryDirectory()
+        tmp = Path(self._tmp.name)
+        self.redis = RedisServer(tmp / "redis").start()
+        self.clickhouse = ClickHouseServer(tmp / "clickhouse").start()
+        self.clickhouse_url = self.clickhouse.url_for("bklit_bench")
+        self.env = dict(os.environ, BKLIT_REDIS=self.redis.url, BKLIT_CLICKHOUSE=self.clickhouse_url,
+                        **{f"BKLIT_{k.upper()}": v for k, v in self.settings.items()})
+        subprocess.run([BIN / "bklit", "schema", "migrate"], env=self.env, check=True, capture_output=True)
+        self.key = self._token("ingest")
+        self.read_key = self._token("read")
+        self.port = free_port()
+        self.daemon = subprocess.Popen(
+            [BIN / "twistd", "-n", "--pidfile=", "--logfile", str(tmp / "daemon.log"), "bklit",
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1"], env=self.env)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.05)
+        return self
+
+    def _token(self, scope: str) -> str:
+        return subprocess.run([BIN / "bklit", "token", "create", "--project", self.project, "--scope", scope],
+                              env=self.env, check=True, capture_output=True, text=True).stdout.strip()
+
+    def count_rows(self, table: str = "page_view_event") -> int:
+        """Rows stored so far (0 while the table does not exist)."""
+        from clickhouse_driver import Client
+
+        client = Client.from_url(self.clickhouse_url)
+        try:
+            return client.execute(f"SELECT count() FROM {table}")[0][0]
+        except Exception:
+            return 0
+        finally:
+            client.disconnect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.daemon.terminate()
+        try:
+            self.daemon.wait(20)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+        self.clickhouse.stop()
+        self.redis.stop()
+        self._tmp.cleanup()

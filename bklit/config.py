@@ -193,6 +193,7 @@ KEYS: dict[str, Key] = {
     "max_url_length": Key("2048", _int(16, 65536), "Longest url, referrer or landingPage in characters."),
     "max_metadata_size": Key("4096", _int(2, 1 << 20), "Largest event metadata, serialized as JSON, in bytes."),
     "max_errors": Key("10", _int(1, 10000), "Errors one connection may cause before it is closed with 1008."),
+    "auth_timeout": Key("10", _seconds(0.1, 3600), "Seconds an SDK socket may stay open without presenting a valid API key."),
     "token_cache_ttl": Key("5", _seconds(0, 3600), "Seconds an API key verdict (good or bad) is cached."),
     "heartbeat_interval": Key("15", _seconds(0.05, 3600), "Seconds between refreshes of this node's live sessions in Redis."),
     "session_timeout": Key("90", _seconds(0.1, 86400), "Seconds without a refresh after which the sweeper ends a session (its node died)."),
@@ -226,6 +227,7 @@ class Config:
     max_url_length: int
     max_metadata_size: int
     max_errors: int
+    auth_timeout: float
     token_cache_ttl: float
     heartbeat_interval: float
     session_timeout: float

@@ -135,6 +135,7 @@ class SdkProtocol(WebSocketServerProtocol):
         self.closed = False
         self.joined = False
         self.socket_id = ""
+        self.auth_timer: Any = None
 
     # Autobahn callbacks ---------------------------------------------------
 
@@ -163,6 +164,7 @@ class SdkProtocol(WebSocketServerProtocol):
             return
         self.ingest.connections.add(self)
         self.sendMessage(wire.connected(self.project_id, self.session_id, time.time()))
+        self.auth_timer = self.ingest.clock.callLater(self.ingest.config.auth_timeout, self.auth_timed_out)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.bad_ids or self.gate == "refused":
@@ -180,6 +182,8 @@ class SdkProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.closed = True
         self.waiting = []
+        if self.auth_timer is not None and self.auth_timer.active():
+            self.auth_timer.cancel()
         if hasattr(self, "ingest"):
             self.ingest.closed(self)
 
@@ -214,6 +218,8 @@ class SdkProtocol(WebSocketServerProtocol):
             return
         self.gate = "open"
         self.api_key = key
+        if self.auth_timer is not None and self.auth_timer.active():
+            self.auth_timer.cancel()
         waiting, self.waiting = self.waiting, []
         for message in waiting:
             if self.closed or self.gate != "open":
@@ -229,6 +235,11 @@ class SdkProtocol(WebSocketServerProtocol):
         self.waiting = []
         self.send_error("overloaded", "Cannot check the API key now; try again later")
         self.close(CLOSE_GOING_AWAY, "Try again later")
+
+    def auth_timed_out(self) -> None:
+        """No valid key in time: such sockets would otherwise idle forever."""
+        if not self.closed and self.gate != "open":
+            self.refuse(f"No API key within {self.ingest.config.auth_timeout:g} s")
 
     def refuse(self, reason: str) -> None:
         """Send ``unauthorized`` and close 1008."""

@@ -190,6 +190,23 @@ def clickhouse_rows(clickhouse_url: str, query: str) -> list[tuple]:
         client.disconnect()
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on the loopback port."""
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 async def eventually(check, timeout: float = 5.0, interval: float = 0.1) -> Any:
     """Poll ``check()`` until it returns something truthy; fail after ``timeout``."""
     waited = 0.0

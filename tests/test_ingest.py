@@ -2,6 +2,7 @@
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor, task
 
 from harness import (SESSION, clickhouse_rows, connect, eventually, running_daemon,
                      sdk_event, sdk_pageview, settings)
@@ -151,3 +152,25 @@ async def test_bad_ids_close_1008_with_reason(path, reason, redis_url, clickhous
     async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
         client = await connect(daemon.port, path=path)
         assert await client.wait_closed() == (1008, reason)
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_without_a_key_is_closed_after_auth_timeout(redis_url, clickhouse_url):
+    """A socket that never presents a key (an SDK without apiKey reconnecting) does not idle forever."""
+    async with running_daemon(settings(redis_url, clickhouse_url, auth_timeout="0.3")) as daemon:
+        key = await daemon.token("p1")
+        idle = await connect(daemon.port)
+        authed = await connect(daemon.port)
+        await idle.next_of("connected")
+        await authed.next_of("connected")
+        authed.send({"type": "auth", "apiKey": key})
+        assert await authed.next() == {"type": "auth_success"}
+        error = await idle.next()
+        assert error == {"type": "error", "code": "unauthorized", "message": "No API key within 0.3 s"}
+        assert (await idle.wait_closed())[0] == 1008
+        await task.deferLater(reactor, 0.5, lambda: None)
+        authed.send(sdk_pageview("p1", key=key))
+        assert (await authed.next())["type"] == "ack"
+        assert authed.close_code is None
+        authed.sendClose()
+        await authed.wait_closed()

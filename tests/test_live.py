@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,8 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from harness import (SESSION, clickhouse_rows, connect, eventually, running_daemon, sdk_event,
-                     sdk_pageview, settings)
+from harness import (SESSION, clickhouse_rows, connect, eventually, free_port, port_open, running_daemon,
+                     sdk_event, sdk_pageview, settings)
 
 FAST = {"heartbeat_interval": "0.2", "session_timeout": "1.5", "sweep_interval": "0.2"}
 
@@ -203,14 +202,14 @@ async def test_sessions_of_a_killed_node_end_by_timeout(redis_url, clickhouse_ur
     """Node A (a real twistd) is SIGKILLed with a live session: node B's sweeper ends it, stored and broadcast."""
     env = dict(os.environ, BKLIT_REDIS=redis_url, BKLIT_CLICKHOUSE=clickhouse_url,
                **{f"BKLIT_{k.upper()}": v for k, v in FAST.items()})
-    port = _free_port()
+    port = free_port()
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     node_a = subprocess.Popen([twistd, "-n", "--pidfile=", "--logfile", str(tmp_path / "a.log"), "bklit",
                                "--listen", f"tcp:{port}:interface=127.0.0.1", "--role", "ingest"], env=env)
     try:
         async with running_daemon(settings(redis_url, clickhouse_url, **FAST)) as b:
             key, read = await b.token("p1"), await b.token("p1", scope="read")
-            await eventually(lambda: _port_open(port), timeout=15)
+            await eventually(lambda: port_open(port), timeout=15)
             dash, _ = await open_dashboard(b.port, read)
             client = await sdk_client(port, key)
             client.send(sdk_pageview("p1", key=key))
@@ -230,14 +229,3 @@ async def test_sessions_of_a_killed_node_end_by_timeout(redis_url, clickhouse_ur
             node_a.wait()
 
 
-def _free_port():
-    """A loopback port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port):
-    """Whether something accepts connections on the loopback port."""
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0

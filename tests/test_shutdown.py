@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,23 +10,12 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
-from harness import clickhouse_rows, connect, eventually, sdk_pageview
+from harness import clickhouse_rows, connect, eventually, free_port, port_open, sdk_pageview
 from tlscerts import CertificateAuthority
 
 CONNECTIONS = 200
 
 
-def _free_port():
-    """A loopback port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port):
-    """Whether something accepts connections on the loopback port."""
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def _sender(client, key, number, acked, stop):
@@ -51,7 +39,7 @@ async def test_sigterm_under_load_loses_nothing_acked(tmp_path, redis_url, click
     """200 wss connections send; SIGTERM; every acked event is stored, all saw 1001, exit < 10 s."""
     ca = CertificateAuthority()
     cert, key_file = ca.server(tmp_path)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, BKLIT_REDIS=redis_url, BKLIT_CLICKHOUSE=clickhouse_url, BKLIT_FLUSH_INTERVAL="0.2",
                BKLIT_TLS_CERT=str(cert), BKLIT_TLS_KEY=str(key_file))
     bindir = os.path.dirname(sys.executable)
@@ -60,7 +48,7 @@ async def test_sigterm_under_load_loses_nothing_acked(tmp_path, redis_url, click
     daemon = subprocess.Popen([os.path.join(bindir, "twistd"), "-n", "--pidfile=", "--logfile", str(tmp_path / "d.log"),
                                "bklit", "--listen", f"tcp:{port}:interface=127.0.0.1"], env=env)
     try:
-        await eventually(lambda: _port_open(port), timeout=15)
+        await eventually(lambda: port_open(port), timeout=15)
         clients = []
         for _ in range(CONNECTIONS):
             clients.append(await connect(port, path=f"/?projectId=p1&sessionId=s-{len(clients)}", trust=ca.pem()))

@@ -28,6 +28,7 @@ from twisted.web import resource, server
 
 from harness import clickhouse_rows, eventually, running_daemon, settings
 from test_live import open_dashboard
+from tlscerts import CertificateAuthority
 
 pytestmark = pytest.mark.browser
 
@@ -105,9 +106,9 @@ async def serving_site(settings_module: str):
         await port.stopListening()
 
 
-def settings_module(project: str, ws_port: int, key: str | None) -> str:
+def settings_module(project: str, ws_port: int, key: str | None, ws_host: str = "ws://127.0.0.1") -> str:
     """The ES module the pages import their initBklit options from."""
-    values = {"projectId": project, "wsHost": f"ws://127.0.0.1:{ws_port}"}
+    values = {"projectId": project, "wsHost": f"{ws_host}:{ws_port}"}
     if key is not None:
         values["apiKey"] = key
     return f"export default {json.dumps(values)};\n"
@@ -131,13 +132,25 @@ class _Driver(protocol.ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
 
-async def drive(tools: dict, scenario: str, site: str, profile: Path) -> list[dict]:
+def trusting_home(directory: Path, ca_pem: bytes) -> Path:
+    """A HOME whose NSS database (what Chromium on Linux trusts) holds the test CA."""
+    certutil = _tool("certutil", "libnss3-tools")
+    nssdb = directory / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    (directory / "ca.pem").write_bytes(ca_pem)
+    for command in (["-N", "--empty-password"], ["-A", "-n", "bklit-test-ca", "-t", "C,,", "-i", str(directory / "ca.pem")]):
+        subprocess.run([certutil, "-d", f"sql:{nssdb}", *command], check=True, capture_output=True)
+    return directory
+
+
+async def drive(tools: dict, scenario: str, site: str, profile: Path, home: Path | None = None) -> list[dict]:
     """Run one scenario of drive.mjs in this reactor; its JSON records, or fail with its output."""
     profile.mkdir()
     options = {"scenario": scenario, "site": site, "chromium": tools["chromium"], "profile": str(profile)}
     driver = _Driver()
+    env = dict(os.environ, HOME=str(home)) if home is not None else dict(os.environ)
     process = reactor.spawnProcess(driver, tools["node"], [tools["node"], "drive.mjs", json.dumps(options)],
-                                   env=dict(os.environ), path=str(BROWSER))
+                                   env=env, path=str(BROWSER))
 
     def stop(signal: str) -> None:
         try:
@@ -218,19 +231,32 @@ def stored_pageviews(clickhouse_url: str, count: int) -> list[dict] | None:
     return [dict(zip(PAGEVIEW_COLUMNS, row)) for row in rows] if len(rows) == count else None
 
 
+@pytest.mark.parametrize("transport", ["ws", "wss"])
 @pytest_twisted.ensureDeferred
-async def test_sdk_visit_in_one_tab_is_stored_and_streamed(browser_tools, redis_url, clickhouse_url, tmp_path):
-    """Page 1, pushState, a custom event, a full load of page 2, tab closed: all acked, stored, streamed."""
-    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+async def test_sdk_visit_in_one_tab_is_stored_and_streamed(transport, browser_tools, redis_url, clickhouse_url,
+                                                           tmp_path):
+    """Page 1, pushState, a custom event, a full load of page 2, tab closed: all acked, stored, streamed.
+
+    Over ws, and over wss with a certificate from a test CA that the browser trusts.
+    """
+    values, trust, home, ws_host = {}, None, None, "ws://127.0.0.1"
+    if transport == "wss":
+        ca = CertificateAuthority()
+        cert, key_file = ca.server(tmp_path, host="localhost")
+        values = {"tls_cert": str(cert), "tls_key": str(key_file)}
+        trust, home, ws_host = ca.pem(), trusting_home(tmp_path / "home", ca.pem()), "wss://localhost"
+    async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
         key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
-        dash, snapshot = await open_dashboard(daemon.port, read)
+        dash, snapshot = await open_dashboard(daemon.port, read, trust=trust)
         assert snapshot["data"] == {"live": 0, "sessions": []}
         arrivals: list = []
         recording = defer.ensureDeferred(record_arrivals(dash, arrivals))
         recording.addErrback(lambda f: f.trap(defer.CancelledError))
 
-        async with serving_site(settings_module("p1", daemon.port, key)) as site:
-            records = await drive(browser_tools, "visit", site, tmp_path / "profile")
+        async with serving_site(settings_module("p1", daemon.port, key, ws_host)) as site:
+            records = await drive(browser_tools, "visit", site, tmp_path / "profile", home)
+        if transport == "wss":
+            assert daemon.service.tls is not None
 
         closed_at = next(r["at"] for r in records if r["event"] == "closed") / 1000
         arrived, end = await eventually(lambda: end_after_last_pageview(arrivals))

@@ -27,9 +27,10 @@ async def two_nodes(stack, redis_url, clickhouse_url, **values):
     return a, b
 
 
-async def open_dashboard(port, key, project="p1"):
-    """A dashboard authorized with a Bearer read key, past its snapshot."""
-    dash = await connect(port, path=f"/dashboard?projectId={project}", headers={"Authorization": f"Bearer {key}"})
+async def open_dashboard(port, key, project="p1", trust=None):
+    """A dashboard authorized with a Bearer read key, past its snapshot (wss when given a CA)."""
+    dash = await connect(port, path=f"/dashboard?projectId={project}", headers={"Authorization": f"Bearer {key}"},
+                         trust=trust)
     assert (await dash.next())["type"] == "connected"
     snapshot = await dash.next()
     assert snapshot["type"] == "snapshot"

@@ -9,7 +9,7 @@
 -- ARGV[2…] operations back to back, each a code and a fixed number of args:
 --   E entry channel message                          -> stream id
 --   P entry channel head tail project session socket now url ua country country_code city
---                                                    -> stream id
+--        -> {stream id, 1 if the session started, 2 if it resumed, else 0}
 --   X project session socket now ended reason channel message
 --        (socket "" = end whatever sockets remain)   -> 1 if the session ended, else 0
 --   H project session now                            -> 0
@@ -87,7 +87,7 @@ local function pageview(a)
   if is_new or resumed then session_row(p, s, st, nil, '', now, next_version(key, now)) end
   local id = redis.call('XADD', stream, '*', 'e', entry)
   publish(channel, head .. (is_new and 'true' or 'false') .. tail)
-  return id
+  return {id, is_new and 1 or (resumed and 2 or 0)}
 end
 
 local function end_session(a)

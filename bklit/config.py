@@ -202,6 +202,8 @@ KEYS: dict[str, Key] = {
     "dashboard_origins": Key("", _list, "Comma-separated Origins (https://app.example.com) whose dashboards need no read key. Empty: none."),
     "dashboard_auth_timeout": Key("5", _seconds(0.1, 300), "Seconds a dashboard socket has to send its auth message."),
     "dashboard_max_skipped": Key("100", _int(0, 1_000_000), "Live events a dashboard that stopped reading may miss before it is disconnected."),
+    "metrics_networks": Key("127.0.0.0/8,::1", _proxies, "Comma-separated networks allowed to read /metrics (the port faces the internet)."),
+    "health_interval": Key("5", _seconds(0.05, 3600), "Seconds between the health checks /healthz reports (Redis, ClickHouse, the stream)."),
     "trusted_proxies": Key("", _proxies, "Comma-separated proxy addresses or networks whose X-Forwarded-For / X-Real-IP are believed."),
 }
 
@@ -236,6 +238,8 @@ class Config:
     dashboard_origins: tuple[str, ...]
     dashboard_auth_timeout: float
     dashboard_max_skipped: int
+    metrics_networks: tuple[str, ...]
+    health_interval: float
     trusted_proxies: tuple[str, ...]
 
     @property

@@ -213,12 +213,17 @@ class DashboardProtocol(WebSocketServerProtocol):
         d = defer.ensureDeferred(self.dash.sessions.snapshot(self.project_id))
         d.addCallbacks(self.send_snapshot, lambda f: log.warn("snapshot failed: {e}", e=f.getErrorMessage()))
 
+    @property
+    def writable(self) -> bool:
+        """Whether messages can still be sent (not gone, not closing)."""
+        return not self.gone and self.state == self.STATE_OPEN
+
     def send_snapshot(self, snapshot: tuple[int, list[dict]]) -> None:
-        if not self.gone:
+        if self.writable:
             self.sendMessage(snapshot_message(snapshot[0], snapshot[1], time.time()))
 
     def refuse(self, reason: str) -> None:
-        if self.gone:
+        if not self.writable:
             return
         self.sendMessage(wire.error("unauthorized", reason))
         self.close(CLOSE_POLICY, "Unauthorized")
@@ -229,13 +234,14 @@ class DashboardProtocol(WebSocketServerProtocol):
 
     def push(self, prepared: Any) -> None:
         """Send a live event, unless the socket is backed up."""
-        if self.gone:
+        if not self.writable:
             return
         if self.paused:
             self.skipped += 1
             if self.skipped > self.dash.max_skipped:
                 log.info("dropping a dashboard of {project} that stopped reading", project=self.project_id)
                 self.dash.dropped += 1
+                self.dash.metrics.dashboards_dropped.inc()
                 self.gone = True
                 self.transport.abortConnection()
             return
@@ -257,7 +263,7 @@ class Dashboards:
     """What dashboard sockets share: auth, sessions, the broadcaster, limits."""
 
     def __init__(self, verifier: TokenVerifier, sessions: LiveSessions, clock: Any, *,
-                 origins: tuple[str, ...], auth_timeout: float, max_skipped: int):
+                 origins: tuple[str, ...], auth_timeout: float, max_skipped: int, metrics: Any):
         self.verifier = verifier
         self.sessions = sessions
         self.clock = clock
@@ -266,6 +272,8 @@ class Dashboards:
         self.max_skipped = max_skipped
         self.connected: set[DashboardProtocol] = set()
         self.dropped = 0
+        self.metrics = metrics
+        metrics.watch_connections("dashboard", lambda: len(self.connected))
         self.broadcaster: Broadcaster | None = None
 
     async def close_all(self, timeout: float = 2.0) -> None:

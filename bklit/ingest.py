@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from bklit import enrich, live, queue, rows, wire
 from bklit.config import Config
 from bklit.ids import EventIds
+from bklit.metrics import Metrics
 from bklit.queue import StreamProducer
 from bklit.sessions import LiveSessions
 from bklit.tokens import TokenVerifier
@@ -47,8 +48,9 @@ class Ingest:
     """What happens to accepted events, shared by all SDK connections."""
 
     def __init__(self, config: Config, verifier: TokenVerifier, producer: StreamProducer,
-                 sessions: LiveSessions, clock: Any, node: str):
+                 sessions: LiveSessions, clock: Any, node: str, metrics: Metrics):
         self.config = config
+        self.metrics = metrics
         self.verifier = verifier
         self.producer = producer
         self.sessions = sessions
@@ -92,12 +94,18 @@ class Ingest:
                 _entry("page_view_event", row), project, session, conn.socket_id,
                 int(received_at * 1000), row["url"], head, tail, row.get("user_agent", ""),
                 row.get("country", ""), row.get("country_code", ""), row.get("city", ""))
+            d.addCallback(self._count_session)
         else:
             row = rows.event_row(message, event_id=event_id, project_id=project,
                                  session_id=session, received_at=received_at)
             d = self.producer.enqueue(_entry("tracked_event", row), queue.channel(project),
                                       live.event_message(row, received_at))
         return d.addCallback(lambda _: event_id)
+
+    def _count_session(self, reply: tuple[str, str]) -> tuple[str, str]:
+        if reply[1]:
+            self.metrics.sessions_started.labels(reply[1]).inc()
+        return reply
 
     def closed(self, conn: "SdkProtocol") -> None:
         """A socket closed: it leaves its session, which ends if it was the last."""
@@ -243,6 +251,7 @@ class SdkProtocol(WebSocketServerProtocol):
 
     def refuse(self, reason: str) -> None:
         """Send ``unauthorized`` and close 1008."""
+        self.ingest.metrics.messages.labels("auth", "unauthorized").inc()
         self.gate = "refused"
         self.waiting = []
         self.send_error("unauthorized", reason)
@@ -252,7 +261,7 @@ class SdkProtocol(WebSocketServerProtocol):
 
     def handle_auth(self, message: wire.Auth) -> None:
         """A repeated ``auth``: confirm again (later keys are not needed)."""
-        self.sendMessage(wire.auth_success())
+        self.send(wire.auth_success())
 
     def handle_pageview(self, message: wire.PageView) -> None:
         """Accept a pageview (ack once queued)."""
@@ -264,21 +273,24 @@ class SdkProtocol(WebSocketServerProtocol):
 
     def accept(self, message: wire.PageView | wire.Event, kind: str) -> None:
         if message.project_id is not None and message.project_id != self.project_id:
-            self.reject("project_mismatch", "data.projectId does not match the connection")
+            self.reject("project_mismatch", "data.projectId does not match the connection", kind)
             return
         if message.session_id is not None and message.session_id != self.session_id:
-            self.reject("project_mismatch", "data.sessionId does not match the connection")
+            self.reject("project_mismatch", "data.sessionId does not match the connection", kind)
             return
         d = self.ingest.accept(message, self)
-        d.addCallbacks(self.acked, self.not_queued, callbackArgs=(kind,))
+        d.addCallbacks(self.acked, self.not_queued, callbackArgs=(kind, time.monotonic()), errbackArgs=(kind,))
 
-    def acked(self, event_id: str, kind: str) -> None:
-        if not self.closed:
-            self.sendMessage(wire.ack(event_id, kind))
+    def acked(self, event_id: str, kind: str, started: float) -> None:
+        metrics = self.ingest.metrics
+        metrics.ack_latency.observe(time.monotonic() - started)
+        metrics.messages.labels(kind, "acked").inc()
+        self.send(wire.ack(event_id, kind))
 
-    def not_queued(self, failure: Any) -> None:
+    def not_queued(self, failure: Any, kind: str) -> None:
         log.warn("event not queued: {error}", error=failure.getErrorMessage())
-        if not self.closed:
+        self.ingest.metrics.messages.labels(kind, "overloaded").inc()
+        if self.writable:
             self.send_error("overloaded", "The server cannot store events right now; not acked")
 
     # Errors and closing ----------------------------------------------------
@@ -291,12 +303,22 @@ class SdkProtocol(WebSocketServerProtocol):
         """
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 
-    def send_error(self, code: str, message: str) -> None:
-        if not self.closed:
-            self.sendMessage(wire.error(code, message))
+    @property
+    def writable(self) -> bool:
+        """Whether messages can still be sent (not closed, not closing)."""
+        return not self.closed and self.state == self.STATE_OPEN
 
-    def reject(self, code: str, message: str) -> None:
+    def send(self, payload: bytes) -> None:
+        """Send a message unless the socket is closing (a late ack is dropped)."""
+        if self.writable:
+            self.sendMessage(payload)
+
+    def send_error(self, code: str, message: str) -> None:
+        self.send(wire.error(code, message))
+
+    def reject(self, code: str, message: str, kind: str = "unknown") -> None:
         """Answer a bad message; too many of them close the socket 1008."""
+        self.ingest.metrics.messages.labels(kind, code).inc()
         self.send_error(code, message)
         self.errors += 1
         if self.errors >= self.ingest.config.max_errors:

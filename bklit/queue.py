@@ -26,6 +26,7 @@ STREAM = "bklit:events"
 DEAD_STREAM = "bklit:events:dead"
 GROUP = "bklit-writers"
 LIVE_PROJECTS = "bklit:projects:live"
+SESSION_CHANGES = ("", "started", "resumed")
 
 BATCH_SCRIPT = resources.files("bklit").joinpath("batch.lua").read_text(encoding="utf-8")
 
@@ -82,10 +83,12 @@ class StreamProducer:
 
         The broadcast is ``head + "true"|"false" + tail``: whether this
         pageview started the session is only known inside Redis.  Fires with
-        the stream id.
+        ``(stream id, change)``, change being ``"started"``, ``"resumed"`` or
+        ``""``.
         """
-        return self._add(["P", entry, channel(project), head, tail, project, session, socket,
-                          str(now_ms), url, user_agent, country, country_code, city])
+        d = self._add(["P", entry, channel(project), head, tail, project, session, socket,
+                       str(now_ms), url, user_agent, country, country_code, city])
+        return d.addCallback(lambda reply: (reply[0], SESSION_CHANGES[int(reply[1])]))
 
     def end_session(self, project: str, session: str, socket: str, now_ms: int, ended_ms: int,
                     reason: str, message: str) -> defer.Deferred:

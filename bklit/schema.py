@@ -179,7 +179,12 @@ def insert_columns(table: str) -> list[str]:
 
 
 def _datetime(value, where: str) -> datetime:
-    """A DateTime value: epoch seconds or ISO text to aware UTC, clamped to DateTime's range."""
+    """A DateTime value as aware UTC: epoch seconds (clamped to DateTime's range), a datetime or ISO text.
+
+    Only epoch seconds are clamped; ingest writes those.  A datetime or ISO
+    text outside DateTime's range is passed on, and ClickHouse's refusal
+    sends the row to the dead letters.
+    """
     if isinstance(value, datetime):
         return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
     if isinstance(value, str):

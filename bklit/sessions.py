@@ -24,6 +24,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from bklit.live import session_end_message
+from bklit.metrics import Metrics
 from bklit.queue import LIVE_PROJECTS, StreamProducer, live_key, state_key
 from bklit.redis_client import RedisService
 
@@ -37,7 +38,8 @@ class LiveSessions(Service):
     log = Logger()
 
     def __init__(self, redis: RedisService, producer: StreamProducer, clock: Any, node: str, *,
-                 heartbeat_interval: float, session_timeout: float, sweep_interval: float):
+                 heartbeat_interval: float, session_timeout: float, sweep_interval: float,
+                 metrics: Metrics):
         self.redis = redis
         self.producer = producer
         self.clock = clock
@@ -46,6 +48,7 @@ class LiveSessions(Service):
         self.session_timeout = session_timeout
         self.sweep_interval = sweep_interval
         self.local: dict[tuple[str, str], int] = {}
+        self.metrics = metrics
         self.ended = 0
         self._loops = [task.LoopingCall(self._guarded, self.heartbeat),
                        task.LoopingCall(self._guarded, self.sweep)]
@@ -98,10 +101,12 @@ class LiveSessions(Service):
         now = self.now_ms()
         message = session_end_message(session, reason, time.time())
         d = self.producer.end_session(project, session, socket, now, ended_ms or now, reason, message)
-        return d.addCallback(self._count)
+        return d.addCallback(self._count, reason)
 
-    def _count(self, ended: bool) -> bool:
-        self.ended += int(ended)
+    def _count(self, ended: bool, reason: str) -> bool:
+        if ended:
+            self.ended += 1
+            self.metrics.sessions_ended.labels(reason).inc()
         return ended
 
     # Loops -----------------------------------------------------------------------

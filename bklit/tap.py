@@ -17,6 +17,7 @@ batch, then close Redis.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -32,7 +33,9 @@ from autobahn.twisted.resource import WebSocketResource
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit.config import ConfigError, load_config
 from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
+from bklit.health import HealthCheck, HealthPage
 from bklit.ingest import Ingest, SdkFactory
+from bklit.metrics import Metrics, MetricsPage
 from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
@@ -98,10 +101,11 @@ class BklitService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.metrics = Metrics()
         self.tls: ReloadableTLS | None = None
         if config.runs_ingest and config.tls:
             pair = tls_pair or load_pair(config.tls_cert, config.tls_key)
-            self.tls = ReloadableTLS(config.tls_cert, config.tls_key, pair)
+            self.tls = ReloadableTLS(config.tls_cert, config.tls_key, pair, self.metrics)
         self.node = consumer_name()
         self.redis = RedisService(config.redis_address, config.redis_timeout, reactor)
         self.redis.setServiceParent(self)
@@ -110,6 +114,7 @@ class BklitService(MultiService):
         self.dashboards: Dashboards | None = None
         self.sessions: LiveSessions | None = None
         self.listener: Any = None
+        self.site: Any = None
         self.writer: WriterService | None = None
         if config.runs_ingest:
             self._build_endpoints()
@@ -119,8 +124,18 @@ class BklitService(MultiService):
                 self.redis, inserter, reactor, reactor=reactor, consumer=self.node,
                 batch_size=config.batch_size, flush_interval=config.flush_interval,
                 claim_idle=config.claim_idle, threads=config.writer_threads,
-                prepare=self.migrate if config.auto_migrate else None)
+                prepare=self.migrate if config.auto_migrate else None, metrics=self.metrics)
             self.writer.setServiceParent(self)
+        self.health = HealthCheck(self.redis, reactor, config.health_interval, self.metrics,
+                                  writer=self.writer, connections=self._connection_counts)
+        self.health.setServiceParent(self)
+        if self.site is not None:
+            self.site.resource.named[b"healthz"] = HealthPage(self.health)
+            self.site.resource.named[b"metrics"] = MetricsPage(self.metrics, config.metrics_networks)
+
+    def _connection_counts(self) -> dict[str, int]:
+        return {"sdk": len(self.ingest.connections) if self.ingest else 0,
+                "dashboards": len(self.dashboards.connected) if self.dashboards else 0}
 
     def _build_endpoints(self) -> None:
         """The SDK and dashboard endpoints, /api/live, and their listener."""
@@ -129,17 +144,19 @@ class BklitService(MultiService):
         self.sessions = LiveSessions(
             self.redis, self.producer, reactor, self.node,
             heartbeat_interval=config.heartbeat_interval, session_timeout=config.session_timeout,
-            sweep_interval=config.sweep_interval)
+            sweep_interval=config.sweep_interval, metrics=self.metrics)
         self.sessions.setServiceParent(self)
-        self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node)
+        self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node, self.metrics)
+        self.metrics.watch_connections("sdk", lambda: len(self.ingest.connections))
         self.dashboards = Dashboards(
             verifier, self.sessions, reactor, origins=config.dashboard_origins,
-            auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped)
+            auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped,
+            metrics=self.metrics)
         dashboard_factory = DashboardFactory(self.dashboards)
         self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
         api = Resource()
         api.putChild(b"live", LiveCount(verifier, self.sessions))
-        site = make_site(SdkFactory(self.ingest), {
+        site = self.site = make_site(SdkFactory(self.ingest), {
             b"dashboard": WebSocketResource(dashboard_factory),
             b"api": api,
         })
@@ -157,6 +174,19 @@ class BklitService(MultiService):
         super().startService()
         if self.dashboards is not None:
             self.dashboards.broadcaster.start()
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        # Only schedule: the reload runs in the reactor, not in the handler.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """What SIGHUP (``systemctl reload``) does: pick up renewed files."""
+        if self.tls is None:
+            self.log.info("SIGHUP: nothing to reload (no TLS certificate configured)")
+            return
+        self.log.info("SIGHUP: reloading the TLS certificate")
+        self.tls.reload()
 
     async def migrate(self) -> None:
         """Bring the ClickHouse schema up to date (in the writer's threads)."""
@@ -171,6 +201,9 @@ class BklitService(MultiService):
 
     async def _stop(self) -> None:
         self.running = 0
+        if getattr(self, "_previous_sighup", None) is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         steps = [
             ("stop listening", self.listener and self.listener.stopService),
             ("close SDK sockets", self.ingest and self.ingest.close_all),

@@ -16,7 +16,6 @@ its curated cipher list, no compression, no session tickets.
 from __future__ import annotations
 
 import hashlib
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -118,12 +117,21 @@ def load_pair(cert_path: str, key_path: str, now: float | None = None) -> Loaded
 class ReloadableTLS:
     """Gives each new connection the current pair's context."""
 
-    def __init__(self, cert_path: str, key_path: str, pair: LoadedPair):
+    def __init__(self, cert_path: str, key_path: str, pair: LoadedPair, metrics: Any = None):
         self.cert_path = cert_path
         self.key_path = key_path
         self.pair = pair
         self.reloads = 0
         self.failures = 0
+        self.metrics = metrics
+        self._report(None)
+
+    def _report(self, outcome: str | None) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.tls_expiry.set(self.pair.info.not_after)
+        if outcome:
+            self.metrics.tls_reloads.labels(outcome).inc()
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return SSL.Connection(self.pair.options.getContext(), None)
@@ -138,13 +146,16 @@ class ReloadableTLS:
             pair = load_pair(self.cert_path, self.key_path, now)
         except TLSError as e:
             self.failures += 1
+            self._report("failed")
             log.error("TLS reload failed, still serving {subject} (expires {expires}): {error}",
                       subject=self.pair.info.subject, expires=_when(self.pair.info.not_after), error=str(e))
             return False
         if pair.digest == self.pair.digest:
+            self._report("unchanged")
             return False
         self.pair = pair
         self.reloads += 1
+        self._report("loaded")
         log.info("TLS certificate loaded: {subject}, issuer {issuer}, expires {expires}",
                  subject=pair.info.subject, issuer=pair.info.issuer, expires=_when(pair.info.not_after))
         return True
@@ -167,15 +178,13 @@ class TLSServerEndpoint:
 
 
 class CertificateWatch(Service):
-    """Reloads the certificate on SIGHUP and every ``interval`` seconds."""
+    """Reloads the certificate every ``interval`` seconds (SIGHUP: ``tap``)."""
 
     def __init__(self, tls: ReloadableTLS, reactor: Any, interval: float):
         self.tls = tls
-        self.reactor = reactor
         self.loop = task.LoopingCall(self.tls.reload)
         self.loop.clock = reactor
         self.interval = interval
-        self._previous: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -184,20 +193,8 @@ class CertificateWatch(Service):
                  subject=info.subject, issuer=info.issuer, expires=_when(info.not_after))
         if self.interval > 0:
             self.loop.start(self.interval, now=False)
-        self._previous = signal.signal(signal.SIGHUP, self._on_sighup)
 
     def stopService(self) -> None:
         super().stopService()
         if self.loop.running:
             self.loop.stop()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-
-    def _on_sighup(self, signum: int, frame: Any) -> None:
-        # Only schedule: the reload runs in the reactor, not in the handler.
-        self.reactor.callFromThread(self._reload_now)
-
-    def _reload_now(self) -> None:
-        log.info("SIGHUP: reloading the TLS certificate")
-        self.tls.reload()

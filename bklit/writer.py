@@ -29,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 
 from bklit import schema
 from bklit.clickhouse import Inserter, is_data_error
+from bklit.metrics import Metrics
 from bklit.queue import DEAD_STREAM, GROUP, STREAM
 from bklit.redis_client import RedisService
 
@@ -88,7 +89,7 @@ class WriterService(Service):
     def __init__(self, redis: RedisService, inserter: Inserter, clock: Any, *,
                  batch_size: int, flush_interval: float, claim_idle: float,
                  threads: int, consumer: str | None = None, reactor: Any = None,
-                 prepare: Any = None):
+                 prepare: Any = None, metrics: Any = None):
         self.redis = redis
         self.inserter = inserter
         self.clock = clock
@@ -109,6 +110,7 @@ class WriterService(Service):
         self._loop_done: defer.Deferred | None = None
         self.stored = 0
         self.prepare = prepare
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def startService(self) -> None:
         super().startService()
@@ -172,6 +174,7 @@ class WriterService(Service):
             try:
                 done += await self._store(entries)
             except Exception as e:
+                self.metrics.insert_failures.inc()
                 self._retrying = True
                 self._defer_retry(f"insert of {len(entries)} entries failed ({type(e).__name__}: {e})")
                 break
@@ -222,7 +225,9 @@ class WriterService(Service):
             dead += await self._insert_splitting(table, items)
         for entry_id, raw, error in dead:
             await self.redis.call("XADD", DEAD_STREAM, "*", "e", raw, "error", error, "id", entry_id)
+        self.metrics.batch_rows.observe(len(entries))
         if dead:
+            self.metrics.dead_letters.inc(len(dead))
             self.log.warn("{count} entries refused by ClickHouse went to {stream}", count=len(dead), stream=DEAD_STREAM)
         ids = [entry_id for entry_id, _ in entries]
         await self.redis.eval(ACK_AND_DELETE, [STREAM], [GROUP, *ids])
@@ -236,7 +241,9 @@ class WriterService(Service):
         Returns the refused ones as dead letters; passing errors propagate.
         """
         try:
+            started = time.monotonic()
             await deferToThreadPool(self.reactor, self.pool, self.inserter.thd_insert, table, [row for _, row in items])
+            self.metrics.insert_latency.observe(time.monotonic() - started)
             return []
         except Exception as e:
             if not is_data_error(e):

@@ -190,3 +190,30 @@ def test_cert_without_key_is_a_config_error(pair):
         finally:
             del os.environ["BKLIT_TLS_CERT"]
     assert "tls_key: must be set together with tls_cert" in str(e.value)
+
+
+def test_sighup_without_tls_keeps_the_daemon_running(tmp_path, redis_url, clickhouse_url):
+    """``systemctl reload`` of a writer or a plain-ws node must not kill it."""
+    import time
+
+    from harness import free_port, port_open
+
+    port = free_port()
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    env = dict(os.environ, BKLIT_REDIS=redis_url, BKLIT_CLICKHOUSE=clickhouse_url)
+    log = tmp_path / "d.log"
+    daemon = subprocess.Popen([twistd, "-n", "--pidfile=", "--logfile", str(log), "bklit",
+                               "--listen", f"tcp:{port}:interface=127.0.0.1"], env=env)
+    try:
+        deadline = time.monotonic() + 15
+        while not port_open(port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemon.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "nothing to reload" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "SIGHUP: nothing to reload" in log.read_text()
+        assert daemon.poll() is None and port_open(port)
+    finally:
+        daemon.terminate()
+        daemon.wait(15)

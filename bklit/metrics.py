@@ -1,0 +1,98 @@
+"""Prometheus metrics of one daemon, in a registry of its own.
+
+Counters and histograms are updated where things happen; gauges that are
+cheaper to read than to track (connections, dashboards, the stream) are
+read when ``/metrics`` is scraped.  ``MetricsPage`` serves the text format,
+only to the networks in ``metrics_networks`` (loopback by default): the port
+faces the internet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+
+from bklit import enrich
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 50000)
+
+
+class Metrics:
+    """Every metric the daemon exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("bklit_connections", "Open WebSocket connections by kind.", ["kind"], registry=r)
+        self.messages = Counter("bklit_messages", "SDK messages by type and outcome (acked or an error code).",
+                                ["type", "outcome"], registry=r)
+        self.ack_latency = Histogram("bklit_ack_latency_seconds", "From an event's arrival to its ack.",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.stream_length = Gauge("bklit_stream_length", "Entries in the events stream (not yet stored).", registry=r)
+        self.stream_pending = Gauge("bklit_stream_pending", "Entries read by writers but not yet acknowledged.",
+                                    registry=r)
+        self.batch_rows = Histogram("bklit_writer_batch_rows", "Rows per writer batch.", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.insert_latency = Histogram("bklit_insert_seconds", "Duration of one ClickHouse insert.",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.insert_failures = Counter("bklit_insert_failures", "ClickHouse inserts that failed (retried).",
+                                       registry=r)
+        self.dead_letters = Counter("bklit_dead_letters", "Entries moved to the dead-letter stream.", registry=r)
+        self.sessions_started = Counter("bklit_sessions_started", "Sessions started or resumed here.", ["kind"],
+                                        registry=r)
+        self.sessions_ended = Counter("bklit_sessions_ended", "Sessions ended by this node, by reason.", ["reason"],
+                                      registry=r)
+        self.dashboards_dropped = Counter("bklit_dashboards_dropped", "Dashboards disconnected for not reading.",
+                                          registry=r)
+        self.tls_expiry = Gauge("bklit_tls_certificate_expiry_timestamp_seconds",
+                                "When the served certificate expires (Unix time).", registry=r)
+        self.tls_reloads = Counter("bklit_tls_reloads", "Certificate reload attempts by outcome.", ["outcome"],
+                                   registry=r)
+        self.up = Gauge("bklit_up", "Whether a dependency answered the last health check.", ["dependency"],
+                        registry=r)
+
+    def watch_connections(self, kind: str, count: Callable[[], int]) -> None:
+        """Report ``count()`` as the number of open ``kind`` connections."""
+        self.connections.labels(kind).set_function(count)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+
+class MetricsPage(Resource):
+    """``GET /metrics``, for allowed networks only (403 otherwise)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, networks: tuple[str, ...], before: Callable[[], Any] | None = None):
+        super().__init__()
+        self.metrics = metrics
+        self.networks = enrich.parse_proxies(networks)
+        self.before = before
+
+    def render_GET(self, request: Any) -> bytes:
+        peer = getattr(request.getClientAddress(), "host", "")
+        if not any(_in(peer, net) for net in self.networks):
+            request.setResponseCode(403)
+            return b"metrics are only served to metrics_networks\n"
+        if self.before is not None:
+            self.before()
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return self.metrics.render()
+
+
+def _in(host: str, network: Any) -> bool:
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.version == network.version and address in network

@@ -13,12 +13,17 @@ PYTEST_ARGS ?=
 RUN_ARGS ?=
 BENCH ?= $(filter-out bench/_%,$(wildcard bench/*.py))
 
-.PHONY: all packages venv $(VENV) test run services stop bench clean
+.PHONY: all packages test-packages venv $(VENV) test run services stop bench clean
 
 all: $(VENV)
 
 packages:
 	scripts/ensure-packages redis-server clickhouse-server
+
+# The tests also drive Debian's chromium (trusting a test CA through
+# certutil) and check the systemd units with systemd-analyze.
+test-packages:
+	scripts/ensure-packages redis-server clickhouse-server chromium libnss3-tools systemd
 
 venv $(VENV): $(STAMP)
 
@@ -38,7 +43,7 @@ $(NODE_STAMP): tests/browser/package.json tests/browser/package-lock.json
 	cd tests/browser && npm ci --no-audit --no-fund
 	touch $@
 
-test: packages $(STAMP) $(NODE_STAMP)
+test: test-packages $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 run: packages $(STAMP)

@@ -1,7 +1,9 @@
 """The ``bklit`` admin command.
 
 ``bklit token create|list|revoke`` manages API keys; ``bklit schema
-migrate`` creates or upgrades the ClickHouse schema.  Settings (``--redis``,
+migrate`` creates or upgrades the ClickHouse schema; ``bklit probe`` checks a
+running server.  The operating commands (``queue status|retry-dead``,
+``sessions list|end``, ``stats``) live in ``bklit.admin``.  Settings (``--redis``,
 ``--clickhouse``, ``--config``) are read like the daemon's: defaults < ini
 file < ``BKLIT_*`` environment < flags.  Exit codes: 0 done, 1 failed,
 2 usage or configuration error.
@@ -23,6 +25,8 @@ from bklit.tokens import SCOPES, TokenStore
 PROJECT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DOMAIN = re.compile(r"(\*\.)?([a-z0-9-]+\.)*[a-z0-9-]+")
 MAX_EXPIRES_DAYS = 36500
+SPAN = re.compile(r"([0-9]{1,7})([mhd])")
+SPAN_SECONDS = {"m": 60, "h": 3600, "d": 86400}
 
 
 class Failed(Exception):
@@ -64,7 +68,62 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
     probe.add_argument("--url", dest="page_url", default=None, help="url of the probe pageview")
     probe.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    queue = groups.add_parser("queue", help="the event stream and its dead letters").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    queue.add_parser("status", parents=[common], help="stream length, pending entries per writer, lag, dead letters",
+                     description="Show the stream bklit:events: its length, what the writers' group has read but "
+                                 "not stored yet (per consumer, and the oldest entry's age), its lag, and how many "
+                                 "dead letters wait in bklit:events:dead.")
+    retry = queue.add_parser("retry-dead", parents=[common], help="move dead letters back into the event stream",
+                             description="Move the entries of bklit:events:dead back into bklit:events, oldest "
+                                         "first, for the writers to store again (fix the cause first).")
+    retry.add_argument("--limit", type=positive_int, help="move at most N entries (default: all)")
+    retry.add_argument("--dry-run", action="store_true", help="list what would move, move nothing")
+
+    sessions = groups.add_parser("sessions", help="live sessions").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    listing = sessions.add_parser("list", parents=[common], help="a project's live sessions, most recently active first")
+    listing.add_argument("--project", type=project_id, required=True, help="project id")
+    listing.add_argument("--limit", type=positive_int, default=100, help="show at most N sessions (default 100)")
+    end = sessions.add_parser("end", parents=[common], help="end live sessions (stored and broadcast, reason admin)",
+                              description="End a project's live sessions as a disconnect would: the end row is "
+                                          "stored and dashboards get session_end with reason admin.")
+    end.add_argument("--project", type=project_id, required=True, help="project id")
+    end.add_argument("--session", help="end only this session (default: all live sessions of the project)")
+
+    stats = groups.add_parser("stats", parents=[common], help="pageviews, sessions, live count and top pages",
+                              description="Counts of a project from ClickHouse (exact, duplicates removed) "
+                                          "and its live sessions from Redis.")
+    stats.add_argument("--project", type=project_id, required=True, help="project id")
+    stats.add_argument("--since", type=span, default=span("24h"), help="period up to now: 30m, 24h, 7d (default 24h)")
     return top
+
+
+def project_id(text: str) -> str:
+    """A project id argument (argparse type)."""
+    if not PROJECT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid project id {text!r} (1-64 of A-Z a-z 0-9 _ -)")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """A count of 1 or more (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, not {text!r}")
+    return value
+
+
+def span(text: str) -> tuple[str, int]:
+    """``30m``, ``24h``, ``7d`` -> ``(text, seconds)`` (argparse type)."""
+    match = SPAN.fullmatch(text.strip())
+    if not match or int(match[1]) == 0 or int(match[1]) * SPAN_SECONDS[match[2]] > MAX_EXPIRES_DAYS * 86400:
+        raise argparse.ArgumentTypeError(f"expected minutes, hours or days like 30m, 24h or 7d, not {text!r}")
+    return text.strip(), int(match[1]) * SPAN_SECONDS[match[2]]
 
 
 def settings(args: argparse.Namespace) -> Config:
@@ -80,7 +139,12 @@ def split_list(values: Sequence[str]) -> tuple[str, ...]:
 
 
 async def redis_call(config: Config) -> Any:
-    """A ``call(command, *args)`` bound to a fresh Redis connection.
+    """A ``call(command, *args)`` bound to a fresh Redis connection."""
+    return (await redis_connection(config)).execute_command
+
+
+async def redis_connection(config: Config) -> Any:
+    """A fresh txredisapi connection (``execute_command``, ``eval``), closed at exit.
 
     The connection does not retry: when Redis cannot be reached the command
     fails at once (within ``redis_timeout``) instead of waiting for it.
@@ -105,7 +169,7 @@ async def redis_call(config: Config) -> Any:
     except Exception as e:
         raise Failed(f"cannot reach Redis at {address.host}:{address.port}: {e}") from None
     reactor.addSystemEventTrigger("before", "shutdown", connection.disconnect)
-    return connection.execute_command
+    return connection
 
 
 def say(*parts: object) -> None:
@@ -220,12 +284,27 @@ class UsageProblem(Exception):
     """A bad argument value (exit 2)."""
 
 
+def operating(name: str) -> Any:
+    """The command ``name`` of ``bklit.admin``, imported only when it runs."""
+    async def command(args: argparse.Namespace, config: Config) -> None:
+        from bklit import admin
+
+        await admin.run(name, args, config)
+    command.__name__ = name
+    return command
+
+
 COMMANDS = {
     ("probe", None): probe_server,
     ("token", "create"): token_create,
     ("token", "list"): token_list,
     ("token", "revoke"): token_revoke,
     ("schema", "migrate"): schema_migrate,
+    ("queue", "status"): operating("queue_status"),
+    ("queue", "retry-dead"): operating("queue_retry_dead"),
+    ("sessions", "list"): operating("sessions_list"),
+    ("sessions", "end"): operating("sessions_end"),
+    ("stats", None): operating("stats"),
 }
 
 
@@ -263,4 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the imported module, so ``bklit.admin`` raises the very
+    # exceptions ``main`` catches.
+    from bklit.cli import main as imported_main
+
+    sys.exit(imported_main())

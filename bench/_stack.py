@@ -50,7 +50,9 @@ class Stack:
 
     def __init__(self, project: str = "bench", **settings: str):
         self.project = project
-        self.settings = settings
+        # Load generators send faster than a browser tab: lift the per-socket rate limit.
+        self.settings = {"rate_limit": "1000000", "rate_burst": "1000000", "max_connections_per_ip": "1000000",
+                         **settings}
 
     def __enter__(self) -> "Stack":
         raise_file_limit()

@@ -192,6 +192,17 @@ KEYS: dict[str, Key] = {
     "max_message_size": Key("16384", _int(256, 1 << 24), "Largest SDK message in bytes; a larger one closes the socket with 1009."),
     "max_url_length": Key("2048", _int(16, 65536), "Longest url, referrer or landingPage in characters."),
     "max_metadata_size": Key("4096", _int(2, 1 << 20), "Largest event metadata, serialized as JSON, in bytes."),
+    "rate_limit": Key("20", _seconds(0.1, 1_000_000), "Messages a second one SDK socket may send on average (token bucket)."),
+    "rate_burst": Key("50", _int(1, 1_000_000), "Messages one SDK socket may send at once above the average rate."),
+    "max_connections": Key("50000", _int(1, 10_000_000), "Open WebSocket sockets in all; further upgrades get HTTP 503."),
+    "max_connections_per_ip": Key("64", _int(1, 10_000_000), "Open sockets from one client address (IPv6: one /64); further upgrades get HTTP 429."),
+    "auth_failures_max": Key("10", _int(1, 1_000_000), "Refused keys from one client within auth_failure_window that lock it out."),
+    "auth_failure_window": Key("60", _seconds(1, 86400), "Seconds over which refused keys are counted."),
+    "auth_lockout": Key("300", _seconds(0, 86400), "Seconds a locked-out client's upgrades get HTTP 429."),
+    "handshake_timeout": Key("5", _seconds(0.1, 300), "Seconds a new connection has for TLS and the WebSocket upgrade."),
+    "ping_interval": Key("25", _seconds(0, 3600), "Seconds between pings to each socket (0: none)."),
+    "ping_timeout": Key("10", _seconds(0, 3600), "Seconds a socket has to answer a ping before it is dropped."),
+    "compression": Key("false", _bool, "Accept per-message-deflate (messages are bounded after decompression too)."),
     "max_errors": Key("10", _int(1, 10000), "Errors one connection may cause before it is closed with 1008."),
     "auth_timeout": Key("10", _seconds(0.1, 3600), "Seconds an SDK socket may stay open without presenting a valid API key."),
     "token_cache_ttl": Key("5", _seconds(0, 3600), "Seconds an API key verdict (good or bad) is cached."),
@@ -228,6 +239,17 @@ class Config:
     max_message_size: int
     max_url_length: int
     max_metadata_size: int
+    rate_limit: float
+    rate_burst: int
+    max_connections: int
+    max_connections_per_ip: int
+    auth_failures_max: int
+    auth_failure_window: float
+    auth_lockout: float
+    handshake_timeout: float
+    ping_interval: float
+    ping_timeout: float
+    compression: bool
     max_errors: int
     auth_timeout: float
     token_cache_ttl: float

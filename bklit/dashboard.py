@@ -30,8 +30,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from bklit import wire
+from autobahn.websocket.types import ConnectionDeny
+
+from bklit import enrich, wire
 from bklit.config import RedisAddress
+from bklit.ingest import socket_options
+from bklit.limits import Admission, Denied, client_key
 from bklit.live import snapshot_message
 from bklit.queue import channel
 from bklit.sessions import LiveSessions
@@ -143,6 +147,8 @@ class DashboardProtocol(WebSocketServerProtocol):
         self.paused = False
         self.skipped = 0
         self.auth_timer: Any = None
+        self.client = ""
+        self.admitted = False
 
     def onConnect(self, request: Any) -> None:
         self.dash = self.factory.dash
@@ -154,6 +160,13 @@ class DashboardProtocol(WebSocketServerProtocol):
         self.presented_key = bearer(request.headers)
         origin = request.headers.get("origin")
         self.allowed_origin = bool(origin) and origin in self.dash.origins
+        peer = getattr(self.transport.getPeer(), "host", "")
+        self.client = client_key(enrich.client_ip(peer, request.headers, self.dash.trusted_proxies))
+        try:
+            self.dash.admission.admit(self.client)
+        except Denied as e:
+            raise ConnectionDeny(e.status, e.reason) from None
+        self.admitted = True
 
     def onOpen(self) -> None:
         if self.bad_ids:
@@ -184,6 +197,9 @@ class DashboardProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         self.gone = True
+        if self.admitted:
+            self.admitted = False
+            self.dash.admission.release(self.client)
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()
         if self.authorized:
@@ -199,6 +215,7 @@ class DashboardProtocol(WebSocketServerProtocol):
         if verdict.ok:
             self.authorize()
         else:
+            self.dash.admission.auth_failed(self.client)
             self.refuse(verdict.reason)
 
     def authorize(self) -> None:
@@ -263,7 +280,8 @@ class Dashboards:
     """What dashboard sockets share: auth, sessions, the broadcaster, limits."""
 
     def __init__(self, verifier: TokenVerifier, sessions: LiveSessions, clock: Any, *,
-                 origins: tuple[str, ...], auth_timeout: float, max_skipped: int, metrics: Any):
+                 origins: tuple[str, ...], auth_timeout: float, max_skipped: int, metrics: Any,
+                 admission: Admission, trusted_proxies: Any):
         self.verifier = verifier
         self.sessions = sessions
         self.clock = clock
@@ -273,6 +291,8 @@ class Dashboards:
         self.connected: set[DashboardProtocol] = set()
         self.dropped = 0
         self.metrics = metrics
+        self.admission = admission
+        self.trusted_proxies = trusted_proxies
         metrics.watch_connections("dashboard", lambda: len(self.connected))
         self.broadcaster: Broadcaster | None = None
 
@@ -291,9 +311,7 @@ class DashboardFactory(WebSocketServerFactory):
 
     protocol = DashboardProtocol
 
-    def __init__(self, dash: Dashboards):
+    def __init__(self, dash: Dashboards, config: Any):
         super().__init__()
         self.dash = dash
-        self.setProtocolOptions(maxMessagePayloadSize=4096, maxFramePayloadSize=4096,
-                                openHandshakeTimeout=5, closeHandshakeTimeout=2,
-                                autoPingInterval=25, autoPingTimeout=10)
+        self.setProtocolOptions(**socket_options(config, 4096))

@@ -22,12 +22,14 @@ import time
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import task
 from twisted.logger import Logger
 
 from bklit import enrich, live, queue, rows, wire
 from bklit.config import Config
 from bklit.ids import EventIds
+from bklit.limits import Admission, Denied, TokenBucket, client_key
 from bklit.metrics import Metrics
 from bklit.queue import StreamProducer
 from bklit.sessions import LiveSessions
@@ -48,8 +50,9 @@ class Ingest:
     """What happens to accepted events, shared by all SDK connections."""
 
     def __init__(self, config: Config, verifier: TokenVerifier, producer: StreamProducer,
-                 sessions: LiveSessions, clock: Any, node: str, metrics: Metrics):
+                 sessions: LiveSessions, clock: Any, node: str, metrics: Metrics, admission: Admission):
         self.config = config
+        self.admission = admission
         self.metrics = metrics
         self.verifier = verifier
         self.producer = producer
@@ -144,6 +147,9 @@ class SdkProtocol(WebSocketServerProtocol):
         self.joined = False
         self.socket_id = ""
         self.auth_timer: Any = None
+        self.client = ""  # what limits count by (in memory only)
+        self.admitted = False
+        self.bucket: TokenBucket | None = None
 
     # Autobahn callbacks ---------------------------------------------------
 
@@ -165,6 +171,15 @@ class SdkProtocol(WebSocketServerProtocol):
         peer = self.transport.getPeer()
         full_ip = enrich.client_ip(getattr(peer, "host", ""), request.headers, self.ingest.trusted_proxies)
         self.ip = enrich.anonymise_ip(full_ip)
+        self.client = client_key(full_ip)
+        try:
+            self.ingest.admission.admit(self.client)
+        except Denied as e:
+            self.ingest.metrics.messages.labels("connect", "denied").inc()
+            raise ConnectionDeny(e.status, e.reason) from None
+        self.admitted = True
+        config = self.ingest.config
+        self.bucket = TokenBucket(config.rate_limit, config.rate_burst, self.ingest.clock)
 
     def onOpen(self) -> None:
         if self.bad_ids:
@@ -180,6 +195,9 @@ class SdkProtocol(WebSocketServerProtocol):
         if isBinary:
             self.close(CLOSE_UNSUPPORTED, "Binary frames are not accepted")
             return
+        if not self.bucket.take():
+            self.reject("rate_limited", f"More than {self.ingest.config.rate_limit:g} messages a second; dropped")
+            return
         try:
             message = wire.parse_message(payload, self.ingest.limits)
         except wire.ProtocolError as e:
@@ -192,6 +210,9 @@ class SdkProtocol(WebSocketServerProtocol):
         self.waiting = []
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()
+        if self.admitted:
+            self.admitted = False
+            self.ingest.admission.release(self.client)
         if hasattr(self, "ingest"):
             self.ingest.closed(self)
 
@@ -222,6 +243,8 @@ class SdkProtocol(WebSocketServerProtocol):
         if self.closed:
             return
         if not verdict.ok:
+            if self.ingest.admission.auth_failed(self.client):
+                log.info("locked out a client after repeated authentication failures")
             self.refuse(verdict.reason)
             return
         self.gate = "open"
@@ -333,12 +356,35 @@ class SdkFactory(WebSocketServerFactory):
     def __init__(self, ingest: Ingest):
         super().__init__()
         self.ingest = ingest
-        self.setProtocolOptions(
-            maxMessagePayloadSize=ingest.config.max_message_size,
-            maxFramePayloadSize=ingest.config.max_message_size,
-            openHandshakeTimeout=5,
-            closeHandshakeTimeout=2,
-            autoPingInterval=25,
-            autoPingTimeout=10,
-            failByDrop=False,
-        )
+        config = ingest.config
+        self.setProtocolOptions(**socket_options(config, config.max_message_size))
+
+
+def socket_options(config: Config, max_message: int) -> dict:
+    """Autobahn options from config: its own defaults allow anything.
+
+    Sizes bound what one frame or message may make us buffer (an over-size
+    one closes with 1009); pings find dead peers; per-message-deflate is
+    off unless ``compression`` is on, and then a message is bounded after
+    decompression too, so a small compressed bomb still closes with 1009.
+    """
+    options: dict[str, Any] = dict(
+        maxMessagePayloadSize=max_message,
+        maxFramePayloadSize=max_message,
+        openHandshakeTimeout=config.handshake_timeout,
+        closeHandshakeTimeout=2,
+        autoPingInterval=config.ping_interval,
+        autoPingTimeout=config.ping_timeout,
+        failByDrop=False,
+    )
+    if config.compression:
+        from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+
+        def accept(offers: list) -> Any:
+            for offer in offers:
+                if isinstance(offer, PerMessageDeflateOffer):
+                    return PerMessageDeflateOfferAccept(offer)
+            return None
+
+        options["perMessageCompressionAccept"] = accept
+    return options

@@ -35,6 +35,7 @@ from bklit.config import ConfigError, load_config
 from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
 from bklit.health import HealthCheck, HealthPage
 from bklit.ingest import Ingest, SdkFactory
+from bklit.limits import Admission
 from bklit.metrics import Metrics, MetricsPage
 from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
@@ -146,17 +147,22 @@ class BklitService(MultiService):
             heartbeat_interval=config.heartbeat_interval, session_timeout=config.session_timeout,
             sweep_interval=config.sweep_interval, metrics=self.metrics)
         self.sessions.setServiceParent(self)
-        self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node, self.metrics)
+        self.admission = Admission(
+            reactor, max_total=config.max_connections, max_per_client=config.max_connections_per_ip,
+            max_auth_failures=config.auth_failures_max, failure_window=config.auth_failure_window,
+            lockout=config.auth_lockout)
+        self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node, self.metrics,
+                             self.admission)
         self.metrics.watch_connections("sdk", lambda: len(self.ingest.connections))
         self.dashboards = Dashboards(
             verifier, self.sessions, reactor, origins=config.dashboard_origins,
             auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped,
-            metrics=self.metrics)
-        dashboard_factory = DashboardFactory(self.dashboards)
+            metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies)
+        dashboard_factory = DashboardFactory(self.dashboards, config)
         self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
         api = Resource()
         api.putChild(b"live", LiveCount(verifier, self.sessions))
-        site = self.site = make_site(SdkFactory(self.ingest), {
+        site = self.site = make_site(SdkFactory(self.ingest), config.handshake_timeout, {
             b"dashboard": WebSocketResource(dashboard_factory),
             b"api": api,
         })

@@ -79,16 +79,43 @@ class LiveCount(Resource):
 
 
 class QuietSite(Site):
-    """A ``Site`` without an access log: client addresses are not logged."""
+    """A ``Site`` without an access log (client addresses are not logged)
+    that gives each connection ``handshake_timeout`` seconds to become a
+    WebSocket or finish with HTTP: slow or silent connections (slowloris)
+    are dropped instead of held.
+    """
+
+    handshake_timeout = 5.0
 
     def log(self, request: object) -> None:
         pass
 
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            self.reactor.callLater(self.handshake_timeout, _expire, channel)
+        return channel
 
-def make_site(sdk_factory: SdkFactory, children: dict[bytes, Resource] | None = None) -> Site:
+
+def _expire(channel: Any) -> None:
+    """Drop a connection still speaking HTTP after the handshake timeout.
+
+    Autobahn detaches the channel from its transport when it upgrades the
+    connection, so an upgraded socket is left alone.
+    """
+    # Site.buildProtocol wraps the HTTPChannel (HTTP/1.1 or HTTP/2 is picked
+    # later); the channel itself holds the transport.
+    transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+
+
+def make_site(sdk_factory: SdkFactory, handshake_timeout: float = 5.0,
+              children: dict[bytes, Resource] | None = None) -> Site:
     """The site serving the SDK endpoint and the named resources."""
     root = Root(WebSocketResource(sdk_factory), children or {})
     site = QuietSite(root)
+    site.handshake_timeout = handshake_timeout
     site.displayTracebacks = False
     site.noisy = False
     return site

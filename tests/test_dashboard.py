@@ -91,7 +91,7 @@ def _stuck_dashboard(port, key):
 @pytest_twisted.ensureDeferred
 async def test_a_dashboard_that_never_reads_is_dropped_and_never_delays_acks(redis_url, clickhouse_url):
     """Broadcasts to a stuck dashboard stop at its socket buffer; it is dropped; every ack still comes."""
-    values = {"dashboard_max_skipped": "20"}
+    values = {"dashboard_max_skipped": "20", "rate_limit": "100000", "rate_burst": "100000"}
     async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
         key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
         stuck = await deferToThread(_stuck_dashboard, daemon.port, read)

@@ -110,6 +110,9 @@ async def test_a_dashboard_that_never_reads_is_dropped_and_never_delays_acks(red
                 break
         assert dashboards.dropped == 1
         assert dashboards.connected == set()
+        scraped = daemon.service.metrics.render().decode()
+        assert "bklit_dashboards_dropped_total 1.0" in scraped
+        assert 'bklit_connections{kind="dashboard"} 0.0' in scraped
         # paused by its full socket, it missed events instead of queueing them
         assert server_side.skipped > 20
         for _ in range(20):  # and acks keep coming after the drop

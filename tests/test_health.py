@@ -186,6 +186,26 @@ async def test_dead_letters_and_insert_failures_are_counted(clickhouse_server, r
 
 
 @pytest_twisted.ensureDeferred
+async def test_stream_gauges_follow_the_stream(clickhouse_server, redis_url, clickhouse_url):
+    """Stream length and pending are read by the health check: events waiting while ClickHouse is down show."""
+    async with running_daemon(settings(redis_url, clickhouse_url, **FAST)) as daemon:
+        key = await daemon.token("p1")
+        await deferToThread(clickhouse_server.stop)
+        try:
+            client = await sdk_client(daemon.port, key)
+            for _ in range(3):
+                client.send(sdk_pageview("p1", key=key))
+                await client.next_of("ack")
+            # three pageviews and the session's start row wait in the stream
+            await eventually(lambda: value(_parse(daemon.service.metrics.render().decode()),
+                                           "bklit_stream_length") == 4, timeout=10)
+        finally:
+            await deferToThread(clickhouse_server.start)
+        await eventually(lambda: value(_parse(daemon.service.metrics.render().decode()),
+                                       "bklit_stream_length") == 0, timeout=30)
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_refused_outside_metrics_networks(redis_url, clickhouse_url):
     """The port faces the internet: /metrics answers 403 to networks not listed."""
     async with running_daemon(settings(redis_url, clickhouse_url, metrics_networks="10.0.0.0/8")) as daemon:

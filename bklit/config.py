@@ -216,6 +216,8 @@ KEYS: dict[str, Key] = {
     "metrics_networks": Key("127.0.0.0/8,::1", _proxies, "Comma-separated networks allowed to read /metrics (the port faces the internet)."),
     "health_interval": Key("5", _seconds(0.05, 3600), "Seconds between the health checks /healthz reports (Redis, ClickHouse, the stream)."),
     "trusted_proxies": Key("", _proxies, "Comma-separated proxy addresses or networks whose X-Forwarded-For / X-Real-IP are believed."),
+    "geoip_db": Key("", _text, "MaxMind-format database (GeoLite2-City, DB-IP Lite City .mmdb) for region, city and coordinates. Empty: country only."),
+    "bot_policy": Key("drop", _choice("drop", "mark"), "Events from crawlers and headless browsers: drop (acked, not stored) or mark (stored with is_bot = 1)."),
 }
 
 
@@ -263,6 +265,8 @@ class Config:
     metrics_networks: tuple[str, ...]
     health_interval: float
     trusted_proxies: tuple[str, ...]
+    geoip_db: str
+    bot_policy: str
 
     @property
     def redis_address(self) -> RedisAddress:

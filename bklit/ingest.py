@@ -23,10 +23,10 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from bklit import enrich, live, queue, rows, wire
+from bklit import agents, enrich, geo, live, queue, rows, wire
 from bklit.config import Config
 from bklit.ids import EventIds
 from bklit.limits import Admission, Denied, TokenBucket, client_key
@@ -68,6 +68,9 @@ class Ingest:
         )
         self.trusted_proxies = enrich.parse_proxies(config.trusted_proxies)
         self.connections: set[SdkProtocol] = set()
+        self.locator = geo.Locator(config.geoip_db, clock, metrics=metrics)
+        self.agents = agents.shared()
+        self.drop_bots = config.bot_policy == "drop"
 
     async def close_all(self, timeout: float = 3.0) -> None:
         """Close every SDK socket with 1001 and wait (up to ``timeout``) for them."""
@@ -81,14 +84,27 @@ class Ingest:
     def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> Any:
         """Queue an accepted event and its broadcast; fires with its event id.
 
-        A pageview also starts, continues or resumes the connection's session.
+        A pageview also starts, continues or resumes the connection's session,
+        and carries the connection's place and its user agent's browser, OS
+        and device.  Once the handshake or a pageview showed a bot, the
+        socket's events are acked but neither stored nor broadcast when
+        ``bot_policy`` is drop, and stored with ``is_bot = 1`` when it is mark.
         """
         event_id = self.ids.new()
         received_at = time.time()
         project, session = conn.project_id, conn.session_id
-        if isinstance(message, wire.PageView):
+        pageview = isinstance(message, wire.PageView)
+        if pageview:
+            agent = self.agents.describe(message.user_agent or "")
+            conn.bot = conn.bot or agent.is_bot
+        if conn.bot and self.drop_bots:
+            self.metrics.bots_dropped.labels("pageview" if pageview else "event").inc()
+            return defer.succeed(event_id)
+        if pageview:
             row = rows.pageview_row(message, event_id=event_id, project_id=project,
                                     session_id=session, received_at=received_at, ip=conn.ip)
+            row.update(agent.columns(), is_bot=int(conn.bot), **conn.place.columns())
+            row["timezone"] = row["timezone"] or conn.place.timezone
             head, tail = live.pageview_parts(row, received_at)
             if not conn.joined:
                 conn.joined = True
@@ -171,6 +187,8 @@ class SdkProtocol(WebSocketServerProtocol):
         peer = self.transport.getPeer()
         full_ip = enrich.client_ip(getattr(peer, "host", ""), request.headers, self.ingest.trusted_proxies)
         self.ip = enrich.anonymise_ip(full_ip)
+        self.place = self.ingest.locator.locate(full_ip)  # looked up once; the full address is not kept
+        self.bot = self.ingest.agents.describe(request.headers.get("user-agent", "")).is_bot
         self.client = client_key(full_ip)
         try:
             self.ingest.admission.admit(self.client)

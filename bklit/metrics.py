@@ -52,6 +52,12 @@ class Metrics:
                                 "When the served certificate expires (Unix time).", registry=r)
         self.tls_reloads = Counter("bklit_tls_reloads", "Certificate reload attempts by outcome.", ["outcome"],
                                    registry=r)
+        self.bots_dropped = Counter("bklit_bots_dropped", "Events from bots acked but not stored (bot_policy drop).",
+                                    ["type"], registry=r)
+        self.geoip_build = Gauge("bklit_geoip_database_build_timestamp_seconds",
+                                 "When the GeoIP database in use was built (Unix time).", registry=r)
+        self.geoip_reloads = Counter("bklit_geoip_reloads", "GeoIP database reload attempts by outcome.", ["outcome"],
+                                     registry=r)
         self.up = Gauge("bklit_up", "Whether a dependency answered the last health check.", ["dependency"],
                         registry=r)
 

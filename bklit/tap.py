@@ -33,6 +33,7 @@ from autobahn.twisted.resource import WebSocketResource
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit.config import ConfigError, load_config
 from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
+from bklit.geo import GeoError, load_city_db
 from bklit.health import HealthCheck, HealthPage
 from bklit.ingest import Ingest, SdkFactory
 from bklit.limits import Admission
@@ -75,6 +76,11 @@ class Options(usage.Options):
                 self.tls_pair = load_pair(self.config.tls_cert, self.config.tls_key)
             except TLSError as e:
                 raise SystemExit(f"bklit: TLS error: {e}")
+        if self.config.runs_ingest and self.config.geoip_db:
+            try:  # checked here for a one-line error; Ingest reads it again
+                load_city_db(self.config.geoip_db).close()
+            except GeoError as e:
+                raise SystemExit(f"bklit: GeoIP database error: {e}")
 
 
 def check_endpoint(description: str) -> None:
@@ -187,12 +193,17 @@ class BklitService(MultiService):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        """What SIGHUP (``systemctl reload``) does: pick up renewed files."""
-        if self.tls is None:
-            self.log.info("SIGHUP: nothing to reload (no TLS certificate configured)")
+        """What SIGHUP (``systemctl reload``) does: pick up renewed certificate and GeoIP files."""
+        locator = self.ingest.locator if self.ingest is not None and self.ingest.locator.path else None
+        if self.tls is None and locator is None:
+            self.log.info("SIGHUP: nothing to reload (no TLS certificate or GeoIP database configured)")
             return
-        self.log.info("SIGHUP: reloading the TLS certificate")
-        self.tls.reload()
+        if self.tls is not None:
+            self.log.info("SIGHUP: reloading the TLS certificate")
+            self.tls.reload()
+        if locator is not None:
+            self.log.info("SIGHUP: reloading the GeoIP database {path}", path=locator.path)
+            locator.reload()
 
     async def migrate(self) -> None:
         """Bring the ClickHouse schema up to date (in the writer's threads)."""

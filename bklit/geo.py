@@ -92,8 +92,8 @@ def load_city_db(path: str) -> Any:
         raise GeoError(f"{path}: no such file") from None
     except OSError as e:
         raise GeoError(f"{path}: cannot read it: {e.strerror or e}") from None
-    except Exception as e:  # InvalidDatabaseError, or garbage the metadata decoder chokes on
-        raise GeoError(f"{path}: not a MaxMind-format database ({e})") from None
+    except Exception:  # InvalidDatabaseError, or garbage the metadata decoder chokes on
+        raise GeoError(f"{path}: not a MaxMind-format database") from None
     try:
         meta = reader.metadata()
         if meta.ip_version not in (4, 6) or meta.node_count <= 0:

@@ -208,7 +208,9 @@ class SdkProtocol(WebSocketServerProtocol):
         self.auth_timer = self.ingest.clock.callLater(self.ingest.config.auth_timeout, self.auth_timed_out)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.bad_ids or self.gate == "refused":
+        # Frames still arriving after a close was sent (too many errors, a
+        # binary frame, shutdown) are ignored: they could not be acked.
+        if self.bad_ids or self.gate == "refused" or not self.writable:
             return
         if isBinary:
             self.close(CLOSE_UNSUPPORTED, "Binary frames are not accepted")
@@ -271,7 +273,7 @@ class SdkProtocol(WebSocketServerProtocol):
             self.auth_timer.cancel()
         waiting, self.waiting = self.waiting, []
         for message in waiting:
-            if self.closed or self.gate != "open":
+            if not self.writable or self.gate != "open":
                 break
             getattr(self, "handle_" + type(message).__name__.lower())(message)
 

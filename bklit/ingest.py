@@ -225,6 +225,16 @@ class SdkProtocol(WebSocketServerProtocol):
             return
         self.receive(message)
 
+    def onPing(self, payload: bytes) -> None:
+        # A ping costs a token like a message: answering every one would let
+        # a client that floods pings and never reads grow our send buffer.
+        if not self.writable:
+            return
+        if not self.bucket.take():
+            self.reject("rate_limited", f"More than {self.ingest.config.rate_limit:g} messages a second; dropped")
+            return
+        super().onPing(payload)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.closed = True
         self.waiting = []

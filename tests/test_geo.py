@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from bklit import schema
+from bklit import geo, schema
 from bklit.geo import COUNTRY_NAMES, NOWHERE, GeoError, Locator, Place, load_city_db, place_of_record
 from bklit.metrics import Metrics
 
@@ -60,6 +60,14 @@ def city_db(tmp_path):
     return write_city_db(tmp_path / "city.mmdb")
 
 
+@pytest.fixture(params=["mapped copy", "in memory"])
+def reader_kind(request, monkeypatch):
+    """Both ways of holding the database: the C extension's map of a private copy, and pure Python."""
+    if request.param == "in memory":
+        monkeypatch.setattr(geo, "_MAPPED", False)
+    return request.param
+
+
 SHIPPED = [
     # registries' own addresses and big resolvers: stable allocations
     ("8.8.8.8", "US", "United States"),
@@ -94,7 +102,7 @@ def test_private_loopback_documentation_and_invalid_addresses_have_no_place(ip, 
     assert Locator(city_db).locate(ip) is NOWHERE
 
 
-def test_city_database_gives_region_city_coordinates_and_time_zone(city_db):
+def test_city_database_gives_region_city_coordinates_and_time_zone(reader_kind, city_db):
     """A GeoIP2 City record fills every column, names in English."""
     assert Locator(city_db).locate("81.2.69.142") == Place(
         country="United Kingdom", country_code="GB", region="ENG", region_name="England", city="London",
@@ -162,7 +170,7 @@ def test_place_fills_only_page_view_columns():
     ("truncated", "not a MaxMind-format database"),
     ("damaged_tree", "damaged MaxMind-format database"),
 ])
-def test_unusable_files_are_refused_naming_the_file(case, reason, tmp_path, city_db):
+def test_unusable_files_are_refused_naming_the_file(case, reason, reader_kind, tmp_path, city_db):
     """What ``twistd bklit`` checks before start: each error names the file and the reason."""
     path = tmp_path / "bad.mmdb"
     good = open(city_db, "rb").read()
@@ -183,12 +191,18 @@ def test_unusable_files_are_refused_naming_the_file(case, reason, tmp_path, city
         Locator(str(path))
 
 
-def test_file_rewritten_in_place_does_not_affect_the_database_in_use(tmp_path, city_db):
-    """The file is read whole: overwriting or truncating it leaves lookups intact until a reload."""
+def test_file_rewritten_in_place_does_not_affect_the_database_in_use(reader_kind, tmp_path, city_db):
+    """A private copy is read: overwriting or truncating the file leaves lookups intact until a reload."""
     locator = Locator(city_db)
+    assert type(locator.reader).__module__ == ("maxminddb.extension" if reader_kind == "mapped copy"
+                                               else "maxminddb.reader")
     with open(city_db, "r+b") as handle:
-        handle.truncate(100)
+        handle.write(b"\xff" * 2000)
+        handle.truncate(3000)
     assert locator.locate("81.2.69.142").city == "London"
+    assert locator.locate("2a02:8070::1").city == "Berlin"
+    with pytest.raises(GeoError):
+        load_city_db(city_db)
 
 
 @pytest_twisted.ensureDeferred

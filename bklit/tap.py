@@ -38,6 +38,7 @@ from bklit.health import HealthCheck, HealthPage
 from bklit.ingest import Ingest, SdkFactory
 from bklit.limits import Admission
 from bklit.metrics import Metrics, MetricsPage
+from bklit.notify import notify, reloading
 from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
@@ -187,13 +188,23 @@ class BklitService(MultiService):
         if self.dashboards is not None:
             self.dashboards.broadcaster.start()
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        # The listener is bound by now (a failed bind raised); ready once Redis answers.
+        self.redis.ready().addCallback(lambda _: notify("READY=1", f"STATUS=role {self.config.role}"))
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         # Only schedule: the reload runs in the reactor, not in the handler.
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        """What SIGHUP (``systemctl reload``) does: pick up renewed certificate and GeoIP files."""
+        """What SIGHUP (``systemctl reload``) does, told to systemd around it."""
+        reloading()
+        try:
+            self._reload_files()
+        finally:
+            notify("READY=1")
+
+    def _reload_files(self) -> None:
+        """Pick up renewed certificate and GeoIP files."""
         locator = self.ingest.locator if self.ingest is not None and self.ingest.locator.path else None
         if self.tls is None and locator is None:
             self.log.info("SIGHUP: nothing to reload (no TLS certificate or GeoIP database configured)")
@@ -218,6 +229,7 @@ class BklitService(MultiService):
 
     async def _stop(self) -> None:
         self.running = 0
+        notify("STOPPING=1")
         if getattr(self, "_previous_sighup", None) is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None

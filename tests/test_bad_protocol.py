@@ -1,0 +1,443 @@
+"""The bad-input catalogue, part 2: keys, frames, connections and headers.
+
+Written with a raw client that builds its own frames, so it can send what no
+WebSocket library would: unmasked or lying frames, reserved opcodes and
+close codes, floods of pings.  It answers a close frame as a browser does,
+records the close code the server sent (or that it sent none) and any
+pongs.  As in part 1 (tests/test_bad_input.py, whose scenario and good
+client this part uses), a well-behaved client on another socket must go on
+getting acks throughout, and nothing of the bad input may be stored.
+"""
+
+import base64
+import json
+import os
+import struct
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from bklit.tokens import TokenStore
+from harness import clickhouse_rows, connect, eventually
+from test_bad_input import (AFTER_URL, BAD_ADDRESS, BAD_SESSION, acked, close, frame, pageview, scenario, sleep,
+                            text_frames)
+
+PATH = f"/?projectId=p1&sessionId={BAD_SESSION}"
+
+
+class RawSocket(protocol.Protocol):
+    """A WebSocket client that writes bytes as given and parses what the server sends."""
+
+    def __init__(self, path=PATH, headers=None, request=None):
+        self.path = path
+        self.headers = BAD_ADDRESS if headers is None else headers
+        self.request = request
+        self.buffer = b""
+        self.status_line = None
+        self.inbox = defer.DeferredQueue()
+        self.close_frame = None  # (code, reason) the server sent
+        self.pongs = 0
+        self.received = b""  # everything, for connections that never upgrade
+        self.answered = defer.Deferred()  # fires with the HTTP status line
+        self.lost = defer.Deferred()  # fires with close_frame when the TCP connection is gone
+
+    def connectionMade(self):
+        if self.request is None:
+            lines = [f"GET {self.path} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket",
+                     "Connection: Upgrade", "Sec-WebSocket-Version: 13",
+                     "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode(),
+                     *(f"{name}: {value}" for name, value in self.headers.items())]
+            self.request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.received += data
+        self.buffer += data
+        if self.status_line is None:
+            head, found, rest = self.buffer.partition(b"\r\n\r\n")
+            if not found:
+                return
+            self.status_line, self.buffer = head.split(b"\r\n")[0].decode("latin-1"), rest
+            self.answered.callback(self.status_line)
+        while self._frame():
+            pass
+
+    def _frame(self):
+        """Take one server frame off the buffer; False when it is incomplete."""
+        if len(self.buffer) < 2:
+            return False
+        size, start = self.buffer[1] & 0x7F, 2
+        if size >= 126:
+            start += 2 if size == 126 else 8
+            if len(self.buffer) < start:
+                return False
+            size = int.from_bytes(self.buffer[2:start], "big")
+        if len(self.buffer) < start + size:
+            return False
+        opcode, payload = self.buffer[0] & 0x0F, self.buffer[start:start + size]
+        self.buffer = self.buffer[start + size:]
+        if opcode == 1:
+            self.inbox.put(json.loads(payload))
+        elif opcode == 8:
+            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+            self.close_frame = (code, payload[2:].decode("utf-8"))
+            self.transport.write(frame(8, payload[:2]))  # answer it, as browsers do
+        elif opcode == 10:
+            self.pongs += 1
+        return True
+
+    def connectionLost(self, reason):
+        self.lost.callback(self.close_frame)
+
+    def send(self, *messages):
+        """Write JSON messages as text frames, in one write."""
+        self.transport.write(text_frames(*messages))
+
+    async def next(self, timeout=10.0):
+        """The next text message."""
+        return await self.inbox.get().addTimeout(timeout, reactor)
+
+    async def closed(self, timeout=10.0):
+        """The close frame the server sent before the connection went (None: it sent none)."""
+        return await self.lost.addTimeout(timeout, reactor)
+
+
+async def raw_socket(port, path=PATH, headers=None, request=None, upgraded=True):
+    """A connected RawSocket; unless told otherwise, upgraded and past ``connected``."""
+    factory = protocol.Factory.forProtocol(lambda: RawSocket(path, headers, request))
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    if upgraded:
+        assert await client.answered.addTimeout(10, reactor) == "HTTP/1.1 101 Switching Protocols"
+        assert (await client.next())["type"] == "connected"
+    return client
+
+
+async def revoked(daemon, key):
+    """Revoke a key in the daemon's Redis."""
+    store = TokenStore(daemon.service.redis.call)
+    for token in await store.find(key):
+        await store.revoke(token)
+    return key
+
+
+async def bad_key(s, kind):
+    """A key that must be refused for project p1, and the Origin to present it from."""
+    if kind == "unknown":
+        return "bk_" + "0" * 43, None
+    if kind == "revoked":
+        return await revoked(s.daemon, await s.daemon.token("p1")), None
+    if kind == "expired":
+        return await s.daemon.token("p1", expires_at=time.time() - 1), None
+    if kind == "read_scope":
+        return await s.daemon.token("p1", scope="read"), None
+    if kind == "other_project":
+        return await s.daemon.token("p2"), None
+    if kind == "other_origin":
+        return await s.daemon.token("p1", domains=("shop.example.com",)), "https://evil.example"
+    raise AssertionError(kind)
+
+
+# The key is refused: an unauthorized error with this message, then close 1008.
+# name: (what is wrong with the key, how it is presented, message)
+REFUSED_KEYS = {
+    "unknown_key": ("unknown", "auth", "invalid API key"),
+    "unknown_key_on_a_pageview": ("unknown", "pageview", "invalid API key"),
+    "revoked_key": ("revoked", "auth", "API key revoked"),
+    "expired_key": ("expired", "auth", "API key expired"),
+    "read_key_on_the_sdk_endpoint": ("read_scope", "auth", "API key is not valid for ingest"),
+    "key_of_another_project": ("other_project", "pageview", "API key is not valid for this project"),
+    "key_from_another_origin": ("other_origin", "auth", "origin not allowed for this API key"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_KEYS))
+@pytest_twisted.ensureDeferred
+async def test_refused_key(case, redis_server, redis_url, clickhouse_url):
+    """A bad key gets ``unauthorized`` with its reason and the socket closes 1008; nothing is stored."""
+    kind, how, reason = REFUSED_KEYS[case]
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        key, origin = await bad_key(s, kind)
+        bad = await connect(s.port, path=f"/?projectId=p1&sessionId={BAD_SESSION}", headers=BAD_ADDRESS,
+                            origin=origin)
+        assert (await bad.next())["type"] == "connected"
+        bad.send({"type": "auth", "apiKey": key} if how == "auth" else pageview(key))
+        bad.send(pageview(key))  # waits for the verdict, then is dropped with it
+        assert await bad.next() == {"type": "error", "code": "unauthorized", "message": reason}
+        assert await bad.wait_closed() == (1008, "Unauthorized")
+        assert bad.inbox.pending == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_replayed_after_revocation(redis_server, redis_url, clickhouse_url):
+    """A key revoked while a socket used it is refused on new sockets; the socket it opened keeps its session."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        key = await s.daemon.token("p1")
+        first = await s.bad(key)
+        await revoked(s.daemon, key)
+        replay = await s.bad(session="1732608000000-replay", headers={"X-Forwarded-For": "203.0.113.67"})
+        replay.send({"type": "auth", "apiKey": key})
+        assert await replay.next() == {"type": "error", "code": "unauthorized", "message": "API key revoked"}
+        assert await replay.wait_closed() == (1008, "Unauthorized")
+        first.send(pageview(key, url=AFTER_URL))  # authentication is per connection, checked once
+        s.pageviews.append((BAD_SESSION, await acked(first), AFTER_URL))
+        await close(first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_repeated_on_an_open_socket(redis_server, redis_url, clickhouse_url):
+    """A second ``auth``, whatever its key, is answered ``auth_success`` and changes nothing."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        bad = await s.bad(s.key)
+        for key in (s.key, "bk_" + "1" * 43):
+            bad.send({"type": "auth", "apiKey": key})
+            assert await bad.next() == {"type": "auth_success"}
+        bad.send(pageview("bk_" + "2" * 43, url=AFTER_URL))  # a later apiKey is not looked at
+        s.pageviews.append((BAD_SESSION, await acked(bad), AFTER_URL))
+        await close(bad)
+
+
+def close_frame(code, reason=b""):
+    """A close frame with a status code (and raw reason bytes)."""
+    return frame(8, struct.pack("!H", code) + reason)
+
+
+# The server closes with this code, its reason containing the text.
+# name: (frames to send, close code, words of the reason)
+FRAMES = {
+    "binary_frame": ([frame(2, b'{"type":"auth","apiKey":"k"}')], 1003, "Binary frames are not accepted"),
+    "invalid_utf8": ([frame(1, b'{"type":"auth","apiKey":"\xff\xfe"}')], 1007, "invalid UTF-8"),
+    "utf8_cut_at_the_last_fragment": ([frame(1, b'{"type":"auth","apiKey":"\xc3', fin=False), frame(0, b"")],
+                                      1007, "ended within Unicode code point"),
+    "fragments_over_the_limit_in_sum": ([frame(1, b"a" * 8000, fin=False), frame(0, b"a" * 8000, fin=False),
+                                         frame(0, b"a" * 8000)], 1009, "exceeds payload limit of 16384"),
+    "length_field_of_2_62_bytes": ([frame(1, b"", length=2 ** 62)], 1009, "exceeds payload limit of 16384"),
+    "unmasked_frame": ([frame(1, b'{"type":"auth","apiKey":"k"}', mask=False)], 1002, "unmasked"),
+    "reserved_bits": ([frame(1, b"{}", rsv=4)], 1002, "RSV = 4"),
+    "reserved_data_opcode": ([frame(3, b"{}")], 1002, "reserved opcode 3"),
+    "reserved_control_opcode": ([frame(11)], 1002, "reserved opcode 11"),
+    "continuation_without_a_start": ([frame(0, b"{}")], 1002, "continuation data frame outside"),
+    "new_message_inside_a_fragmented_one": ([frame(1, b"{", fin=False), frame(1, b"}")], 1002,
+                                            "non-continuation data frame while inside"),
+    "fragmented_ping": ([frame(9, b"x", fin=False)], 1002, "fragmented control frame"),
+    "ping_over_125_bytes": ([frame(9, b"x" * 126)], 1002, "payload length > 125"),
+    "non_minimal_length": ([b"\x81\xfe\x00\x02" + b"\0\0\0\0" + b"{}"], 1002, "minimal length encoding"),
+}
+
+
+@pytest.mark.parametrize("case", list(FRAMES))
+@pytest_twisted.ensureDeferred
+async def test_bad_frame_closes_with_its_code(case, redis_server, redis_url, clickhouse_url):
+    """Broken or forbidden frames close the socket with their RFC 6455 code; nothing is stored."""
+    frames, code, words = FRAMES[case]
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        bad = await raw_socket(s.port)
+        bad.send({"type": "auth", "apiKey": s.key})
+        assert await bad.next() == {"type": "auth_success"}
+        bad.transport.write(b"".join(frames) + text_frames(pageview(s.key, url=AFTER_URL)))
+        closed_with, reason = await bad.closed()
+        assert closed_with == code and words in reason, (closed_with, reason)
+        assert bad.inbox.pending == []
+
+
+# Close frames the RFC forbids: Autobahn fails the connection (it writes a 1002 or 1007
+# close frame) and, as it has just read the peer's close, aborts the TCP connection at
+# once, which discards that frame: the client sees the connection drop without one.
+BAD_CLOSES = {
+    "reserved_close_codes": [close_frame(code) for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000)],
+    "close_body_of_one_byte": [frame(8, b"\x03")],
+    "close_reason_not_utf8": [close_frame(1000, b"\xff\xfe")],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLOSES))
+@pytest_twisted.ensureDeferred
+async def test_forbidden_close_frame_drops_the_connection(case, redis_server, redis_url, clickhouse_url):
+    """Each forbidden close frame drops its connection at once, without a close frame, and frees its place."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        for forbidden in BAD_CLOSES[case]:
+            bad = await raw_socket(s.port)
+            started = time.monotonic()
+            bad.transport.write(forbidden)
+            assert await bad.closed() is None
+            assert time.monotonic() - started < 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_application_close_code_is_answered_1000(redis_server, redis_url, clickhouse_url):
+    """A client closing with a private code (4000) and a long reason is answered with a plain 1000."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        bad = await raw_socket(s.port)
+        bad.transport.write(close_frame(4000, "é".encode() * 61))
+        assert await bad.closed() == (1000, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping_flood_is_rate_limited(redis_server, redis_url, clickhouse_url):
+    """Pings spend message tokens: a burst of 50 is answered, the next 10 get rate_limited, then 1008."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        bad = await raw_socket(s.port)
+        bad.transport.write(frame(9, b"ping") * 20_000)
+        assert await bad.closed() == (1008, "Too many errors")
+        assert bad.pongs == 50
+        assert bad.inbox.pending == [
+            {"type": "error", "code": "rate_limited", "message": "More than 20 messages a second; dropped"}] * 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_pong_flood_is_ignored(redis_server, redis_url, clickhouse_url):
+    """Unasked-for pongs cost the server nothing it must answer: they are ignored and the socket is served."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        bad = await raw_socket(s.port)
+        bad.transport.write(frame(10, b"pong") * 20_000)
+        bad.send({"type": "auth", "apiKey": s.key}, pageview(s.key, url=AFTER_URL))
+        assert await bad.next() == {"type": "auth_success"}
+        ack = await bad.next()
+        assert ack["type"] == "ack"
+        s.pageviews.append((BAD_SESSION, ack["eventId"], AFTER_URL))
+        bad.transport.write(close_frame(1000))
+        assert await bad.closed() == (1000, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_endless_empty_fragments_end_with_the_auth_timeout(redis_server, redis_url, clickhouse_url):
+    """A message that never ends (empty continuation frames) cannot hold a keyless socket past auth_timeout."""
+    async with scenario(redis_server, redis_url, clickhouse_url, auth_timeout="0.5") as s:
+        bad = await raw_socket(s.port)
+        bad.transport.write(frame(1, b"{", fin=False))
+        while not bad.lost.called and bad.inbox.pending == []:
+            bad.transport.write(frame(0, b"", fin=False) * 1000)
+            await sleep(0.01)
+        assert await bad.next() == {"type": "error", "code": "unauthorized", "message": "No API key within 0.5 s"}
+        assert await bad.closed() == (1008, "Unauthorized")
+
+
+@pytest_twisted.ensureDeferred
+async def test_flood_of_garbage_sockets(redis_server, redis_url, clickhouse_url):
+    """Two hundred sockets from as many addresses, ten bad frames each: every one closed 1008 after ten errors."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        addresses = [f"203.0.113.{n + 1}" if n % 2 else f"2001:db8:{n:x}::1" for n in range(200)]
+        sockets = await defer.gatherResults([defer.ensureDeferred(raw_socket(
+            s.port, headers={"X-Forwarded-For": address})) for address in addresses])
+        for bad in sockets:
+            bad.transport.write(text_frames(*["[1]"] * 10))
+        closes = await defer.gatherResults([bad.lost for bad in sockets])
+        assert closes == [(1008, "Too many errors")] * 200
+        assert all(len(bad.inbox.pending) == 10 for bad in sockets)
+
+
+# Upgrades refused before any WebSocket exists: the exact HTTP status line.
+# name: (config, how many upgrades the bad address makes first and what each does, status line)
+async def fill_per_address(s):
+    return [await raw_socket(s.port) for _ in range(3)]
+
+
+async def fill_server(s):
+    return [await raw_socket(s.port, headers={"X-Forwarded-For": f"203.0.113.{n}"}) for n in (1, 2)]
+
+
+async def fail_keys(s):
+    for _ in range(3):
+        bad = await raw_socket(s.port)
+        bad.send({"type": "auth", "apiKey": "bk_guess"})
+        assert (await bad.next())["code"] == "unauthorized"
+        assert await bad.closed() == (1008, "Unauthorized")
+    return []
+
+
+REFUSED_UPGRADES = {
+    "connections_from_one_address": ({"max_connections_per_ip": "3"}, fill_per_address,
+                                     "HTTP/1.1 429 Too many connections from this address"),
+    "connections_in_all": ({"max_connections": "3"}, fill_server, "HTTP/1.1 503 Server at its connection limit"),
+    "guessing_keys": ({"auth_failures_max": "3"}, fail_keys,
+                      "HTTP/1.1 429 Too many failed authentications; try again later"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_UPGRADES))
+@pytest_twisted.ensureDeferred
+async def test_refused_upgrade(case, redis_server, redis_url, clickhouse_url):
+    """Past the connection limits, or locked out, an address's upgrades get 429 or 503; the good client's do not."""
+    config, before, status = REFUSED_UPGRADES[case]
+    async with scenario(redis_server, redis_url, clickhouse_url, **config) as s:
+        held = await before(s)
+        refused = await raw_socket(s.port, upgraded=False)
+        assert await refused.answered == status
+        await refused.closed()
+        for bad in held:
+            bad.transport.write(close_frame(1000))
+            await bad.closed()
+
+
+HANDSHAKE = (f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Version: 13\r\n")
+
+# Connections that never become WebSockets. name: (bytes sent, what comes back before the close)
+NOT_UPGRADED = {
+    "silent_connection": (b"", b""),
+    "slow_handshake": (HANDSHAKE.encode(), b""),
+    "upgrade_without_a_key": ((HANDSHAKE + "\r\n").encode(),
+                              b"HTTP/1.1 400 HTTP Sec-WebSocket-Key header missing\r\n\r\n"),
+    "six_hundred_headers": (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % n for n in range(600)) + b"\r\n",
+                            b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+    "tls_on_the_plain_port": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64), b""),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_UPGRADED))
+@pytest_twisted.ensureDeferred
+async def test_connection_that_never_upgrades(case, redis_server, redis_url, clickhouse_url):
+    """Silent, slow or malformed handshakes get their answer (or none) and are gone within handshake_timeout."""
+    sent, answer = NOT_UPGRADED[case]
+    async with scenario(redis_server, redis_url, clickhouse_url, handshake_timeout="0.5") as s:
+        started = time.monotonic()
+        bad = await raw_socket(s.port, request=sent, upgraded=False)
+        await bad.closed()
+        assert bad.received == answer
+        assert time.monotonic() - started < 1.5
+
+
+def stored_ip(clickhouse_url, event_id):
+    """The stored (anonymised) address of a pageview."""
+    return clickhouse_rows(clickhouse_url, f"SELECT ip FROM page_view_event WHERE id = '{event_id}'")[0][0]
+
+
+# Forwarding headers. name: (trusted proxies, headers, stored address)
+SPOOFED = {
+    "forwarded_for_from_an_untrusted_peer": ("", {"X-Forwarded-For": "203.0.113.9"}, "127.0.0.0"),
+    "real_ip_from_an_untrusted_peer": ("", {"X-Real-IP": "203.0.113.9"}, "127.0.0.0"),
+    "fake_hop_before_the_proxy's": ("127.0.0.1", {"X-Forwarded-For": "192.0.2.200, 203.0.113.9"}, "203.0.113.0"),
+    "garbage_last_hop": ("127.0.0.1", {"X-Forwarded-For": "203.0.113.9, <script>", "X-Real-IP": "nope"},
+                         "127.0.0.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPOOFED))
+@pytest_twisted.ensureDeferred
+async def test_spoofed_forwarding_headers(case, redis_server, redis_url, clickhouse_url):
+    """Forwarding headers are believed only from trusted proxies, and only the hop the proxy added."""
+    proxies, headers, address = SPOOFED[case]
+    async with scenario(redis_server, redis_url, clickhouse_url, trusted_proxies=proxies) as s:
+        bad = await raw_socket(s.port, headers=headers)
+        bad.send({"type": "auth", "apiKey": s.key}, pageview(s.key, url=AFTER_URL))
+        assert await bad.next() == {"type": "auth_success"}
+        event_id = (await bad.next())["eventId"]
+        s.pageviews.append((BAD_SESSION, event_id, AFTER_URL))
+        bad.transport.write(close_frame(1000))
+        await bad.closed()
+        assert await eventually(lambda: stored_ip(clickhouse_url, event_id)) == address
+
+
+@pytest_twisted.ensureDeferred
+async def test_crawler_user_agent_is_acked_not_stored(redis_server, redis_url, clickhouse_url):
+    """A socket whose upgrade names a crawler gets its acks (bot_policy drop), and nothing is stored."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        bad = await raw_socket(s.port, headers={
+            **BAD_ADDRESS, "User-Agent": "Googlebot/2.1 (+http://www.google.com/bot.html)"})
+        bad.send({"type": "auth", "apiKey": s.key}, pageview(s.key, url=AFTER_URL))
+        assert await bad.next() == {"type": "auth_success"}
+        assert (await bad.next())["type"] == "ack"
+        bad.transport.write(close_frame(1000))
+        await bad.closed()

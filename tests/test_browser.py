@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -68,6 +69,10 @@ def browser_tools() -> dict:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
         if done.returncode != 0 or not all(path.exists() for path in NEEDED):
             pytest.fail(f"npm ci in tests/browser failed (exit {done.returncode}):\n{done.stdout}", pytrace=False)
+    release = subprocess.run([tools["chromium"], "--version"], stdout=subprocess.PIPE, text=True).stdout
+    major = re.search(r"(\d+)\.\d+", release).group(1)
+    tools["user_agent"] = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                           f"Chrome/{major}.0.0.0 Safari/537.36")
     return tools
 
 
@@ -143,10 +148,17 @@ def trusting_home(directory: Path, ca_pem: bytes) -> Path:
     return directory
 
 
-async def drive(tools: dict, scenario: str, site: str, profile: Path, home: Path | None = None) -> list[dict]:
-    """Run one scenario of drive.mjs in this reactor; its JSON records, or fail with its output."""
+async def drive(tools: dict, scenario: str, site: str, profile: Path, home: Path | None = None,
+                as_headless: bool = False) -> list[dict]:
+    """Run one scenario of drive.mjs in this reactor; its JSON records, or fail with its output.
+
+    The browser presents a normal Chrome user agent, as a visitor's would,
+    unless ``as_headless``: then it says HeadlessChrome, like a bot.
+    """
     profile.mkdir()
     options = {"scenario": scenario, "site": site, "chromium": tools["chromium"], "profile": str(profile)}
+    if not as_headless:
+        options["userAgent"] = tools["user_agent"]
     driver = _Driver()
     env = dict(os.environ, HOME=str(home)) if home is not None else dict(os.environ)
     process = reactor.spawnProcess(driver, tools["node"], [tools["node"], "drive.mjs", json.dumps(options)],
@@ -364,3 +376,29 @@ async def test_sdk_without_api_key_stores_nothing_and_sees_the_error(browser_too
         for table in ("page_view_event", "tracked_event", "tracked_session"):
             assert clickhouse_rows(clickhouse_url, (
                 f"SELECT count() FROM {table} FINAL WHERE session_id != '{control}'")) == [(0,)], table
+
+
+@pytest_twisted.ensureDeferred
+async def test_headless_user_agent_is_acked_but_dropped_as_a_bot(browser_tools, redis_url, clickhouse_url, tmp_path):
+    """The same visit saying HeadlessChrome: the SDK gets its acks, nothing is stored, the bot counter moves."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        async with serving_site(settings_module("p1", daemon.port, key)) as site:
+            records = await drive(browser_tools, "visit", site, tmp_path / "profile", as_headless=True)
+        assert "HeadlessChrome/" in page_facts(records, "page1")["userAgent"]
+        logs = console(records, "tab")
+        assert logs.count(f"{SDK_ACKED} pageview") == 3 and logs.count(f"{SDK_ACKED} event") == 1, logs
+        scraped = daemon.service.metrics.render().decode()
+        assert 'bklit_bots_dropped_total{type="pageview"} 3.0' in scraped
+        assert 'bklit_bots_dropped_total{type="event"} 1.0' in scraped
+        # a keyed pageview of a normal client, sent after, is stored: so the bot's would have been by then
+        from test_live import sdk_client
+        from harness import sdk_pageview
+
+        client = await sdk_client(daemon.port, key, session="s-person")
+        client.send(sdk_pageview("p1", session="s-person", key=key))
+        await client.next_of("ack")
+        await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT count() FROM page_view_event") == [(1,)])
+        for table in ("page_view_event", "tracked_event"):
+            assert clickhouse_rows(clickhouse_url, f"SELECT count() FROM {table} WHERE session_id != 's-person'") \
+                == [(0,)], table

@@ -142,6 +142,9 @@ try {
     headless: true,
     args: ARGS,
     timeout: WAIT_MS,
+    // A normal browser's user agent instead of HeadlessChrome (which the
+    // server rightly drops as a bot); it applies to pages and the WebSocket.
+    ...(options.userAgent ? { userAgent: options.userAgent } : {}),
   });
   await scenarios[options.scenario](context);
   emit({ event: "done" });

@@ -2,6 +2,7 @@
 #   make test    install what is missing, then run the test suite
 #   make run     start local Redis and ClickHouse, then the daemon on :8080
 #   make bench   run the benchmarks under bench/
+#   make fuzz    fuzz the message parser for FUZZ_SECONDS (atheris, installed when missing)
 #   make clean   stop the local servers, remove .venv, .run and the browser tests' node_modules
 
 PYTHON ?= python3
@@ -11,9 +12,10 @@ NODE_MODULES := tests/browser/node_modules
 NODE_STAMP := $(NODE_MODULES)/.installed
 PYTEST_ARGS ?=
 RUN_ARGS ?=
-BENCH ?= $(filter-out bench/_%,$(wildcard bench/*.py))
+BENCH ?= $(filter-out bench/_% bench/fuzz_%,$(wildcard bench/*.py))
+FUZZ_SECONDS ?= 60
 
-.PHONY: all packages test-packages venv $(VENV) test run services stop bench clean
+.PHONY: all packages test-packages venv $(VENV) test run services stop bench fuzz clean
 
 all: $(VENV)
 
@@ -60,6 +62,13 @@ bench: packages $(STAMP)
 	@for script in $(BENCH); do \
 		echo "== $$script"; $(VENV)/bin/python $$script || exit 1; \
 	done
+
+# Coverage-guided (libFuzzer through atheris, a binary wheel); the corpus
+# grows under .run/fuzz-parser, a crashing input lands next to it.
+fuzz: $(STAMP)
+	$(VENV)/bin/python -c "import atheris" 2>/dev/null || \
+		$(VENV)/bin/pip install -q --disable-pip-version-check atheris
+	$(VENV)/bin/python bench/fuzz_parser.py -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	-test ! -d .run || $(PYTHON) scripts/dev-services stop

@@ -23,7 +23,7 @@ _MAPPED_V4 = ipaddress.ip_network("::ffff:0:0/96")
 _CONTROL_CHARACTERS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)])
 
 
-def _plain_address(text: str) -> Address | None:
+def plain_address(text: str) -> Address | None:
     """Parse an IP address; IPv4-mapped IPv6 becomes IPv4; None when invalid."""
     try:
         address = ipaddress.ip_address(text.strip())
@@ -41,7 +41,7 @@ def _header_address(text: str) -> Address | None:
         text = text[1:].partition("]")[0]
     elif text.count(":") == 1:
         text = text.partition(":")[0]
-    return _plain_address(text)
+    return plain_address(text)
 
 
 def _as_network(value) -> Network:
@@ -106,7 +106,7 @@ def client_ip(peer_host: str, headers: Mapping[str, str], trusted_proxies) -> st
     ``trusted_proxies`` holds networks (or strings, parsed as by parse_proxies).
     A peer that is not an IP address (e.g. a UNIX socket) is returned as given.
     """
-    peer = _plain_address(peer_host) if isinstance(peer_host, str) else None
+    peer = plain_address(peer_host) if isinstance(peer_host, str) else None
     if peer is None:
         return peer_host if isinstance(peer_host, str) else ""
     networks = tuple(_as_network(value) for value in trusted_proxies)
@@ -125,7 +125,7 @@ def anonymise_ip(ip: str) -> str:
 
     IPv4-mapped IPv6 addresses are treated as IPv4.
     """
-    address = _plain_address(ip) if isinstance(ip, str) else None
+    address = plain_address(ip) if isinstance(ip, str) else None
     if address is None:
         return ""
     if address.version == 4:

@@ -30,6 +30,7 @@ from iptocc import country_code as registry_country
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from bklit.enrich import plain_address
 
 log = Logger()
 
@@ -78,13 +79,8 @@ class GeoError(Exception):
 
 def _routable(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address to look up, or None when ``ip`` is invalid or not globally routable."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address if address.is_global else None
+    address = plain_address(ip)
+    return address if address is not None and address.is_global else None
 
 
 def _private_map(source: Any) -> Any:

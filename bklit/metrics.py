@@ -93,12 +93,5 @@ class MetricsPage(Resource):
 
 
 def _in(host: str, network: Any) -> bool:
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.version == network.version and address in network
+    address = enrich.plain_address(host)
+    return address is not None and address.version == network.version and address in network

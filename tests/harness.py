@@ -190,6 +190,21 @@ def clickhouse_rows(clickhouse_url: str, query: str) -> list[tuple]:
         client.disconnect()
 
 
+@asynccontextmanager
+async def redis_connection(redis_url: str, reply_timeout: float = 5.0):
+    """A started ``RedisService`` on the test's Redis, stopped afterwards."""
+    from bklit.config import parse_redis_url
+    from bklit.redis_client import RedisService
+
+    redis = RedisService(parse_redis_url(redis_url), reply_timeout, reactor)
+    redis.startService()
+    try:
+        await redis.ready().addTimeout(10, reactor)
+        yield redis
+    finally:
+        await redis.stopService()
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now."""
     import socket

@@ -9,7 +9,6 @@ Exit codes: 0 done, 1 failed, 2 usage error.
 import json
 import os
 import time
-from contextlib import asynccontextmanager
 
 import pytest
 import pytest_twisted
@@ -18,10 +17,10 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bklit.clickhouse import Inserter
-from bklit.config import clickhouse_database, parse_redis_url
+from bklit.config import clickhouse_database
 from bklit.queue import DEAD_STREAM, GROUP, STREAM
-from bklit.redis_client import RedisService
-from harness import SESSION, clickhouse_rows, eventually, running_daemon, sdk_event, sdk_pageview, settings
+from harness import (SESSION, clickhouse_rows, eventually, redis_connection, running_daemon, sdk_event,
+                     sdk_pageview, settings)
 from servers import free_port
 from test_cli import BKLIT, bklit
 from test_live import open_dashboard, sdk_client
@@ -42,17 +41,6 @@ async def run_json(*args):
     assert code == 0, err
     return json.loads(out)
 
-
-@asynccontextmanager
-async def redis_connection(redis_url):
-    """A started ``RedisService`` on the test's Redis."""
-    redis = RedisService(parse_redis_url(redis_url), 5.0, reactor)
-    redis.startService()
-    try:
-        await redis.ready().addTimeout(10, reactor)
-        yield redis
-    finally:
-        await redis.stopService()
 
 
 def pageview_record(event_id, url, project="p1", session=SESSION, timestamp=None):

@@ -6,7 +6,6 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
 from harness import connect, eventually, running_daemon, sdk_pageview, settings

@@ -6,18 +6,16 @@ over the wire.
 """
 
 import time
-from contextlib import asynccontextmanager
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
-from bklit.config import parse_redis_url
 from bklit.queue import STREAM, StreamProducer
-from bklit.redis_client import RedisService, RedisUnavailable
+from bklit.redis_client import RedisUnavailable
 
-from harness import eventually
+from harness import eventually, redis_connection
 
 REPLY_TIMEOUT = 5.0
 
@@ -42,17 +40,6 @@ class CountingRedis:
         return self.redis.call(command, *args)
 
 
-@asynccontextmanager
-async def redis_connection(redis_url):
-    """A started ``RedisService`` (5 s reply timeout) on the test's Redis."""
-    redis = RedisService(parse_redis_url(redis_url), REPLY_TIMEOUT, reactor)
-    redis.startService()
-    try:
-        await redis.ready().addTimeout(10, reactor)
-        yield redis
-    finally:
-        await redis.stopService()
-
 
 def command_calls(redis_server, *commands):
     """How many times Redis ran each of ``commands`` since the last CONFIG RESETSTAT."""
@@ -75,7 +62,7 @@ def stream_key(stream_id):
 @pytest_twisted.ensureDeferred
 async def test_one_turn_is_one_script_call_and_ids_come_in_order(redis_server, redis_url):
     """100 entries enqueued in one turn go in one Redis call; each Deferred fires with its id, in order."""
-    async with redis_connection(redis_url) as redis:
+    async with redis_connection(redis_url, REPLY_TIMEOUT) as redis:
         counting = CountingRedis(redis)
         producer = StreamProducer(counting, reactor)
         redis_server.execute("CONFIG", "RESETSTAT")
@@ -93,7 +80,7 @@ async def test_one_turn_is_one_script_call_and_ids_come_in_order(redis_server, r
 @pytest_twisted.ensureDeferred
 async def test_each_turn_is_its_own_call_and_large_turns_are_split_in_order(redis_server, redis_url):
     """A later turn makes its own call; a turn over ``max_batch`` becomes several calls, still in order."""
-    async with redis_connection(redis_url) as redis:
+    async with redis_connection(redis_url, REPLY_TIMEOUT) as redis:
         counting = CountingRedis(redis)
         producer = StreamProducer(counting, reactor, max_batch=30)
         redis_server.execute("CONFIG", "RESETSTAT")
@@ -119,7 +106,7 @@ async def test_redis_down_fails_every_pending_entry_quickly(outage, redis_server
     _call``: Redis dies after the entries were enqueued, before the turn's
     call is sent, so the call goes out on a dead connection.
     """
-    async with redis_connection(redis_url) as redis:
+    async with redis_connection(redis_url, REPLY_TIMEOUT) as redis:
         producer = StreamProducer(redis, reactor)
         assert await within(producer.enqueue('{"n":"before"}'))
         if outage == "stopped":

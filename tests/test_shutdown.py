@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from harness import clickhouse_rows, connect, eventually, free_port, port_open, sdk_pageview
@@ -75,7 +75,7 @@ async def test_sigterm_under_load_loses_nothing_acked(tmp_path, redis_url, click
     from harness import running_daemon, settings
 
     async with running_daemon(settings(redis_url, clickhouse_url, role="writer")):
-        stored = await eventually(lambda: {row[0] for row in clickhouse_rows(
+        await eventually(lambda: {row[0] for row in clickhouse_rows(
             clickhouse_url, "SELECT id FROM page_view_event FINAL")} >= acked or None, timeout=20)
     ids = [row[0] for row in clickhouse_rows(clickhouse_url, "SELECT id FROM page_view_event FINAL")]
     assert acked <= set(ids)

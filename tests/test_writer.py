@@ -22,13 +22,12 @@ from twisted.internet.threads import deferToThread
 
 from bklit import rows, wire
 from bklit.clickhouse import Inserter, thd_migrate
-from bklit.config import clickhouse_database, parse_redis_url
+from bklit.config import clickhouse_database
 from bklit.ids import EventIds
 from bklit.queue import DEAD_STREAM, GROUP, STREAM
-from bklit.redis_client import RedisService
 from bklit.writer import WriterService
 
-from harness import clickhouse_rows, eventually
+from harness import clickhouse_rows, eventually, redis_connection
 
 SESSION = "1732608000000-writer"
 _ids = EventIds()
@@ -62,18 +61,6 @@ def record(table, row):
 async def add(redis, *raw_entries):
     """XADD each raw ``e`` value; returns the stream ids in order."""
     return [await redis.call("XADD", STREAM, "*", "e", raw) for raw in raw_entries]
-
-
-@asynccontextmanager
-async def redis_connection(redis_url):
-    """A started ``RedisService`` on the test's Redis."""
-    redis = RedisService(parse_redis_url(redis_url), 5.0, reactor)
-    redis.startService()
-    try:
-        await redis.ready().addTimeout(10, reactor)
-        yield redis
-    finally:
-        await redis.stopService()
 
 
 @asynccontextmanager

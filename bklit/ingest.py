@@ -21,6 +21,7 @@ import json
 import time
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, task
@@ -143,10 +144,13 @@ def _entry(table: str, row: dict) -> str:
 class SdkProtocol(WebSocketServerProtocol):
     """One SDK socket: ids from the query string, the auth gate, acks.
 
-    (Logging goes through the module's ``log``: Autobahn's ``self.log`` is
-    its own, filtered at info level, and logs every frame at debug level.)
+    (Logging goes through the module's ``log``.  Autobahn's ``self.log`` is
+    its own and is kept to errors: its warnings name the peer's address,
+    which is never logged, and come once per misbehaving connection, which
+    would let a flood of them fill the log.)
     """
     ingest: Ingest
+    log = txaio.make_logger(level="error")
 
     def __init__(self) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.logger import formatEvent, globalLogPublisher
 
 from bklit.tokens import TokenStore
 from harness import clickhouse_rows, connect, eventually
@@ -40,6 +41,7 @@ class RawSocket(protocol.Protocol):
         self.inbox = defer.DeferredQueue()
         self.close_frame = None  # (code, reason) the server sent
         self.pongs = 0
+        self.answer_close = True
         self.received = b""  # everything, for connections that never upgrade
         self.answered = defer.Deferred()  # fires with the HTTP status line
         self.lost = defer.Deferred()  # fires with close_frame when the TCP connection is gone
@@ -84,7 +86,8 @@ class RawSocket(protocol.Protocol):
         elif opcode == 8:
             code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
             self.close_frame = (code, payload[2:].decode("utf-8"))
-            self.transport.write(frame(8, payload[:2]))  # answer it, as browsers do
+            if self.answer_close:  # as browsers do
+                self.transport.write(frame(8, payload[:2]))
         elif opcode == 10:
             self.pongs += 1
         return True
@@ -441,3 +444,26 @@ async def test_crawler_user_agent_is_acked_not_stored(redis_server, redis_url, c
         assert (await bad.next())["type"] == "ack"
         bad.transport.write(close_frame(1000))
         await bad.closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_misbehaving_clients_leave_no_address_in_the_log(redis_server, redis_url, clickhouse_url):
+    """Closes for errors, protocol violations and unanswered closing handshakes log no client address."""
+    lines = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        async with scenario(redis_server, redis_url, clickhouse_url) as s:
+            clients = []
+            for abuse in (text_frames(*["{"] * 10), frame(1, b"{}", mask=False), frame(1, b"\xff")):
+                bad = await raw_socket(s.port)
+                bad.answer_close = False  # the server's closing handshake times out
+                bad.transport.write(abuse)
+                clients.append((bad, f"127.0.0.1:{bad.transport.getHost().port}"))
+            for bad, _ in clients:
+                assert (await bad.closed())[0] in (1008, 1002, 1007)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert lines
+    for _, address in clients:
+        assert [line for line in lines if address in line] == []

@@ -353,12 +353,17 @@ class SdkProtocol(WebSocketServerProtocol):
     # Errors and closing ----------------------------------------------------
 
     def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake with any protocol close code.
+        """Send a close frame with any protocol close code, then close the connection.
 
         (Autobahn's ``sendClose`` only takes 1000 and 3000-4999; PROTOCOL.md
-        uses 1001, 1003, 1008 and 1011 as RFC 6455 defines them.)
+        uses 1001, 1003, 1008 and 1011 as RFC 6455 defines them.)  Nothing
+        the client sends after our close frame is handled, so the closing
+        handshake is not waited for: a client flooding frames would have
+        every one of them parsed for as long as it ran.  The close frame is
+        flushed before the TCP connection closes.
         """
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        self.dropConnection(abort=False)
 
     @property
     def writable(self) -> bool:

@@ -331,17 +331,18 @@ async def test_flood_of_garbage_sockets(redis_server, redis_url, clickhouse_url)
         assert all(len(bad.inbox.pending) == 10 for bad in sockets)
 
 
-# Upgrades refused before any WebSocket exists: the exact HTTP status line.
-# name: (config, how many upgrades the bad address makes first and what each does, status line)
 async def fill_per_address(s):
+    """Hold three sockets from the bad address."""
     return [await raw_socket(s.port) for _ in range(3)]
 
 
 async def fill_server(s):
+    """Hold two sockets from two other addresses (the good client holds the third place)."""
     return [await raw_socket(s.port, headers={"X-Forwarded-For": f"203.0.113.{n}"}) for n in (1, 2)]
 
 
 async def fail_keys(s):
+    """Have three guessed keys refused from the bad address."""
     for _ in range(3):
         bad = await raw_socket(s.port)
         bad.send({"type": "auth", "apiKey": "bk_guess"})
@@ -350,6 +351,8 @@ async def fail_keys(s):
     return []
 
 
+# Upgrades refused before any WebSocket exists: the exact HTTP status line.
+# name: (config, what the bad address does first (returns the sockets it holds), status line)
 REFUSED_UPGRADES = {
     "connections_from_one_address": ({"max_connections_per_ip": "3"}, fill_per_address,
                                      "HTTP/1.1 429 Too many connections from this address"),

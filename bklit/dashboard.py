@@ -312,6 +312,6 @@ class DashboardFactory(WebSocketServerFactory):
     protocol = DashboardProtocol
 
     def __init__(self, dash: Dashboards, config: Any):
-        super().__init__()
+        super().__init__(server="bklit")
         self.dash = dash
         self.setProtocolOptions(**socket_options(config, 4096))

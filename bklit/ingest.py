@@ -393,7 +393,7 @@ class SdkFactory(WebSocketServerFactory):
     protocol = SdkProtocol
 
     def __init__(self, ingest: Ingest):
-        super().__init__()
+        super().__init__(server="bklit")
         self.ingest = ingest
         config = ingest.config
         self.setProtocolOptions(**socket_options(config, config.max_message_size))
@@ -415,6 +415,9 @@ def socket_options(config: Config, max_message: int) -> dict:
         autoPingInterval=config.ping_interval,
         autoPingTimeout=config.ping_timeout,
         failByDrop=False,
+        # A GET without upgrade would render Autobahn's status page, which
+        # also redirects to any ?redirect= URL: an open redirect on our name.
+        webStatus=False,
     )
     if config.compression:
         from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept

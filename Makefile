@@ -3,13 +3,15 @@
 #   make run     start local Redis and ClickHouse, then the daemon on :8080
 #   make bench   run the benchmarks under bench/
 #   make fuzz    fuzz the message parser for FUZZ_SECONDS (atheris, installed when missing)
-#   make clean   stop the local servers, remove .venv, .run and the browser tests' node_modules
+#   make clean   stop the local servers, remove .venv, .run and the node_modules of the browser tests and bench peer
 
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 NODE_MODULES := tests/browser/node_modules
 NODE_STAMP := $(NODE_MODULES)/.installed
+PEER_MODULES := bench/peers/node_modules
+PEER_STAMP := $(PEER_MODULES)/.installed
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 BENCH ?= $(filter-out bench/_% bench/fuzz_%,$(wildcard bench/*.py))
@@ -45,6 +47,11 @@ $(NODE_STAMP): tests/browser/package.json tests/browser/package-lock.json
 	cd tests/browser && npm ci --no-audit --no-fund
 	touch $@
 
+# The Node peer that bench/compare.py measures bklit against (ws, ioredis), as locked.
+$(PEER_STAMP): bench/peers/package.json bench/peers/package-lock.json
+	cd bench/peers && npm ci --no-audit --no-fund
+	touch $@
+
 test: test-packages $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -57,7 +64,7 @@ services: packages
 stop:
 	$(PYTHON) scripts/dev-services stop
 
-bench: packages $(STAMP)
+bench: packages $(STAMP) $(PEER_STAMP)
 	@test -n "$(BENCH)" || { echo "no benchmarks under bench/" >&2; exit 1; }
 	@for script in $(BENCH); do \
 		echo "== $$script"; $(VENV)/bin/python $$script || exit 1; \
@@ -72,4 +79,4 @@ fuzz: $(STAMP)
 
 clean:
 	-test ! -d .run || $(PYTHON) scripts/dev-services stop
-	rm -rf $(VENV) .run *.egg-info twisted/plugins/dropin.cache $(NODE_MODULES)
+	rm -rf $(VENV) .run *.egg-info twisted/plugins/dropin.cache $(NODE_MODULES) $(PEER_MODULES)

@@ -36,6 +36,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def stop_process(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process."""
     with open(f"/proc/{pid}/status") as handle:
@@ -95,11 +105,7 @@ class Stack:
             client.disconnect()
 
     def __exit__(self, *exc: object) -> None:
-        self.daemon.terminate()
-        try:
-            self.daemon.wait(20)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
+        stop_process(self.daemon, 20)
         self.clickhouse.stop()
         self.redis.stop()
         self._tmp.cleanup()

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _stack import ROOT, RedisServer, Stack, cpu_seconds, free_port, rss_bytes
+from _stack import ROOT, RedisServer, Stack, cpu_seconds, free_port, rss_bytes, stop_process
 
 HERE = Path(__file__).resolve().parent
 PEER = HERE / "peers" / "server.mjs"
@@ -56,11 +56,7 @@ class Peer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process, 10)
         self.redis.stop()
         self._tmp.cleanup()
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import txredisapi
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -34,7 +34,7 @@ from autobahn.websocket.types import ConnectionDeny
 
 from bklit import enrich, wire
 from bklit.config import RedisAddress
-from bklit.ingest import socket_options
+from bklit.ingest import close_and_wait, socket_options
 from bklit.limits import Admission, Denied, client_key
 from bklit.live import snapshot_message
 from bklit.queue import channel
@@ -298,12 +298,7 @@ class Dashboards:
 
     async def close_all(self, timeout: float = 2.0) -> None:
         """Close every dashboard with 1001 and wait (up to ``timeout``) for them."""
-        for dashboard in list(self.connected):
-            dashboard.close(1001, "Server shutting down")
-        waited = 0.0
-        while self.connected and waited < timeout:
-            await task.deferLater(self.clock, 0.05, lambda: None)
-            waited += 0.05
+        await close_and_wait(self.connected, self.clock, timeout)
 
 
 class DashboardFactory(WebSocketServerFactory):

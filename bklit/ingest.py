@@ -75,12 +75,7 @@ class Ingest:
 
     async def close_all(self, timeout: float = 3.0) -> None:
         """Close every SDK socket with 1001 and wait (up to ``timeout``) for them."""
-        for conn in list(self.connections):
-            conn.close(CLOSE_GOING_AWAY, "Server shutting down")
-        waited = 0.0
-        while self.connections and waited < timeout:
-            await task.deferLater(self.clock, 0.05, lambda: None)
-            waited += 0.05
+        await close_and_wait(self.connections, self.clock, timeout)
 
     def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> Any:
         """Queue an accepted event and its broadcast; fires with its event id.
@@ -134,6 +129,17 @@ class Ingest:
             conn.joined = False
             d = self.sessions.detach(conn.project_id, conn.session_id, conn.socket_id)
             d.addErrback(lambda f: log.warn("session end not stored: {error}", error=f.getErrorMessage()))
+
+
+async def close_and_wait(sockets: set, clock: Any, timeout: float) -> None:
+    """Close every socket of ``sockets`` with 1001; wait until their ``onClose``
+    removed them from the set, or ``timeout`` passed (shutdown must not hang)."""
+    for sock in list(sockets):
+        sock.close(CLOSE_GOING_AWAY, "Server shutting down")
+    waited = 0.0
+    while sockets and waited < timeout:
+        await task.deferLater(clock, 0.05, lambda: None)
+        waited += 0.05
 
 
 def _entry(table: str, row: dict) -> str:

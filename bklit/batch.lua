@@ -13,6 +13,7 @@
 --   X project session socket now ended reason channel message
 --        (socket "" = end whatever sockets remain)   -> 1 if the session ended, else 0
 --   H project session now                            -> 0
+--   C key offset   (a spool replay's checkpoint, kept 7 days) -> 0
 -- A channel of "" publishes nothing.
 
 local stream = KEYS[1]
@@ -110,7 +111,7 @@ local function end_session(a)
   return 1
 end
 
-local arity = {E = 3, P = 13, X = 8, H = 3}
+local arity = {E = 3, P = 13, X = 8, H = 3, C = 2}
 local i = 2
 while i <= #ARGV do
   local code = ARGV[i]
@@ -125,6 +126,9 @@ while i <= #ARGV do
     out[#out + 1] = pageview(a)
   elseif code == 'X' then
     out[#out + 1] = end_session(a)
+  elseif code == 'C' then
+    redis.call('SET', a[1], a[2], 'PX', 604800000)
+    out[#out + 1] = 0
   else
     redis.call('ZADD', live_key(a[1]), 'XX', a[3], a[2])
     redis.call('PEXPIRE', state_key(a[1], a[2]), resume_ms)

@@ -131,6 +131,25 @@ def _int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(low: int, high: int) -> Callable[[str], int]:
+    """A size in bytes, with an optional K, M, G or T suffix (powers of 1024)."""
+    def parse(value: str) -> int:
+        text = value.strip().lower().removesuffix("b").removesuffix("i")
+        unit = text[-1:] if text[-1:] in UNITS else ""
+        try:
+            number = int(text[:len(text) - len(unit)].strip()) * UNITS[unit]
+        except ValueError:
+            raise ValueError(f"must be a size in bytes (like 1073741824 or 1G), not {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high} bytes, not {number}")
+        return number
+
+    return parse
+
+
 def _seconds(low: float, high: float) -> Callable[[str], float]:
     def parse(value: str) -> float:
         try:
@@ -184,7 +203,10 @@ KEYS: dict[str, Key] = {
     "tls_check_interval": Key("60", _seconds(0, 86400), "Seconds between checks for renewed certificate files (0: only on SIGHUP)."),
     "role": Key("all", _choice(*ROLES), "Which parts run here: all, ingest (WebSocket endpoints) or writer (stream to ClickHouse)."),
     "auto_migrate": Key("true", _bool, "Create or upgrade the ClickHouse schema at start."),
-    "redis_timeout": Key("5", _seconds(0.1, 300), "Seconds to wait for a Redis reply before an event is refused as overloaded."),
+    "redis_timeout": Key("5", _seconds(0.1, 300), "Seconds to wait for a Redis reply before events go to the spool (or, without one, are refused as overloaded)."),
+    "spool_dir": Key("/var/lib/bklit/spool", _text, "Directory of the local spool that keeps acked events while Redis cannot take them. Empty: no spool."),
+    "spool_max_bytes": Key("1G", _bytes(1 << 16, 1 << 50), "Size cap of the spool (K, M, G suffixes); past it events are refused as overloaded."),
+    "stream_max_length": Key("1000000", _int(1, 1 << 62), "Stream length (events not yet in ClickHouse) past which /healthz and bklit_backpressure report a backlog."),
     "batch_size": Key("5000", _int(1, 1_000_000), "Most rows the writer inserts in one ClickHouse INSERT."),
     "flush_interval": Key("1", _seconds(0.01, 3600), "Seconds between writer runs when the stream has no full batch waiting."),
     "claim_idle": Key("60", _seconds(1, 86400), "Seconds an entry may stay pending at a consumer before another writer reclaims it."),
@@ -234,6 +256,9 @@ class Config:
     role: str
     auto_migrate: bool
     redis_timeout: float
+    spool_dir: str
+    spool_max_bytes: int
+    stream_max_length: int
     batch_size: int
     flush_interval: float
     claim_idle: float

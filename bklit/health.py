@@ -4,8 +4,16 @@
 flood of health checks costs nothing): Redis answers PING, ClickHouse
 answers ``SELECT 1`` (only where the writer runs; an ingest node does not
 store), and the stream's length and pending count are read for the report
-and the metrics.  ``HealthPage`` serves the last result: 200 when healthy,
-503 otherwise, with the details as JSON.
+and the metrics.  It also reads how Redis persists what it holds and the
+local spool's state.  ``HealthPage`` serves the last result as JSON:
+
+- ``ok`` (200): everything answers, nothing to warn about;
+- ``degraded`` (200): events are accepted, but ``warnings`` says what is
+  wrong: Redis persistence weaker than AOF with ``appendfsync always``,
+  a stream longer than ``stream_max_length`` (ClickHouse behind), events
+  going to the local spool;
+- ``unavailable`` (503): this node cannot accept (or, for a writer, store)
+  events now.
 """
 
 from __future__ import annotations
@@ -29,8 +37,12 @@ class HealthCheck(Service):
     """Periodic checks of Redis, ClickHouse and the stream."""
 
     def __init__(self, redis: Any, clock: Any, interval: float, metrics: Any, *,
-                 writer: Any = None, connections: Any = None):
+                 writer: Any = None, connections: Any = None, producer: Any = None,
+                 stream_max_length: int = 1_000_000):
         self.redis = redis
+        self.producer = producer
+        self.stream_max_length = stream_max_length
+        self.persistence = ""
         self.clock = clock
         self.metrics = metrics
         self.writer = writer
@@ -58,20 +70,34 @@ class HealthCheck(Service):
         """Run the checks once; returns (and keeps) the report."""
         redis = await self._redis()
         clickhouse = await self._clickhouse()
-        healthy = redis["up"] and clickhouse.get("up", True)
+        spool = self._spool()
+        warnings = [redis[name] for name in ("persistence_warning", "backlog") if redis.get(name)]
+        if spool.get("spooling"):
+            warnings.append(f"events go to the local spool ({spool['bytes']} bytes) until Redis takes them")
+        if spool.get("problem"):
+            warnings.append(f"the local spool refuses events ({spool['problem']})")
+        # With a spool, an ingest node accepts events while Redis is away.
+        accepting = redis["up"] or (bool(spool) and not spool["problem"])
+        if accepting and not redis["up"]:
+            warnings.append("Redis does not answer")
+        healthy = accepting and clickhouse.get("up", True)
+        status = "unavailable" if not healthy else "degraded" if warnings else "ok"
         self.metrics.up.labels("redis").set(int(redis["up"]))
         if "up" in clickhouse:
             self.metrics.up.labels("clickhouse").set(int(clickhouse["up"]))
-        if healthy != self.healthy and self.state.get("status") != "starting":
-            log.warn("health: {status}", status="ok" if healthy else "unavailable")
+        if status != self.state.get("status") and self.state.get("status") != "starting":
+            log.warn("health: {status}", status=status)
         self.healthy = healthy
         self.state = {
-            "status": "ok" if healthy else "unavailable",
+            "status": status,
             "checked_at": time.time(),
+            "warnings": warnings,
             "redis": redis,
             "clickhouse": clickhouse,
             "connections": self.connections(),
         }
+        if self.producer is not None:
+            self.state["spool"] = spool
         return self.state
 
     async def _redis(self) -> dict:
@@ -86,7 +112,36 @@ class HealthCheck(Service):
             return {"up": False, "error": _short(e)}
         self.metrics.stream_length.set(length)
         self.metrics.stream_pending.set(pending)
-        return {"up": True, "stream_length": length, "stream_pending": pending}
+        self.metrics.backpressure.set(int(length > self.stream_max_length))
+        report = {"up": True, "stream_length": length, "stream_pending": pending}
+        if length > self.stream_max_length:
+            report["backlog"] = (f"the stream holds {length} events, more than stream_max_length "
+                                 f"({self.stream_max_length}): ClickHouse is behind")
+        report.update(await self._persistence())
+        return report
+
+    async def _persistence(self) -> dict:
+        """How Redis keeps what it holds; logged when first seen and when it changes."""
+        try:
+            values = [(await self.redis.call("CONFIG", "GET", name) or ["", ""])[1]
+                      for name in ("appendonly", "appendfsync", "save")]
+            name, risk = persistence(*values)
+        except Exception as e:
+            name, risk = "unknown", f"cannot read Redis persistence settings ({_short(e)}); check them by hand"
+        if name != self.persistence:
+            self.persistence = name
+            if risk:
+                log.warn("Redis persistence is {name}: {risk}", name=name, risk=risk)
+            else:
+                log.info("Redis persistence is {name}: acked events survive a Redis crash", name=name)
+        return {"persistence": name, "persistence_warning": risk} if risk else {"persistence": name}
+
+    def _spool(self) -> dict:
+        spool = self.producer.spool if self.producer is not None else None
+        if spool is None:
+            return {}
+        return {"spooling": self.producer.spooling, "bytes": spool.size, "max_bytes": spool.max_bytes,
+                "problem": spool.trouble}
 
     async def _clickhouse(self) -> dict:
         if self.writer is None:
@@ -96,6 +151,19 @@ class HealthCheck(Service):
         except Exception as e:
             return {"up": False, "error": _short(e)}
         return {"up": True}
+
+
+def persistence(appendonly: str, appendfsync: str, save: str) -> tuple[str, str]:
+    """Name Redis's persistence settings and say what they risk (empty: nothing)."""
+    if appendonly == "yes" and appendfsync == "always":
+        return "aof-always", ""
+    if appendonly == "yes" and appendfsync == "everysec":
+        return "aof-everysec", "a crash of the Redis host can lose about the last second of acked events"
+    if appendonly == "yes":
+        return "aof-no", "a crash of the Redis host can lose acked events the kernel had not yet written"
+    if save.strip():
+        return "rdb", "a Redis crash loses the acked events queued since its last snapshot"
+    return "none", "Redis keeps nothing on disk: a restart loses every queued event"
 
 
 def _short(error: Exception) -> str:

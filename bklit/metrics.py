@@ -58,12 +58,25 @@ class Metrics:
                                  "When the GeoIP database in use was built (Unix time).", registry=r)
         self.geoip_reloads = Counter("bklit_geoip_reloads", "GeoIP database reload attempts by outcome.", ["outcome"],
                                      registry=r)
+        self.spool_operations = Counter("bklit_spool_operations", "Operations written to or replayed from the spool.",
+                                        ["direction"], registry=r)
+        self.spool_bytes = Gauge("bklit_spool_bytes", "Bytes waiting in the local spool.", registry=r)
+        self.spooling = Gauge("bklit_spooling", "1 while accepted events go to the local spool, not Redis.",
+                              registry=r)
+        self.backpressure = Gauge("bklit_backpressure",
+                                  "1 while the stream is longer than stream_max_length (ClickHouse behind).",
+                                  registry=r)
         self.up = Gauge("bklit_up", "Whether a dependency answered the last health check.", ["dependency"],
                         registry=r)
 
     def watch_connections(self, kind: str, count: Callable[[], int]) -> None:
         """Report ``count()`` as the number of open ``kind`` connections."""
         self.connections.labels(kind).set_function(count)
+
+    def watch_spool(self, spool: Any, producer: Any) -> None:
+        """Report the spool's size and whether events go there."""
+        self.spool_bytes.set_function(lambda: spool.size)
+        self.spooling.set_function(lambda: int(producer.spooling))
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -16,17 +16,21 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bklit.redis_client import RedisService, RedisUnavailable
+from bklit.spool import Spool
 
 STREAM = "bklit:events"
 DEAD_STREAM = "bklit:events:dead"
 GROUP = "bklit-writers"
 LIVE_PROJECTS = "bklit:projects:live"
 SESSION_CHANGES = ("", "started", "resumed")
+SPOOLED = {"E": "spooled", "P": ["spooled", "0"], "X": 0}  # a spooled operation's reply
+REPLAY_BATCH = 500
+REPLAY_RETRY = (0.1, 2.0)  # seconds between replay attempts while Redis cannot take them
 
 BATCH_SCRIPT = resources.files("bklit").joinpath("batch.lua").read_text(encoding="utf-8")
 
@@ -41,6 +45,11 @@ def state_key(project: str, session: str) -> str:
     return f"bklit:session:{project}:{session}"
 
 
+def checkpoint_key(segment: str) -> str:
+    """How far a spool segment was replayed (the byte offset)."""
+    return f"bklit:spool:{segment}"
+
+
 def channel(project: str) -> str:
     """The pub/sub channel of a project's live events."""
     return f"bklit:live:{project}"
@@ -51,19 +60,45 @@ class StreamProducer:
 
     ``max_batch`` bounds the operations of one script call; a larger turn is
     split into several calls, still sent in order.
+
+    With a ``spool``, a batch Redis cannot take (down, too slow, out of
+    memory) is appended to it instead and its operations succeed once on
+    disk; from then on everything goes to the spool, in order, while a
+    replayer moves the spool into Redis, oldest first.  Each replayed batch
+    also records how far its segment got (``C``, in the same script call),
+    so a replay cut short by a crash resumes without applying anything
+    twice.  Once the spool is empty, batches go to Redis directly again.
+    Heartbeats are skipped while spooling (they only refresh scores).
     """
 
     log = Logger()
 
     def __init__(self, redis: RedisService, clock: Any, resume_window: float = 1800.0,
-                 max_batch: int = 2000):
+                 max_batch: int = 2000, spool: Spool | None = None, metrics: Any = None):
         self.redis = redis
         self.clock = clock
         self.resume_ms = str(int(resume_window * 1000))
         self.max_batch = max_batch
+        self.spool = spool
+        self.metrics = metrics
+        self.spooling = False
         self._pending: list[tuple[list[str], defer.Deferred]] = []
         self._scheduled: Any = None
         self._inflight: set[defer.Deferred] = set()
+        self._barrier: set[defer.Deferred] = set()
+        self._held: list[list[tuple[list[str], defer.Deferred]]] = []
+        self._replaying: defer.Deferred | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        """Replay what an earlier run left in the spool."""
+        if self.spool is None:
+            return
+        self.spool.start()
+        if not self.spool.empty:
+            self.log.info("spool: {size} bytes left by an earlier run; replaying them into Redis",
+                          size=self.spool.size)
+            self._begin_spooling()
 
     def _add(self, op: list[str]) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
@@ -84,7 +119,7 @@ class StreamProducer:
         The broadcast is ``head + "true"|"false" + tail``: whether this
         pageview started the session is only known inside Redis.  Fires with
         ``(stream id, change)``, change being ``"started"``, ``"resumed"`` or
-        ``""``.
+        ``""`` (also when spooled: it is decided at replay).
         """
         d = self._add(["P", entry, channel(project), head, tail, project, session, socket,
                        str(now_ms), url, user_agent, country, country_code, city])
@@ -95,7 +130,8 @@ class StreamProducer:
         """Detach ``socket`` from a session and end it when none is left.
 
         ``socket=""`` ends it whatever sockets remain (the sweeper, an admin).
-        Fires with True when the session ended (stored and broadcast).
+        Fires with True when the session ended (stored and broadcast; False
+        when spooled, as that is decided at replay).
         """
         d = self._add(["X", project, session, socket, str(now_ms), str(ended_ms), reason,
                        channel(project), message])
@@ -103,6 +139,8 @@ class StreamProducer:
 
     def heartbeat(self, project: str, session: str, now_ms: int) -> defer.Deferred:
         """Refresh a live session's score (only if it is still live)."""
+        if self.spooling:
+            return defer.succeed(0)
         return self._add(["H", project, session, str(now_ms)])
 
     def flush(self) -> None:
@@ -111,28 +149,133 @@ class StreamProducer:
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), self.max_batch):
             batch = pending[start:start + self.max_batch]
-            args = [self.resume_ms]
-            for op, _ in batch:
-                args.extend(op)
-            sent = self.redis.eval(BATCH_SCRIPT, [STREAM], args)
-            self._inflight.add(sent)
-            sent.addBoth(self._settle, sent, [d for _, d in batch])
+            if not self.spooling:
+                self._send(batch)
+            elif self._barrier:  # batches sent before spooling began go first
+                self._held.append(batch)
+            else:
+                self._append(batch)
 
-    def _settle(self, outcome: Any, sent: defer.Deferred, waiters: list[defer.Deferred]) -> None:
+    def _send(self, batch: list[tuple[list[str], defer.Deferred]]) -> None:
+        args = [self.resume_ms]
+        for op, _ in batch:
+            args.extend(op)
+        sent = self.redis.eval(BATCH_SCRIPT, [STREAM], args)
+        self._inflight.add(sent)
+        sent.addBoth(self._settle, sent, batch)
+
+    def _settle(self, outcome: Any, sent: defer.Deferred, batch: list[tuple[list[str], defer.Deferred]]) -> None:
         self._inflight.discard(sent)
-        if isinstance(outcome, Failure) or len(outcome) != len(waiters):
+        self._barrier.discard(sent)
+        waiters = [d for _, d in batch]
+        if isinstance(outcome, Failure) and self.spool is not None:
+            if not self.spooling:
+                self._begin_spooling(outcome.getErrorMessage())
+            self._append(batch)
+        elif isinstance(outcome, Failure) or len(outcome) != len(waiters):
             reason = outcome.getErrorMessage() if isinstance(outcome, Failure) else "short reply"
             error = RedisUnavailable(reason)
             for d in waiters:
                 d.errback(error)
+        else:
+            for d, result in zip(waiters, outcome):
+                d.callback(result)
+        if self._held and not self._barrier:
+            held, self._held = self._held, []
+            for batch in held:
+                self._append(batch)
+
+    # The spool -------------------------------------------------------------------
+
+    def _begin_spooling(self, reason: str = "") -> None:
+        """Send to the spool from now on, and start the replayer."""
+        self.spooling = True
+        self._barrier = set(self._inflight)
+        if reason:
+            self.log.warn("Redis cannot take events ({reason}): spooling them to {directory} until it can",
+                          reason=reason, directory=str(self.spool.directory))
+        if self._replaying is None:
+            self._replaying = defer.ensureDeferred(self._replay())
+
+    def _append(self, batch: list[tuple[list[str], defer.Deferred]]) -> None:
+        """Write a batch to the spool; its operations succeed once it is on disk."""
+        kept = []
+        for op, d in batch:
+            if op[0] == "H":
+                d.callback(0)
+            else:
+                kept.append((op, d))
+        if not kept:
             return
-        for d, result in zip(waiters, outcome):
-            d.callback(result)
+        written = self.spool.append([op for op, _ in kept])
+        written.addCallbacks(self._spooled, self._not_spooled, (kept,), None, (kept,))
+
+    def _spooled(self, _: None, kept: list[tuple[list[str], defer.Deferred]]) -> None:
+        if self.metrics is not None:
+            self.metrics.spool_operations.labels("written").inc(len(kept))
+        for op, d in kept:
+            d.callback(SPOOLED[op[0]])
+
+    def _not_spooled(self, failure: Failure, kept: list[tuple[list[str], defer.Deferred]]) -> None:
+        for _, d in kept:
+            d.errback(failure.value)
+
+    async def _replay(self) -> None:
+        """Move the spool into Redis, oldest segment first, then stop spooling."""
+        delay, trouble = REPLAY_RETRY[0], ""
+        while not self._stopped:
+            name = self.spool.oldest()
+            if name is None:
+                if not self._held and not self._barrier:
+                    self.spooling = False
+                    self.log.info("spool replayed: sending to Redis directly again")
+                    break
+                await task.deferLater(self.clock, REPLAY_RETRY[0], lambda: None)
+                continue
+            try:
+                await self._replay_segment(name)
+                delay, trouble = REPLAY_RETRY[0], ""
+            except Exception as e:
+                if str(e) != trouble:
+                    trouble = str(e)
+                    self.log.warn("spool: replay waits for Redis: {error}", error=trouble)
+                await task.deferLater(self.clock, delay, lambda: None)
+                delay = min(delay * 2, REPLAY_RETRY[1])
+        self._replaying = None
+
+    async def _replay_segment(self, name: str) -> None:
+        """Replay one segment from its checkpoint, then remove it."""
+        key = checkpoint_key(name)
+        offset = int(await self.redis.call("GET", key) or 0)
+        while not self._stopped:
+            ops, end = self.spool.read(name, offset, REPLAY_BATCH)
+            if not ops:  # no await since the read: nothing was appended in between
+                self.spool.remove(name)
+                return
+            args = [self.resume_ms]
+            for op in ops:
+                args.extend(op)
+            args.extend(["C", key, str(end)])
+            await self.redis.eval(BATCH_SCRIPT, [STREAM], args)
+            offset = end
+            if self.metrics is not None:
+                self.metrics.spool_operations.labels("replayed").inc(len(ops))
 
     async def drain(self) -> None:
-        """Wait until every operation given so far has been answered."""
+        """Wait until every operation given so far has been answered or spooled.
+
+        Then the replayer stops after its current batch, and the spool is
+        closed; what is left in it is replayed at the next start.
+        """
         if self._scheduled is not None:
             self._scheduled.cancel()
             self.flush()
         while self._inflight:
             await defer.DeferredList(list(self._inflight), consumeErrors=True)
+        self._stopped = True
+        if self._replaying is not None:
+            await self._replaying
+        if self.spool is not None:
+            await self.spool.close()
+            if not self.spool.empty:
+                self.log.info("spool: {size} bytes are left to replay at the next start", size=self.spool.size)

@@ -12,7 +12,8 @@ twistd before the reactor runs, with one line per bad key), and
    ``auto_migrate`` is on.
 
 They stop in reverse: stop listening and close the sockets, write the last
-batch, then close Redis.
+batch (to Redis, or to the local spool while Redis cannot take it), then
+close Redis.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from bklit.notify import notify, reloading
 from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
+from bklit.spool import Spool, SpoolError
 from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSError, TLSServerEndpoint, load_pair
 from bklit.tokens import TokenStore, TokenVerifier
 from bklit.web import LiveCount, make_site
@@ -82,6 +84,21 @@ class Options(usage.Options):
                 load_city_db(self.config.geoip_db).close()
             except GeoError as e:
                 raise SystemExit(f"bklit: GeoIP database error: {e}")
+        self.spool = None
+        if self.config.runs_ingest and self.config.spool_dir:
+            try:
+                self.spool = open_spool(self.config)
+            except SpoolError as e:
+                raise SystemExit(f"bklit: spool error: {e}")
+
+
+def open_spool(config: Any) -> Spool:
+    """The ingest node's spool, locked and checked (``SpoolError`` otherwise)."""
+    from twisted.internet import reactor
+
+    spool = Spool(config.spool_dir, config.spool_max_bytes, reactor)
+    spool.open()
+    return spool
 
 
 def check_endpoint(description: str) -> None:
@@ -105,7 +122,8 @@ class BklitService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Any, reactor: Any, tls_pair: LoadedPair | None = None):
+    def __init__(self, config: Any, reactor: Any, tls_pair: LoadedPair | None = None,
+                 spool: Spool | None = None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -117,7 +135,13 @@ class BklitService(MultiService):
         self.node = consumer_name()
         self.redis = RedisService(config.redis_address, config.redis_timeout, reactor)
         self.redis.setServiceParent(self)
-        self.producer = StreamProducer(self.redis, reactor, config.resume_window)
+        if spool is None and config.runs_ingest and config.spool_dir:
+            spool = open_spool(config)
+        self.spool = spool
+        self.producer = StreamProducer(self.redis, reactor, config.resume_window, spool=spool,
+                                       metrics=self.metrics)
+        if spool is not None:
+            self.metrics.watch_spool(spool, self.producer)
         self.ingest: Ingest | None = None
         self.dashboards: Dashboards | None = None
         self.sessions: LiveSessions | None = None
@@ -135,7 +159,9 @@ class BklitService(MultiService):
                 prepare=self.migrate if config.auto_migrate else None, metrics=self.metrics)
             self.writer.setServiceParent(self)
         self.health = HealthCheck(self.redis, reactor, config.health_interval, self.metrics,
-                                  writer=self.writer, connections=self._connection_counts)
+                                  writer=self.writer, connections=self._connection_counts,
+                                  producer=self.producer if config.runs_ingest else None,
+                                  stream_max_length=config.stream_max_length)
         self.health.setServiceParent(self)
         if self.site is not None:
             self.site.resource.named[b"healthz"] = HealthPage(self.health)
@@ -185,6 +211,7 @@ class BklitService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.producer.start()
         if self.dashboards is not None:
             self.dashboards.broadcaster.start()
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
@@ -238,7 +265,7 @@ class BklitService(MultiService):
             ("close SDK sockets", self.ingest and self.ingest.close_all),
             ("close dashboards", self.dashboards and self.dashboards.close_all),
             ("stop the session loops", self.sessions and self.sessions.stopService),
-            ("store what was accepted", self.producer.drain),
+            ("store or spool what was accepted", self.producer.drain),
             ("stop the writer", self.writer and self.writer.stopService),
             ("stop pub/sub", self.dashboards and self.dashboards.broadcaster.stop),
             ("close Redis", self.redis.stopService),
@@ -256,4 +283,4 @@ def makeService(options: Options, reactor: Any = None) -> BklitService:
     """The service tree for ``twistd bklit``."""
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
-    return BklitService(options.config, reactor, options.tls_pair)
+    return BklitService(options.config, reactor, options.tls_pair, options.spool)

@@ -104,3 +104,11 @@ def pytest_unconfigure(config):
     sys.stderr.flush()
     servers.stop_all()
     os._exit(_exit_status.get("status") or 1)
+
+
+@pytest.fixture(autouse=True)
+def spool_dir(tmp_path, monkeypatch):
+    """Each test's daemons run as twistd get a spool of their own (not /var/lib/bklit)."""
+    path = tmp_path / "spool"
+    monkeypatch.setenv("BKLIT_SPOOL_DIR", str(path))
+    return path

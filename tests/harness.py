@@ -9,6 +9,7 @@ every message and the close code.
 from __future__ import annotations
 
 import json
+import tempfile
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -142,10 +143,14 @@ async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
     return client
 
 
+SPOOLS = tempfile.TemporaryDirectory(prefix="bklit-test-spools-")
+
+
 def settings(redis_url: str, clickhouse_url: str, **values: str) -> Any:
     """A Config for a test daemon: loopback port 0, fast writer."""
     flags = {"listen": "tcp:0:interface=127.0.0.1", "redis": redis_url, "clickhouse": clickhouse_url}
-    env = {"BKLIT_FLUSH_INTERVAL": "0.1", "BKLIT_TOKEN_CACHE_TTL": "0"}
+    env = {"BKLIT_FLUSH_INTERVAL": "0.1", "BKLIT_TOKEN_CACHE_TTL": "0",
+           "BKLIT_SPOOL_DIR": tempfile.mkdtemp(dir=SPOOLS.name)}
     env.update({f"BKLIT_{k.upper()}": str(v) for k, v in values.items()})
     return load_config(None, env, flags)
 

@@ -61,8 +61,8 @@ def value(samples, name, **labels):
 
 @pytest_twisted.ensureDeferred
 async def test_healthz_follows_redis_and_clickhouse(redis_server, clickhouse_server, redis_url, clickhouse_url):
-    """200 while both answer; 503 naming the one that stopped; 200 again once it is back."""
-    async with running_daemon(settings(redis_url, clickhouse_url, **FAST)) as daemon:
+    """200 while both answer; 503 naming the one that stopped; 200 again once it is back (no spool)."""
+    async with running_daemon(settings(redis_url, clickhouse_url, spool_dir="", **FAST)) as daemon:
         report = await until_health(daemon.port, 200)
         assert report["status"] == "ok" and report["redis"]["up"] and report["clickhouse"] == {"up": True}
         assert report["redis"]["stream_length"] == 0

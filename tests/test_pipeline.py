@@ -127,9 +127,9 @@ async def test_ten_thousand_events_from_fifty_sockets_are_stored_once_each(redis
 
 
 @pytest_twisted.ensureDeferred
-async def test_redis_down_refuses_events_until_it_is_back(redis_server, redis_url, clickhouse_url):
-    """With Redis stopped a pageview gets ``overloaded`` and no ack; once it is back, events flow again."""
-    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+async def test_redis_down_without_spool_refuses_events_until_it_is_back(redis_server, redis_url, clickhouse_url):
+    """Without a spool, with Redis stopped a pageview gets ``overloaded`` and no ack; once it is back, events flow."""
+    async with running_daemon(settings(redis_url, clickhouse_url, spool_dir="")) as daemon:
         key = await daemon.token("p1")
         before = await open_client(daemon.port, session_of(1), key)
 

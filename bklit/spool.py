@@ -1,0 +1,325 @@
+"""The local spool: where accepted operations wait while Redis cannot take them.
+
+When a batch for Redis fails (down, too slow, out of memory), the producer
+appends its operations here instead, and acks the events once the spool
+has synced them to disk; a replayer later moves them into Redis in order
+(see ``queue.StreamProducer``).
+
+On disk, ``spool_dir`` holds segment files named
+``<nanoseconds>-<random>.spool``, oldest first by name; names are never
+reused, so a replay checkpoint kept in Redis under a segment's name cannot
+be mistaken for another's.  A segment is a sequence of records::
+
+    4 bytes  payload length (big endian)
+    4 bytes  CRC-32 of the payload
+    payload  one operation: a JSON array of strings
+
+Appends are whole records written from the reactor thread; ``fsync`` runs
+in a thread of the spool's own, one at a time, and covers every record
+written before it started, so a burst of events costs one sync.  A record
+cut short by a crash or a full disk is removed when the spool is opened.
+A lock on ``spool_dir/lock`` keeps a second daemon out of the directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+HEADER = struct.Struct(">II")
+SUFFIX = ".spool"
+SEGMENT_BYTES = 64 << 20
+READ_BYTES = 1 << 20
+
+
+class SpoolError(Exception):
+    """The spool cannot take more (full, or the disk failed); nothing was acked."""
+
+
+class SpoolFull(SpoolError):
+    """The spool reached ``spool_max_bytes``."""
+
+
+def encode(op: list[str]) -> bytes:
+    """One record: header and payload."""
+    payload = json.dumps(op, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def decode(data: bytes, offset: int) -> tuple[list[str] | None, int]:
+    """The record at ``offset`` and the offset after it; ``(None, offset)`` if none is whole there."""
+    if len(data) - offset < HEADER.size:
+        return None, offset
+    size, crc = HEADER.unpack_from(data, offset)
+    start = offset + HEADER.size
+    payload = data[start:start + size]
+    if len(payload) < size or zlib.crc32(payload) != crc:
+        return None, offset
+    return json.loads(payload), start + size
+
+
+def whole_length(path: Path) -> int:
+    """How many leading bytes of a segment are whole, valid records."""
+    data = path.read_bytes()
+    offset = 0
+    while True:
+        op, after = decode(data, offset)
+        if op is None:
+            return offset
+        offset = after
+
+
+class Spool:
+    """Append-only segments in one directory, synced in groups.
+
+    ``open`` (before the reactor runs), ``start`` and ``close`` (at stop)
+    bracket its use; between them everything runs in the reactor thread
+    except ``fsync``.
+    """
+
+    log = Logger()
+
+    def __init__(self, directory: str, max_bytes: int, reactor: Any, segment_bytes: int = SEGMENT_BYTES):
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.reactor = reactor
+        self.segment_bytes = segment_bytes
+        self.sizes: dict[str, int] = {}
+        self.trouble = ""
+        self._lock: Any = None
+        self._tail: str | None = None
+        self._fd: int | None = None
+        self._unsynced: list[defer.Deferred] = []
+        self._dirty: set[int] = set()
+        self._retired: set[int] = set()
+        self._syncing: defer.Deferred | None = None
+        self._pool = ThreadPool(1, 1, name="bklit-spool")
+
+    # Start and stop ------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock the directory and cut torn records; raises SpoolError (one line)."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock = open(self.directory / "lock", "a")
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            names = sorted(p.name for p in self.directory.glob("*" + SUFFIX))
+            for name in names:
+                path = self.directory / name
+                size = path.stat().st_size
+                whole = whole_length(path)
+                if whole < size:
+                    self.log.warn("spool: cut {cut} bytes of an incomplete record from {name}",
+                                  cut=size - whole, name=name)
+                    os.truncate(path, whole)
+                self.sizes[name] = whole
+        except BlockingIOError:
+            self._unlock()
+            raise SpoolError(f"{self.directory} is in use by another bklit process") from None
+        except OSError as e:
+            self._unlock()
+            raise SpoolError(f"cannot use {self.directory}: {e.strerror or e}") from None
+
+    def start(self) -> None:
+        """Start the sync thread (after twistd forked, so not in ``open``)."""
+        self._pool.start()
+
+    def close(self) -> defer.Deferred:
+        """Wait for the last sync, then release the files and the lock."""
+        return defer.ensureDeferred(self._close())
+
+    async def _close(self) -> None:
+        while self._syncing is not None or self._unsynced:
+            await (self._syncing or self._sync())
+        self._pool.stop()
+        for fd in self._retired | ({self._fd} if self._fd is not None else set()):
+            os.close(fd)
+        self._retired.clear()
+        self._fd = self._tail = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # Appending ---------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Bytes spooled and not yet removed."""
+        return sum(self.sizes.values())
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing waits in the spool."""
+        return not any(self.sizes.values())
+
+    def append(self, ops: list[list[str]]) -> defer.Deferred:
+        """Write ``ops`` in order; fires once they are on disk.
+
+        Fails with ``SpoolFull`` past ``max_bytes`` and with ``SpoolError``
+        when the disk refuses; then nothing of ``ops`` stays in the spool.
+        """
+        data = b"".join(encode(op) for op in ops)
+        if self.size + len(data) > self.max_bytes:
+            self._report("full", f"the spool reached its cap of {self.max_bytes} bytes")
+            return defer.fail(SpoolFull("the local spool is full"))
+        try:
+            self._write(data)
+        except OSError as e:
+            self._report("disk", f"cannot write to {self.directory}: {e.strerror or e}")
+            return defer.fail(SpoolError("the local spool cannot be written"))
+        if self.trouble:
+            self.log.info("spool: writing again")
+            self.trouble = ""
+        d: defer.Deferred = defer.Deferred()
+        self._unsynced.append(d)
+        if self._syncing is None:
+            self._sync()
+        return d
+
+    def _write(self, data: bytes) -> None:
+        if self._tail is None or self.sizes.get(self._tail, 0) >= self.segment_bytes:
+            self._rotate()
+        assert self._fd is not None and self._tail is not None
+        before = self.sizes[self._tail]
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(self._fd, before)
+            except OSError:
+                self.log.failure("spool: cannot cut a partial record from {name}", name=self._tail)
+            raise
+        self.sizes[self._tail] = before + len(data)
+        self._dirty.add(self._fd)
+
+    def _rotate(self) -> None:
+        """Start a new segment, named after the newest one."""
+        newest = max((int(n.split("-")[0]) for n in self.sizes), default=0)
+        name = f"{max(time.time_ns(), newest + 1):020d}-{secrets.token_hex(4)}{SUFFIX}"
+        fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        if self._fd is not None:
+            self._retire(self._fd)
+        self._fd, self._tail = fd, name
+        self.sizes[name] = 0
+        self._dirty.add(-1)  # the directory entry too
+
+    def _retire(self, fd: int) -> None:
+        """Close a segment's descriptor once no sync needs it."""
+        if fd in self._dirty or self._syncing is not None:
+            self._retired.add(fd)
+        else:
+            os.close(fd)
+
+    def _report(self, kind: str, message: str) -> None:
+        """Log a refusal once, not for every event it refuses."""
+        if self.trouble != kind:
+            self.trouble = kind
+            self.log.error("spool: {message}; events are refused (overloaded) until it can write again",
+                           message=message)
+
+    # Syncing -------------------------------------------------------------------
+
+    def _sync(self) -> defer.Deferred:
+        """fsync what was written; then fire its waiters and start the next round."""
+        waiters, self._unsynced = self._unsynced, []
+        fds, self._dirty = self._dirty, set()
+        d = self._syncing = deferToThreadPool(self.reactor, self._pool, self._thd_sync, sorted(fds),
+                                              str(self.directory))
+        d.addBoth(self._synced, waiters)
+        return d
+
+    @staticmethod
+    def _thd_sync(fds: list[int], directory: str) -> None:
+        for fd in fds:
+            if fd == -1:
+                dir_fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            else:
+                os.fsync(fd)
+
+    def _synced(self, outcome: Any, waiters: list[defer.Deferred]) -> None:
+        self._syncing = None
+        for fd in [fd for fd in self._retired if fd not in self._dirty]:
+            self._retired.discard(fd)
+            os.close(fd)
+        if isinstance(outcome, Failure):
+            self._report("sync", f"cannot sync {self.directory}: {outcome.getErrorMessage()}")
+            for d in waiters:
+                d.errback(SpoolError("the local spool cannot be synced"))
+        else:
+            for d in waiters:
+                d.callback(None)
+        if self._unsynced:
+            self._sync()
+
+    # Replaying -------------------------------------------------------------------
+
+    def oldest(self) -> str | None:
+        """The oldest segment, or None."""
+        return min(self.sizes) if self.sizes else None
+
+    def read(self, name: str, offset: int, max_ops: int) -> tuple[list[list[str]], int]:
+        """Up to ``max_ops`` operations of a segment from ``offset``, and the offset after them."""
+        end = self.sizes.get(name, 0)
+        if offset >= end:
+            return [], offset
+        with open(self.directory / name, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(min(end - offset, READ_BYTES))
+        ops: list[list[str]] = []
+        position = 0
+        while len(ops) < max_ops:
+            op, after = decode(data, position)
+            if op is None:
+                break
+            ops.append(op)
+            position = after
+        if not ops and data:
+            if len(data) == READ_BYTES:  # one record larger than a read: read it whole
+                return self._read_large(name, offset)
+            raise SpoolError(f"{name} is damaged at byte {offset}")
+        return ops, offset + position
+
+    def _read_large(self, name: str, offset: int) -> tuple[list[list[str]], int]:
+        with open(self.directory / name, "rb") as handle:
+            handle.seek(offset)
+            header = handle.read(HEADER.size)
+            size, _ = HEADER.unpack(header)
+            handle.seek(offset)
+            data = handle.read(HEADER.size + size)
+        op, after = decode(data, 0)
+        if op is None:
+            raise SpoolError(f"{name} is damaged at byte {offset}")
+        return [op], offset + after
+
+    def remove(self, name: str) -> None:
+        """Delete a replayed segment (the tail too: the next append starts another)."""
+        self.sizes.pop(name, None)
+        if name == self._tail and self._fd is not None:
+            self._retire(self._fd)
+            self._fd = self._tail = None
+        try:
+            os.unlink(self.directory / name)
+        except FileNotFoundError:
+            pass

@@ -88,6 +88,7 @@ class StreamProducer:
         self._barrier: set[defer.Deferred] = set()
         self._held: list[list[tuple[list[str], defer.Deferred]]] = []
         self._replaying: defer.Deferred | None = None
+        self._nap: defer.Deferred | None = None
         self._stopped = False
 
     def start(self) -> None:
@@ -99,6 +100,7 @@ class StreamProducer:
             self.log.info("spool: {size} bytes left by an earlier run; replaying them into Redis",
                           size=self.spool.size)
             self._begin_spooling()
+            self._replay_soon()
 
     def _add(self, op: list[str]) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
@@ -172,6 +174,7 @@ class StreamProducer:
             if not self.spooling:
                 self._begin_spooling(outcome.getErrorMessage())
             self._append(batch)
+            self._replay_soon()
         elif isinstance(outcome, Failure) or len(outcome) != len(waiters):
             reason = outcome.getErrorMessage() if isinstance(outcome, Failure) else "short reply"
             error = RedisUnavailable(reason)
@@ -188,13 +191,16 @@ class StreamProducer:
     # The spool -------------------------------------------------------------------
 
     def _begin_spooling(self, reason: str = "") -> None:
-        """Send to the spool from now on, and start the replayer."""
+        """Send to the spool from now on (batches still out at Redis go first)."""
         self.spooling = True
         self._barrier = set(self._inflight)
         if reason:
             self.log.warn("Redis cannot take events ({reason}): spooling them to {directory} until it can",
                           reason=reason, directory=str(self.spool.directory))
-        if self._replaying is None:
+
+    def _replay_soon(self) -> None:
+        """Start the replayer unless it runs."""
+        if self._replaying is None and not self._stopped:
             self._replaying = defer.ensureDeferred(self._replay())
 
     def _append(self, batch: list[tuple[list[str], defer.Deferred]]) -> None:
@@ -223,25 +229,37 @@ class StreamProducer:
     async def _replay(self) -> None:
         """Move the spool into Redis, oldest segment first, then stop spooling."""
         delay, trouble = REPLAY_RETRY[0], ""
-        while not self._stopped:
-            name = self.spool.oldest()
-            if name is None:
-                if not self._held and not self._barrier:
-                    self.spooling = False
-                    self.log.info("spool replayed: sending to Redis directly again")
-                    break
-                await task.deferLater(self.clock, REPLAY_RETRY[0], lambda: None)
-                continue
-            try:
-                await self._replay_segment(name)
-                delay, trouble = REPLAY_RETRY[0], ""
-            except Exception as e:
-                if str(e) != trouble:
-                    trouble = str(e)
-                    self.log.warn("spool: replay waits for Redis: {error}", error=trouble)
-                await task.deferLater(self.clock, delay, lambda: None)
-                delay = min(delay * 2, REPLAY_RETRY[1])
-        self._replaying = None
+        try:
+            while not self._stopped:
+                name = self.spool.oldest()
+                if name is None:
+                    if not self._held and not self._barrier:
+                        self.spooling = False
+                        self.log.info("spool replayed: sending to Redis directly again")
+                        break
+                    await self._sleep(REPLAY_RETRY[0])  # batches sent before spooling are still out
+                    continue
+                try:
+                    await self._replay_segment(name)
+                    delay, trouble = REPLAY_RETRY[0], ""
+                except Exception as e:
+                    if str(e) != trouble:
+                        trouble = str(e)
+                        self.log.warn("spool: replay waits for Redis: {error}", error=trouble)
+                    await self._sleep(delay)
+                    delay = min(delay * 2, REPLAY_RETRY[1])
+        except defer.CancelledError:  # drain() cut a pause short
+            pass
+        finally:
+            self._replaying = None
+
+    def _sleep(self, seconds: float) -> defer.Deferred:
+        self._nap = task.deferLater(self.clock, seconds, lambda: None)
+        return self._nap.addBoth(self._woke)
+
+    def _woke(self, result: Any) -> Any:
+        self._nap = None
+        return result
 
     async def _replay_segment(self, name: str) -> None:
         """Replay one segment from its checkpoint, then remove it."""
@@ -273,6 +291,8 @@ class StreamProducer:
         while self._inflight:
             await defer.DeferredList(list(self._inflight), consumeErrors=True)
         self._stopped = True
+        if self._nap is not None:
+            self._nap.cancel()
         if self._replaying is not None:
             await self._replaying
         if self.spool is not None:

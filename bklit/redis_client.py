@@ -21,6 +21,9 @@ from twisted.logger import Logger
 from bklit.config import RedisAddress
 
 
+RECONNECT_MAX_DELAY = 2.0
+
+
 class RedisUnavailable(Exception):
     """Redis is not connected, did not answer in time, or refused a command."""
 
@@ -44,7 +47,7 @@ def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
     """
     tls = optionsForClientTLS(address.host) if address.tls else False
     make = txredisapi.lazyConnection if lazy else txredisapi.Connection
-    return make(
+    connection = make(
         host=address.host,
         port=address.port,
         dbid=address.db,
@@ -55,6 +58,9 @@ def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
         replyTimeout=timeout,
         convertNumbers=False,
     )
+    if lazy:  # txredisapi waits up to 10 s between attempts: long for events waiting in the spool
+        connection._factory.maxDelay = RECONNECT_MAX_DELAY
+    return connection
 
 
 class RedisService(Service):

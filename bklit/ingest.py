@@ -351,7 +351,7 @@ class SdkProtocol(WebSocketServerProtocol):
         self.send(wire.ack(event_id, kind))
 
     def not_queued(self, failure: Any, kind: str) -> None:
-        log.warn("event not queued: {error}", error=failure.getErrorMessage())
+        # Counted, not logged: the producer and the spool log an outage once, not per event.
         self.ingest.metrics.messages.labels(kind, "overloaded").inc()
         if self.writable:
             self.send_error("overloaded", "The server cannot store events right now; not acked")

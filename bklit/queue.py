@@ -82,6 +82,7 @@ class StreamProducer:
         self.spool = spool
         self.metrics = metrics
         self.spooling = False
+        self._refusing = False
         self._pending: list[tuple[list[str], defer.Deferred]] = []
         self._scheduled: Any = None
         self._inflight: set[defer.Deferred] = set()
@@ -177,10 +178,17 @@ class StreamProducer:
             self._replay_soon()
         elif isinstance(outcome, Failure) or len(outcome) != len(waiters):
             reason = outcome.getErrorMessage() if isinstance(outcome, Failure) else "short reply"
+            if not self._refusing:
+                self._refusing = True
+                self.log.error("Redis cannot take events ({reason}): refusing them as overloaded (no spool)",
+                               reason=reason)
             error = RedisUnavailable(reason)
             for d in waiters:
                 d.errback(error)
         else:
+            if self._refusing:
+                self._refusing = False
+                self.log.info("Redis takes events again")
             for d, result in zip(waiters, outcome):
                 d.callback(result)
         if self._held and not self._barrier:

@@ -1,7 +1,12 @@
-"""A throwaway deployment for benchmarks: Redis, ClickHouse, one daemon, keys.
+"""A throwaway deployment for benchmarks: Redis, ClickHouse, the daemon, keys.
 
     with Stack() as stack:
         stack.port, stack.key, stack.read_key, stack.daemon.pid, stack.clickhouse_url
+
+``roles="split"`` (the default) runs bklit as it is deployed for throughput:
+one ``--role ingest`` process (``stack.daemon``, the listener) and one
+``--role writer`` process (``stack.writer``).  ``roles="all"`` runs one
+process doing both (``stack.writer`` is then ``stack.daemon``).
 """
 
 from __future__ import annotations
@@ -58,8 +63,11 @@ def rss_bytes(pid: int) -> int:
 class Stack:
     """Starts everything on enter, stops it on exit."""
 
-    def __init__(self, project: str = "bench", **settings: str):
+    def __init__(self, project: str = "bench", roles: str = "split", **settings: str):
+        if roles not in ("split", "all"):
+            raise ValueError(f"roles must be split or all, not {roles!r}")
         self.project = project
+        self.roles = roles
         # Load generators send faster than a browser tab: lift the per-socket rate limit.
         self.settings = {"rate_limit": "1000000", "rate_burst": "1000000", "max_connections_per_ip": "1000000",
                          **settings}
@@ -77,16 +85,32 @@ class Stack:
         self.key = self._token("ingest")
         self.read_key = self._token("read")
         self.port = free_port()
+        self.daemon = None
+        self.restart_daemon()
+        self.writer = self.daemon
+        if self.roles == "split":
+            self.writer = subprocess.Popen(
+                [BIN / "twistd", "-n", "--pidfile=", "--logfile", str(tmp / "writer.log"), "bklit",
+                 "--role", "writer"], env=self.env)
+        return self
+
+    def restart_daemon(self) -> subprocess.Popen:
+        """(Re)start the listening process on the same port; returns once it accepts connections."""
+        if self.daemon is not None:
+            stop_process(self.daemon, 20)
+        role = ["--role", "ingest"] if self.roles == "split" else []
         self.daemon = subprocess.Popen(
-            [BIN / "twistd", "-n", "--pidfile=", "--logfile", str(tmp / "daemon.log"), "bklit",
-             "--listen", f"tcp:{self.port}:interface=127.0.0.1"], env=self.env)
+            [BIN / "twistd", "-n", "--pidfile=", "--logfile", str(Path(self._tmp.name) / "daemon.log"), "bklit",
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *role], env=self.env)
+        if self.roles == "all":
+            self.writer = self.daemon
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     break
             time.sleep(0.05)
-        return self
+        return self.daemon
 
     def _token(self, scope: str) -> str:
         return subprocess.run([BIN / "bklit", "token", "create", "--project", self.project, "--scope", scope],
@@ -104,8 +128,17 @@ class Stack:
         finally:
             client.disconnect()
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """The bklit processes by role: ``{"all": pid}`` or ``{"ingest": pid, "writer": pid}``."""
+        if self.roles == "all":
+            return {"all": self.daemon.pid}
+        return {"ingest": self.daemon.pid, "writer": self.writer.pid}
+
     def __exit__(self, *exc: object) -> None:
         stop_process(self.daemon, 20)
+        if self.writer is not self.daemon:
+            stop_process(self.writer, 20)
         self.clickhouse.stop()
         self.redis.stop()
         self._tmp.cleanup()

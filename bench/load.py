@@ -32,7 +32,7 @@ def run_load(port: int, key: str, connections: int, seconds: float) -> dict:
     out = subprocess.run(
         [sys.executable, str(script), str(port), key, str(connections), str(seconds)],
         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

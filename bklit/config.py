@@ -228,6 +228,7 @@ KEYS: dict[str, Key] = {
     "max_errors": Key("10", _int(1, 10000), "Errors one connection may cause before it is closed with 1008."),
     "auth_timeout": Key("10", _seconds(0.1, 3600), "Seconds an SDK socket may stay open without presenting a valid API key."),
     "token_cache_ttl": Key("5", _seconds(0, 3600), "Seconds an API key verdict (good or bad) is cached."),
+    "token_stale_ttl": Key("3600", _seconds(0, 7 * 86400), "Seconds a key that was good stays usable while Redis cannot be asked (0: refuse then)."),
     "heartbeat_interval": Key("15", _seconds(0.05, 3600), "Seconds between refreshes of this node's live sessions in Redis."),
     "session_timeout": Key("90", _seconds(0.1, 86400), "Seconds without a refresh after which the sweeper ends a session (its node died)."),
     "sweep_interval": Key("15", _seconds(0.05, 3600), "Seconds between sweeps for sessions whose node died (one node sweeps at a time)."),
@@ -280,6 +281,7 @@ class Config:
     max_errors: int
     auth_timeout: float
     token_cache_ttl: float
+    token_stale_ttl: float
     heartbeat_interval: float
     session_timeout: float
     sweep_interval: float

@@ -174,7 +174,8 @@ class BklitService(MultiService):
     def _build_endpoints(self) -> None:
         """The SDK and dashboard endpoints, /api/live, and their listener."""
         config, reactor = self.config, self.reactor
-        verifier = TokenVerifier(TokenStore(self.redis.call), reactor, config.token_cache_ttl)
+        verifier = TokenVerifier(TokenStore(self.redis.call), reactor, config.token_cache_ttl,
+                                 config.token_stale_ttl)
         self.sessions = LiveSessions(
             self.redis, self.producer, reactor, self.node,
             heartbeat_interval=config.heartbeat_interval, session_timeout=config.session_timeout,

@@ -204,16 +204,21 @@ class TokenVerifier:
 
     Lookups, found or not, are cached, so a flood of bad keys costs Redis one
     read per key per ``ttl``; concurrent checks of one key share one lookup.
-    The cache is bounded: when full it is cleared.
+    While Redis cannot be asked, a key found within the last ``stale``
+    seconds is judged as it was then (so new tabs keep working through an
+    outage, their events going to the spool); an unknown key is refused.
+    The caches are bounded: when full they are cleared.
     """
 
     max_entries = 100_000
 
-    def __init__(self, store: TokenStore, clock: Any, ttl: float):
+    def __init__(self, store: TokenStore, clock: Any, ttl: float, stale: float = 0.0):
         self.store = store
         self.clock = clock
         self.ttl = ttl
+        self.stale = stale
         self._cache: dict[str, tuple[float, Token | None]] = {}
+        self._known: dict[str, tuple[float, Token]] = {}
         self._inflight: dict[str, list[defer.Deferred]] = {}
 
     def lookup(self, key: str) -> defer.Deferred:
@@ -236,6 +241,16 @@ class TokenVerifier:
     def _settle(self, outcome: Any, digest: str) -> None:
         waiters = self._inflight.pop(digest)
         failed = isinstance(outcome, Failure)
+        if failed:
+            known = self._known.get(digest)
+            if known is not None and self.clock.seconds() - known[0] <= self.stale:
+                failed, outcome = False, known[1]
+        elif outcome is None:
+            self._known.pop(digest, None)
+        elif self.stale > 0:
+            if len(self._known) >= self.max_entries:
+                self._known.clear()
+            self._known[digest] = (self.clock.seconds(), outcome)
         if not failed and self.ttl > 0:
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()

@@ -205,13 +205,15 @@ def test_a_disk_error_refuses_whole_batches_logged_once(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_redis_down_events_are_acked_from_the_spool_then_replayed_once(redis_server, redis_url, clickhouse_url):
-    """Redis stops: events are still acked (spool), /healthz says degraded; back: each stored once, in order."""
+    """Redis stops: events are still acked (spool), a known key still opens sockets, /healthz says degraded;
+    back: each event stored once, sessions in order."""
     async with running_daemon(settings(redis_url, clickhouse_url, health_interval="0.1")) as daemon:
         key = await daemon.token("p1")
         clients = [await open_client(daemon.port, session_of(n), key) for n in range(3)]
         acked = await send_acked(clients[0], [message(0, 0, key)])
         await deferToThread(redis_server.stop)
         try:
+            clients.append(await open_client(daemon.port, session_of(3), key))  # a known key: still good
             for n, client in enumerate(clients):
                 acked.update(await send_acked(client, [message(n, i, key) for i in range(1, 30)]))
             assert daemon.service.producer.spooling and daemon.service.spool.size > 0
@@ -239,7 +241,7 @@ async def test_redis_down_events_are_acked_from_the_spool_then_replayed_once(red
         written = daemon.service.metrics.spool_operations.labels("written")._value.get()
         replayed = daemon.service.metrics.spool_operations.labels("replayed")._value.get()
         assert written == replayed > 0
-        await close(*clients[:2])
+        await close(clients[0], clients[1], clients[3])
 
 
 async def _degraded(port, timeout=10.0):

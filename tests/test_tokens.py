@@ -375,6 +375,30 @@ class VerifierTests(SynchronousTestCase):
         assert self.verdict(key).ok
         assert self.lookups() == 2
 
+    def test_a_known_key_is_judged_as_last_seen_while_redis_is_down(self):
+        """Within ``stale`` seconds of its last lookup a good key still passes with Redis down; others fail."""
+        self.verifier = TokenVerifier(self.store, self.clock, self.ttl, stale=60)
+        key, token = self.create()
+        other, _ = self.create()
+        revoked, revoked_token = self.create()
+        self.revoke(revoked_token)
+        assert self.verdict(key).ok and not self.verdict(revoked).ok
+        self.redis.down = True
+        self.clock.advance(30)  # past the cache ttl: Redis is asked, and fails
+        assert self.verdict(key).token == token
+        assert self.verdict(revoked).reason == "API key revoked"
+        self.failureResultOf(self.verifier.verify(other, "p1", "ingest"), RedisUnavailable)  # never seen
+        self.clock.advance(31)
+        self.failureResultOf(self.verifier.verify(key, "p1", "ingest"), RedisUnavailable)
+
+    def test_without_stale_a_known_key_fails_while_redis_is_down(self):
+        """``stale=0`` (the default here): an outage refuses every check once the cache expired."""
+        key, _ = self.create()
+        assert self.verdict(key).ok
+        self.redis.down = True
+        self.clock.advance(self.ttl + 1)
+        self.failureResultOf(self.verifier.verify(key, "p1", "ingest"), RedisUnavailable)
+
     def test_lookup_failing_at_once_fails_the_check(self):
         """With Redis down, ``call`` fails at once: the check fails too, it does not hang."""
         key, _ = self.create()

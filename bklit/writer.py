@@ -31,7 +31,7 @@ from bklit import schema
 from bklit.clickhouse import Inserter, is_data_error
 from bklit.metrics import Metrics
 from bklit.queue import DEAD_STREAM, GROUP, STREAM
-from bklit.redis_client import RedisService
+from bklit.redis_client import RedisService, RedisUnavailable
 
 ACK_AND_DELETE = """
 redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
@@ -107,6 +107,7 @@ class WriterService(Service):
         self._last_claim = 0.0
         self._stopping = False
         self._retrying = False
+        self._redis_trouble = ""
         self._loop_done: defer.Deferred | None = None
         self.stored = 0
         self.prepare = prepare
@@ -137,8 +138,23 @@ class WriterService(Service):
 
     def _run(self) -> defer.Deferred:
         d = defer.ensureDeferred(self.write_once())
-        d.addErrback(lambda f: self.log.failure("writer run failed", f))
-        return d
+        return d.addCallbacks(self._ran, self._failed)
+
+    def _ran(self, _: int) -> None:
+        if self._redis_trouble:
+            self._redis_trouble = ""
+            self.log.info("writer: Redis answers again")
+
+    def _failed(self, failure: Any) -> None:
+        """Log a Redis outage once (the loop retries every run), anything else each time."""
+        if "NOGROUP" in failure.getErrorMessage():  # Redis lost its data: make the group again
+            self._group_ready = False
+        if not failure.check(RedisUnavailable) and "NOGROUP" not in failure.getErrorMessage():
+            self.log.failure("writer run failed", failure)
+        elif not self._redis_trouble:
+            self._redis_trouble = failure.getErrorMessage()
+            self.log.warn("writer: cannot read the stream ({error}); retrying every run",
+                          error=self._redis_trouble)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and stream) unless it exists."""

@@ -286,3 +286,18 @@ async def test_writer_backs_off_while_clickhouse_is_down_and_catches_up(redis_ur
             if not clickhouse_server.running:
                 await deferToThread(clickhouse_server.start)
     assert stored_ids(clickhouse_url, final=False) == sorted(event_id for event_id, _ in made + later)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_that_lost_its_data_gets_the_group_again(redis_url, clickhouse_url):
+    """After FLUSHALL (a Redis restarted without persistence) the writer makes its group again and goes on."""
+    await migrate(clickhouse_url)
+    first, second = pageview(), pageview()
+    async with redis_connection(redis_url) as redis:
+        async with running_writer(redis, inserter_for(clickhouse_url), "w"):
+            await add(redis, record("page_view_event", first[1]))
+            await wait_drained(redis)
+            await redis.call("FLUSHALL")
+            await add(redis, record("page_view_event", second[1]))
+            await wait_drained(redis)
+    assert stored_ids(clickhouse_url, final=False) == sorted([first[0], second[0]])

@@ -39,6 +39,11 @@ local function next_version(key, now)
   return v
 end
 
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 local function seconds(ms) return math.floor(tonumber(ms) / 1000) end
 
 local function session_row(p, s, st, ended, reason, now, version)
@@ -83,7 +88,8 @@ local function pageview(a)
   redis.call('PEXPIRE', key, resume_ms)
   redis.call('SADD', sockets_key(p, s), socket)
   redis.call('PEXPIRE', sockets_key(p, s), resume_ms)
-  redis.call('ZADD', live_key(p), now, s)
+  -- A pageview replayed from a spool is old: score it now, or the sweeper would end it at once.
+  redis.call('ZADD', live_key(p), math.max(now, server_ms()), s)
   redis.call('SADD', 'bklit:projects:live', p)
   if is_new or resumed then session_row(p, s, st, nil, '', now, next_version(key, now)) end
   local id = redis.call('XADD', stream, '*', 'e', entry)

@@ -132,3 +132,16 @@ async def test_redis_down_fails_every_pending_entry_quickly(outage, redis_server
         stored = await redis.call("XRANGE", STREAM, "-", "+")
         assert [fields for _, fields in stored] == [["e", '{"n":"before"}'], ["e", '{"n":"after"}']]
         assert stored[-1][0] == after
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_old_pageview_is_scored_live_now_but_keeps_its_times(redis_server, redis_url):
+    """A pageview timed an hour ago (as replayed from a spool) starts its session then, scored live now."""
+    async with redis_connection(redis_url, REPLY_TIMEOUT) as redis:
+        producer = StreamProducer(redis, reactor)
+        hour_ago = int(time.time() * 1000) - 3_600_000
+        before = int(time.time() * 1000)
+        await within(producer.pageview('{"n":1}', "p1", "s1", "sock", hour_ago, "https://e.com/", "", ""))
+        score = float(await redis.call("ZSCORE", "live:sessions:p1", "s1"))
+        assert before - 1000 <= score <= time.time() * 1000 + 1000
+        assert int(await redis.call("HGET", "bklit:session:p1:s1", "started_at")) == hour_ago

@@ -211,6 +211,7 @@ async def test_redis_down_events_are_acked_from_the_spool_then_replayed_once(red
         key = await daemon.token("p1")
         clients = [await open_client(daemon.port, session_of(n), key) for n in range(3)]
         acked = await send_acked(clients[0], [message(0, 0, key)])
+        await eventually(lambda: redis_server.execute("XLEN", "bklit:events") == 0)  # stored and acked
         await deferToThread(redis_server.stop)
         try:
             clients.append(await open_client(daemon.port, session_of(3), key))  # a known key: still good

@@ -93,27 +93,65 @@ class QuietSite(Site):
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         if channel is not None:
-            self.reactor.callLater(self.handshake_timeout, _expire, channel)
+            _inner(channel).handshake_expiry = self.reactor.callLater(self.handshake_timeout, _expire, channel)
         return channel
+
+
+def _inner(channel: Any) -> Any:
+    """The HTTPChannel itself: ``Site.buildProtocol`` wraps it (HTTP/1.1 or
+    HTTP/2 is picked later), and the inner channel holds the transport."""
+    return getattr(channel, "_channel", channel)
 
 
 def _expire(channel: Any) -> None:
     """Drop a connection still speaking HTTP after the handshake timeout.
 
     Autobahn detaches the channel from its transport when it upgrades the
-    connection, so an upgraded socket is left alone.
+    connection, so an upgraded socket is left alone; its channel is let go.
     """
-    # Site.buildProtocol wraps the HTTPChannel (HTTP/1.1 or HTTP/2 is picked
-    # later); the channel itself holds the transport.
-    transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+    inner = _inner(channel)
+    transport = getattr(inner, "transport", None)
     if transport is not None:
         transport.abortConnection()
+    else:
+        release(inner)
+
+
+def release(channel: Any) -> None:
+    """Let go of an HTTP channel whose connection became a WebSocket.
+
+    The channel and its upgrade request stay referenced by two timers: the
+    handshake expiry above and twisted.web's idle timeout (12 hours by
+    default), which no ``connectionLost`` cancels once Autobahn owns the
+    socket.  Cancelling both (and the transport's producer registration,
+    see ``UpgradeResource``) frees them, some 4 KB per socket.
+    """
+    if hasattr(channel, "setTimeout"):
+        channel.setTimeout(None)
+    expiry = getattr(channel, "handshake_expiry", None)
+    if expiry is not None and expiry.active():
+        expiry.cancel()
+    channel.handshake_expiry = None
+
+
+class UpgradeResource(WebSocketResource):
+    """Autobahn's ``WebSocketResource``, releasing the HTTP channel on upgrade."""
+
+    def render(self, request: Any) -> Any:
+        transport = request.channel.transport  # (None already: HTTP/2, answered 426)
+        result = super().render(request)
+        if transport is not None and request.channel.transport is None:  # Autobahn took it over
+            # The channel registered itself as the transport's producer; while
+            # its (never finished) upgrade request is handled it pauses nothing.
+            transport.unregisterProducer()
+            release(request.channel)
+        return result
 
 
 def make_site(sdk_factory: SdkFactory, handshake_timeout: float = 5.0,
               children: dict[bytes, Resource] | None = None) -> Site:
     """The site serving the SDK endpoint and the named resources."""
-    root = Root(WebSocketResource(sdk_factory), children or {})
+    root = Root(UpgradeResource(sdk_factory), children or {})
     site = QuietSite(root)
     site.handshake_timeout = handshake_timeout
     site.displayTracebacks = False

@@ -3,6 +3,7 @@
 #   make run     start local Redis and ClickHouse, then the daemon on :8080
 #   make bench   run the benchmarks under bench/
 #   make fuzz    fuzz the message parser for FUZZ_SECONDS (atheris, installed when missing)
+#   make faults  run only the fault suite (outages and crashes under load); table in .run/fault-report.md
 #   make clean   stop the local servers, remove .venv, .run and the node_modules of the browser tests and bench peer
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ RUN_ARGS ?=
 BENCH ?= $(filter-out bench/_% bench/fuzz_%,$(wildcard bench/*.py))
 FUZZ_SECONDS ?= 60
 
-.PHONY: all packages test-packages venv $(VENV) test run services stop bench fuzz clean
+.PHONY: all packages test-packages venv $(VENV) test faults run services stop bench fuzz clean
 
 all: $(VENV)
 
@@ -54,6 +55,10 @@ $(PEER_STAMP): bench/peers/package.json bench/peers/package-lock.json
 
 test: test-packages $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The fault suite alone (make test runs it too).
+faults: test-packages $(STAMP) $(NODE_STAMP)
+	$(VENV)/bin/python -m pytest -m fault $(PYTEST_ARGS)
 
 run: packages $(STAMP)
 	$(PYTHON) scripts/dev-services run $(RUN_ARGS)

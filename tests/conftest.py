@@ -112,3 +112,19 @@ def spool_dir(tmp_path, monkeypatch):
     path = tmp_path / "spool"
     monkeypatch.setenv("BKLIT_SPOOL_DIR", str(path))
     return path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After fault cases ran: print their table and write it to ``.run/fault-report.md``."""
+    faults = sys.modules.get("faults")
+    if faults is None or not faults.RESULTS:
+        return
+    from pathlib import Path
+
+    table = faults.markdown_report()
+    terminalreporter.section("fault report")
+    terminalreporter.write(table)
+    report = Path(config.rootpath) / ".run" / "fault-report.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("# Fault report\n\n" + table)
+    terminalreporter.write_line(f"(written to {report.relative_to(config.rootpath)})")

@@ -182,6 +182,7 @@ def load(port: int, key: str, pids: dict[str, int], connections: int, seconds: f
     for role in pids:
         result[f"cpu_{role}"] = (cpu1[role] - cpu0[role]) / (t1 - t0)
     result["server_cpu"] = sum(result[f"cpu_{role}"] for role in pids)
+    result["cpu_per_event"] = result["server_cpu"] / result["rate"] * 1e6 if result["rate"] else float("nan")
     if watcher:
         result["stored_rate"] = (rows1 - rows0) / (t1 - t0)
         started = time.monotonic()
@@ -273,6 +274,7 @@ def main() -> None:
             ("ack latency p95 (ms)", "p95", "{:.1f}"), ("ack latency p99 (ms)", "p99", "{:.1f}"),
             ("server CPU, all processes (1.0 = one core)", "server_cpu", "{:.2f}")]
     rows += [(f"  bklit {role} process CPU", f"cpu_{role}", "{:.2f}") for role in pids]
+    rows += [("server CPU per acked event (us)", "cpu_per_event", "{:.0f}")]
     rows += [("load generator CPU", "cpu", "{:.2f}"), ("load errors", "errors", "{:.0f}"),
              ("stored events/s by the writer (load window)", "stored_rate", "{:.0f}"),
              ("writer drain after the load (s)", "drain", "{:.2f}"),

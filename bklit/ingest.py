@@ -73,6 +73,9 @@ class Ingest:
         self.locator = geo.Locator(config.geoip_db, clock, metrics=metrics)
         self.agents = agents.shared()
         self.drop_bots = config.bot_policy == "drop"
+        # Looked up once: a metric's labels() costs more than its inc().
+        self.ack_latency = metrics.ack_latency
+        self.acked_count = {kind: metrics.messages.labels(kind, "acked") for kind in ("pageview", "event")}
 
     async def close_all(self, timeout: float = 3.0) -> None:
         """Close every SDK socket with 1001 and wait (up to ``timeout``) for them."""
@@ -110,18 +113,17 @@ class Ingest:
                 _entry("page_view_event", row), project, session, conn.socket_id,
                 int(received_at * 1000), row["url"], head, tail, row.get("user_agent", ""),
                 row.get("country", ""), row.get("country_code", ""), row.get("city", ""))
-            d.addCallback(self._count_session)
-        else:
-            row = rows.event_row(message, event_id=event_id, project_id=project,
-                                 session_id=session, received_at=received_at)
-            d = self.producer.enqueue(_entry("tracked_event", row), queue.channel(project),
-                                      live.event_message(row, received_at))
+            return d.addCallback(self._count_session, event_id)
+        row = rows.event_row(message, event_id=event_id, project_id=project,
+                             session_id=session, received_at=received_at)
+        d = self.producer.enqueue(_entry("tracked_event", row), queue.channel(project),
+                                  live.event_message(row, received_at))
         return d.addCallback(lambda _: event_id)
 
-    def _count_session(self, reply: tuple[str, str]) -> tuple[str, str]:
+    def _count_session(self, reply: tuple[str, str], event_id: str) -> str:
         if reply[1]:
             self.metrics.sessions_started.labels(reply[1]).inc()
-        return reply
+        return event_id
 
     def closed(self, conn: "SdkProtocol") -> None:
         """A socket closed: it leaves its session, which ends if it was the last."""
@@ -143,9 +145,12 @@ async def close_and_wait(sockets: set, clock: Any, timeout: float) -> None:
         waited += 0.05
 
 
+_ENTRY_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _entry(table: str, row: dict) -> str:
     """The stream entry of one row."""
-    return json.dumps({"table": table, "row": row}, separators=(",", ":"))
+    return _ENTRY_ENCODER.encode({"table": table, "row": row})
 
 
 class SdkProtocol(WebSocketServerProtocol):
@@ -347,9 +352,8 @@ class SdkProtocol(WebSocketServerProtocol):
         d.addCallbacks(self.acked, self.not_queued, callbackArgs=(kind, time.monotonic()), errbackArgs=(kind,))
 
     def acked(self, event_id: str, kind: str, started: float) -> None:
-        metrics = self.ingest.metrics
-        metrics.ack_latency.observe(time.monotonic() - started)
-        metrics.messages.labels(kind, "acked").inc()
+        self.ingest.ack_latency.observe(time.monotonic() - started)
+        self.ingest.acked_count[kind].inc()
         self.send(wire.ack(event_id, kind))
 
     def not_queued(self, failure: Any, kind: str) -> None:

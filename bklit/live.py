@@ -13,8 +13,7 @@ from typing import Any
 from bklit.wire import iso_timestamp
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def pageview_parts(row: dict, now: float) -> tuple[str, str]:

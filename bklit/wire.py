@@ -136,6 +136,10 @@ def _too_deep(value, levels_left: int = MAX_DEPTH) -> bool:
     return levels_left == 0 or any(_too_deep(child, levels_left - 1) for child in value)
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicates,
+                            parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _decode(payload, limits: Limits):
     """Check size, UTF-8 and JSON syntax of a frame; return the parsed value."""
     if isinstance(payload, str) and len(payload) <= limits.max_message_bytes:
@@ -149,14 +153,14 @@ def _decode(payload, limits: Limits):
     except UnicodeDecodeError:
         raise ProtocolError("bad_json", "message is not valid UTF-8") from None
     try:
-        value = json.loads(
-            text, object_pairs_hook=_object_without_duplicates,
-            parse_constant=_reject_constant, parse_float=_finite_float)
+        value = _DECODER.decode(text)
     except RecursionError:
         raise _bad("JSON is nested too deeply") from None
     except ValueError:
         raise ProtocolError("bad_json", "message is not valid JSON") from None
-    if _too_deep(value):
+    # Fewer brackets than the limit cannot nest deeper (a usual message has
+    # a handful): only then is the parsed value walked.
+    if text.count("{") + text.count("[") > MAX_DEPTH and _too_deep(value):
         raise _bad("JSON is nested too deeply")
     return value
 
@@ -331,13 +335,20 @@ def valid_session_id(value: str) -> bool:
 
 def iso_timestamp(epoch_seconds: float) -> str:
     """Format epoch seconds as ISO 8601 UTC with milliseconds and Z, rounded to the millisecond."""
-    moment = _EPOCH + timedelta(milliseconds=round(epoch_seconds * 1000))
-    return moment.isoformat(timespec="milliseconds") + "Z"
+    seconds, ms = divmod(round(epoch_seconds * 1000), 1000)
+    if seconds != _last_second[0]:  # most calls fall in the same second as the one before
+        text = (_EPOCH + timedelta(seconds=seconds)).isoformat(timespec="seconds")
+        _last_second[:] = [seconds, text]
+    return f"{_last_second[1]}.{ms:03d}Z"
+
+
+_last_second: list = [None, ""]
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _encode(message: dict) -> bytes:
     """Serialize one outbound message as compact JSON bytes (ASCII, hence valid UTF-8)."""
-    return json.dumps(message, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(message).encode("utf-8")
 
 
 def connected(project_id: str, session_id: str | None, now: float) -> bytes:

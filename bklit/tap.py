@@ -29,7 +29,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
-from autobahn.twisted.resource import WebSocketResource
 
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit.config import ConfigError, load_config
@@ -46,7 +45,7 @@ from bklit.redis_client import RedisService
 from bklit.spool import Spool, SpoolError
 from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSError, TLSServerEndpoint, load_pair
 from bklit.tokens import TokenStore, TokenVerifier
-from bklit.web import LiveCount, make_site
+from bklit.web import LiveCount, UpgradeResource, make_site
 from bklit.writer import WriterService, consumer_name
 
 
@@ -197,7 +196,7 @@ class BklitService(MultiService):
         api = Resource()
         api.putChild(b"live", LiveCount(verifier, self.sessions))
         site = self.site = make_site(SdkFactory(self.ingest), config.handshake_timeout, {
-            b"dashboard": WebSocketResource(dashboard_factory),
+            b"dashboard": UpgradeResource(dashboard_factory),
             b"api": api,
         })
         endpoint = endpoints.serverFromString(reactor, config.listen)

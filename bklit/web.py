@@ -135,16 +135,24 @@ def release(channel: Any) -> None:
 
 
 class UpgradeResource(WebSocketResource):
-    """Autobahn's ``WebSocketResource``, releasing the HTTP channel on upgrade."""
+    """Autobahn's ``WebSocketResource``, releasing the HTTP channel on upgrade.
+
+    The channel is the transport's producer until then; it lets go first, so
+    a WebSocket protocol that registers itself (dashboards do) keeps that
+    place, and takes it back when the request was no upgrade after all.
+    """
 
     def render(self, request: Any) -> Any:
-        transport = request.channel.transport  # (None already: HTTP/2, answered 426)
+        channel = request.channel
+        transport = channel.transport  # (None already: HTTP/2, answered 426)
+        if transport is None:
+            return super().render(request)
+        transport.unregisterProducer()
         result = super().render(request)
-        if transport is not None and request.channel.transport is None:  # Autobahn took it over
-            # The channel registered itself as the transport's producer; while
-            # its (never finished) upgrade request is handled it pauses nothing.
-            transport.unregisterProducer()
-            release(request.channel)
+        if channel.transport is None:  # Autobahn took the connection over
+            release(channel)
+        else:
+            transport.registerProducer(channel, True)
         return result
 
 

@@ -26,8 +26,11 @@ import pytest
 from servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-UNITS = ["bklit.service", "bklit-ingest.service", "bklit-writer.service", "bklit.socket"]
-ROLES = {"bklit.service": "all", "bklit-ingest.service": "ingest", "bklit-writer.service": "writer"}
+UNITS = ["bklit.service", "bklit-ingest.service", "bklit-ingest@.service", "bklit-writer.service", "bklit.socket"]
+ROLES = {"bklit.service": "all", "bklit-ingest.service": "ingest", "bklit-ingest@.service": "ingest",
+         "bklit-writer.service": "writer"}
+#: What a unit passes after --role: the template's instances share the port.
+EXTRA_ARGS = {"bklit-ingest@.service": ["--listen", "reuseport:8080"]}
 HOOK = REPO / "etc" / "certbot-deploy-hook"
 INSTALLED_BIN = "/opt/bklit/bin"
 #: The venv running these tests: it has twistd and bklit, as /opt/bklit/bin will.
@@ -118,7 +121,7 @@ class TestUnits:
         bklit's config check, which names only the bad key."""
         argv = setting(name, "ExecStart").split()
         assert argv[:4] == [f"{INSTALLED_BIN}/twistd", "--nodaemon", "--pidfile=", "bklit"]
-        assert argv[4:] == ["--config", "/etc/bklit/bklit.ini", "--role", role]
+        assert argv[4:] == ["--config", "/etc/bklit/bklit.ini", "--role", role, *EXTRA_ARGS.get(name, [])]
         ini = tmp_path / "bklit.ini"
         ini.write_text("[bklit]\nbatch_size = lots\n")
         argv = [os.path.join(BIN, "twistd"), *argv[1:5], str(ini), *argv[6:]]
@@ -129,7 +132,7 @@ class TestUnits:
         assert done.returncode != 0
         assert [line.split(":")[2].strip() for line in errors] == ["batch_size"], done
 
-    @pytest.mark.parametrize("name", ["bklit.service", "bklit-ingest.service"])
+    @pytest.mark.parametrize("name", ["bklit.service", "bklit-ingest.service", "bklit-ingest@.service"])
     def test_reload_sends_sighup(self, name):
         """``systemctl reload`` (and the deploy hook's try-reload-or-restart)
         sends SIGHUP, which reloads the certificate without dropping sockets."""

@@ -1,0 +1,5 @@
+"""Endpoint string plugin: ``reuseport:PORT`` (see ``bklit.endpoints``)."""
+
+from bklit.endpoints import ReusePortParser
+
+reuseport = ReusePortParser()

@@ -63,11 +63,14 @@ def rss_bytes(pid: int) -> int:
 class Stack:
     """Starts everything on enter, stops it on exit."""
 
-    def __init__(self, project: str = "bench", roles: str = "split", **settings: str):
+    def __init__(self, project: str = "bench", roles: str = "split", ingest: int = 1, **settings: str):
         if roles not in ("split", "all"):
             raise ValueError(f"roles must be split or all, not {roles!r}")
+        if ingest > 1 and roles != "split":
+            raise ValueError("several ingest processes need roles split")
         self.project = project
         self.roles = roles
+        self.ingest = ingest
         # Load generators send faster than a browser tab: lift the per-socket rate limit.
         self.settings = {"rate_limit": "1000000", "rate_burst": "1000000", "max_connections_per_ip": "1000000",
                          **settings}
@@ -85,7 +88,7 @@ class Stack:
         self.key = self._token("ingest")
         self.read_key = self._token("read")
         self.port = free_port()
-        self.daemon = None
+        self.daemons: list[subprocess.Popen] = []
         self.restart_daemon()
         self.writer = self.daemon
         if self.roles == "split":
@@ -94,14 +97,27 @@ class Stack:
                  "--role", "writer"], env=self.env)
         return self
 
+    @property
+    def daemon(self) -> subprocess.Popen:
+        """The (first) listening process."""
+        return self.daemons[0]
+
     def restart_daemon(self) -> subprocess.Popen:
-        """(Re)start the listening process on the same port; returns once it accepts connections."""
-        if self.daemon is not None:
-            stop_process(self.daemon, 20)
+        """(Re)start the listening processes on the same port; returns once it accepts connections.
+
+        With ``ingest`` > 1 they share the port (``reuseport:``), each with a spool of its own.
+        """
+        for daemon in self.daemons:
+            stop_process(daemon, 20)
         role = ["--role", "ingest"] if self.roles == "split" else []
-        self.daemon = subprocess.Popen(
-            [BIN / "twistd", "-n", "--pidfile=", "--logfile", str(Path(self._tmp.name) / "daemon.log"), "bklit",
-             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *role], env=self.env)
+        scheme = "reuseport" if self.ingest > 1 else "tcp"
+        tmp = Path(self._tmp.name)
+        self.daemons = [
+            subprocess.Popen(
+                [BIN / "twistd", "-n", "--pidfile=", "--logfile", str(tmp / f"daemon{n}.log"), "bklit",
+                 "--listen", f"{scheme}:{self.port}:interface=127.0.0.1", *role],
+                env=dict(self.env, BKLIT_SPOOL_DIR=str(tmp / f"spool{n}")))
+            for n in range(self.ingest)]
         if self.roles == "all":
             self.writer = self.daemon
         deadline = time.monotonic() + 20
@@ -133,10 +149,13 @@ class Stack:
         """The bklit processes by role: ``{"all": pid}`` or ``{"ingest": pid, "writer": pid}``."""
         if self.roles == "all":
             return {"all": self.daemon.pid}
-        return {"ingest": self.daemon.pid, "writer": self.writer.pid}
+        if self.ingest == 1:
+            return {"ingest": self.daemon.pid, "writer": self.writer.pid}
+        return {**{f"ingest{n + 1}": d.pid for n, d in enumerate(self.daemons)}, "writer": self.writer.pid}
 
     def __exit__(self, *exc: object) -> None:
-        stop_process(self.daemon, 20)
+        for daemon in self.daemons:
+            stop_process(daemon, 20)
         if self.writer is not self.daemon:
             stop_process(self.writer, 20)
         self.clickhouse.stop()

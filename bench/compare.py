@@ -200,15 +200,16 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def idle_rss(port: int, key: str, restart: Callable[[], int], count: int) -> tuple[float, int, int]:
+def idle_rss(port: int, key: str, restart: Callable[[], list[int]], count: int) -> tuple[float, int, int]:
     """KB of server RSS per idle authenticated socket, how many got authenticated, how many failed.
 
-    ``restart`` starts a fresh server process and returns its pid, so memory
-    that earlier runs freed but the process kept does not hide the growth.
+    ``restart`` starts fresh server processes and returns their pids, so
+    memory that earlier runs freed but a process kept does not hide the
+    growth; the RSS of all of them counts.
     """
-    pid = restart()
+    pids = restart()
     time.sleep(1.0)
-    before = rss_bytes(pid)
+    before = sum(rss_bytes(pid) for pid in pids)
     holder = subprocess.Popen([sys.executable, str(HERE / "_idle.py"), str(port), key, str(count)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -217,7 +218,7 @@ def idle_rss(port: int, key: str, restart: Callable[[], int], count: int) -> tup
             raise RuntimeError(f"idle sockets failed: {line!r}")
         _, ready, _, errors = line.split()
         time.sleep(2.0)
-        after = rss_bytes(pid)
+        after = sum(rss_bytes(pid) for pid in pids)
     finally:
         stop_process(holder, 30)
     return (after - before) / 1024 / max(int(ready), 1), int(ready), int(errors)
@@ -233,16 +234,19 @@ def main() -> None:
     parser.add_argument("--roles", choices=("split", "all"), default="split",
                         help="bklit as separate ingest and writer processes (split) or one process (all)")
     parser.add_argument("--sample", type=int, default=50, help="time every N-th ack until its row is visible")
+    parser.add_argument("--ingest", type=int, default=1,
+                        help="bklit ingest processes sharing the port (reuseport:, roles split)")
     args = parser.parse_args()
 
     results: dict[str, list[dict]] = {"bklit": [], "peer": []}
     idle: dict[str, tuple[float, int, int]] = {}
     many: dict[str, tuple[float, int, int]] = {}
-    with Stack(roles=args.roles) as stack, Peer() as peer:
+    with Stack(roles=args.roles, ingest=args.ingest) as stack, Peer() as peer:
         pids = stack.pids
         servers = {"bklit": (stack.port, stack.key, pids, stack.clickhouse_url),
                    "peer": (peer.port, "any", {"peer": peer.pid}, None)}
-        restarts = {"bklit": lambda: stack.restart_daemon().pid, "peer": lambda: (peer.restart(), peer.pid)[1]}
+        restarts = {"bklit": lambda: (stack.restart_daemon(), [d.pid for d in stack.daemons])[1],
+                    "peer": lambda: (peer.restart(), [peer.pid])[1]}
         for name, (port, key, procs, _) in servers.items():
             idle[name] = idle_rss(port, key, restarts[name], args.idle)
             print(f"{name:5} idle: {idle[name][0]:.1f} KB per socket ({idle[name][1]} authenticated,"
@@ -281,8 +285,9 @@ def main() -> None:
              ("ack to row visible p50 (ms)", "visible_p50", "{:.0f}"),
              ("ack to row visible p99 (ms)", "visible_p99", "{:.0f}")]
     print()
-    print(f"{args.connections} connections, {args.seconds:g} s, median of {args.runs}, bklit roles {args.roles};"
-          f" ratio = bklit / peer")
+    processes = f", {args.ingest} ingest processes on one port" if args.ingest > 1 else ""
+    print(f"{args.connections} connections, {args.seconds:g} s, median of {args.runs}, bklit roles {args.roles}"
+          f"{processes}; ratio = bklit / peer")
     print(f"{'metric':44} {'bklit':>10} {'peer':>10} {'ratio':>8}")
     table = [(label, median("bklit", field), median("peer", field), fmt) for label, field, fmt in rows]
     table.append((f"RSS per idle auth. socket (KB, N={args.idle})", idle["bklit"][0], idle["peer"][0], "{:.1f}"))

@@ -209,7 +209,14 @@ class StreamProducer:
     def _replay_soon(self) -> None:
         """Start the replayer unless it runs."""
         if self._replaying is None and not self._stopped:
+            # _replay may finish at once (nothing was spooled): only then may _replayed clear it.
             self._replaying = defer.ensureDeferred(self._replay())
+            self._replaying.addBoth(self._replayed)
+
+    def _replayed(self, outcome: Any) -> None:
+        self._replaying = None
+        if isinstance(outcome, Failure):
+            self.log.failure("spool: the replayer stopped", outcome)
 
     def _append(self, batch: list[tuple[list[str], defer.Deferred]]) -> None:
         """Write a batch to the spool; its operations succeed once it is on disk."""
@@ -258,8 +265,6 @@ class StreamProducer:
                     delay = min(delay * 2, REPLAY_RETRY[1])
         except defer.CancelledError:  # drain() cut a pause short
             pass
-        finally:
-            self._replaying = None
 
     def _sleep(self, seconds: float) -> defer.Deferred:
         self._nap = task.deferLater(self.clock, seconds, lambda: None)

@@ -106,7 +106,9 @@ class WriterService(Service):
         self._retry_at = 0.0
         self._last_claim = 0.0
         self._stopping = False
-        self._retrying = False
+        # Own pending entries are read first: a reply lost with Redis, or a
+        # consumer name used before, may have left some.
+        self._retrying = True
         self._redis_trouble = ""
         self._loop_done: defer.Deferred | None = None
         self.stored = 0
@@ -146,15 +148,16 @@ class WriterService(Service):
             self.log.info("writer: Redis answers again")
 
     def _failed(self, failure: Any) -> None:
-        """Log a Redis outage once (the loop retries every run), anything else each time."""
-        if "NOGROUP" in failure.getErrorMessage():  # Redis lost its data: make the group again
+        """A run failed: own pending entries go first next run; a Redis outage is logged once."""
+        message = failure.getErrorMessage()
+        self._retrying = True  # a read whose reply was lost left its entries pending here
+        if "NOGROUP" in message:  # Redis lost its data: make the group again
             self._group_ready = False
-        if not failure.check(RedisUnavailable) and "NOGROUP" not in failure.getErrorMessage():
+        elif not failure.check(RedisUnavailable):
             self.log.failure("writer run failed", failure)
         elif not self._redis_trouble:
-            self._redis_trouble = failure.getErrorMessage()
-            self.log.warn("writer: cannot read the stream ({error}); retrying every run",
-                          error=self._redis_trouble)
+            self._redis_trouble = message
+            self.log.warn("writer: cannot read the stream ({error}); retrying every run", error=message)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and stream) unless it exists."""

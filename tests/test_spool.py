@@ -16,9 +16,9 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 
-from bklit.queue import checkpoint_key
+from bklit.queue import STREAM, StreamProducer, checkpoint_key
 from bklit.spool import HEADER, Spool, SpoolError, SpoolFull, decode
-from harness import clickhouse_rows, eventually, running_daemon, sdk_pageview, settings
+from harness import clickhouse_rows, eventually, redis_connection, running_daemon, sdk_pageview, settings
 from test_health import health
 from test_pipeline import close, message, open_client, send_acked, session_of, stored, expected_rows
 
@@ -199,6 +199,24 @@ def test_a_disk_error_refuses_whole_batches_logged_once(tmp_path):
     assert report["refused"] == 5 and report["logged"] == 1
     assert report["kept"] == ["x", "w"] and report["trouble"] == ""
     assert report["size_when_full"] < 3000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_batch_of_heartbeats_alone_does_not_stop_later_replays(redis_server, redis_url, tmp_path):
+    """Heartbeats are never spooled: their failure spools nothing, and the next failed batch still replays."""
+    async with redis_connection(redis_url) as redis:
+        producer = StreamProducer(redis, reactor, spool=opened(tmp_path))
+        await deferToThread(redis_server.stop)
+        try:
+            assert await producer.heartbeat("p1", "s1", 1) == 0
+            await eventually(lambda: not producer.spooling)  # nothing was spooled
+            assert await producer.enqueue('{"n":1}') == "spooled"
+            assert producer.spooling
+        finally:
+            await deferToThread(redis_server.start)
+        await eventually(lambda: not producer.spooling, timeout=15)
+        assert [fields for _, fields in await redis.call("XRANGE", STREAM, "-", "+")] == [["e", '{"n":1}']]
+        await producer.drain()
 
 
 # With the daemon -------------------------------------------------------------------------------------------

@@ -301,3 +301,17 @@ async def test_a_redis_that_lost_its_data_gets_the_group_again(redis_url, clickh
             await add(redis, record("page_view_event", second[1]))
             await wait_drained(redis)
     assert stored_ids(clickhouse_url, final=False) == sorted([first[0], second[0]])
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_pending_under_its_own_name_are_stored_at_start(redis_url, clickhouse_url):
+    """Entries delivered to this consumer name whose reply was lost are stored at once, not after claim_idle."""
+    await migrate(clickhouse_url)
+    made = [pageview() for _ in range(5)]
+    async with redis_connection(redis_url) as redis:
+        await redis.call("XGROUP", "CREATE", STREAM, GROUP, "0", "MKSTREAM")
+        await add(redis, *(record("page_view_event", row) for _, row in made))
+        await redis.call("XREADGROUP", "GROUP", GROUP, "w", "COUNT", "100", "STREAMS", STREAM, ">")  # reply "lost"
+        async with running_writer(redis, inserter_for(clickhouse_url), "w", claim_idle=600):
+            await wait_drained(redis, timeout=5)
+    assert stored_ids(clickhouse_url) == sorted(event_id for event_id, _ in made)

@@ -430,6 +430,8 @@ def with_options(protocol: type, factory: WebSocketServerFactory) -> type:
     subclass none is missing, so nothing is copied or formatted.
     """
     options = {name: getattr(factory, name) for name in protocol.CONFIG_ATTRS}
+    # A function option (perMessageCompressionAccept) must not become a method of the class.
+    options = {name: staticmethod(value) if callable(value) else value for name, value in options.items()}
     return type(protocol.__name__, (protocol,), {**options, "CONFIG_ATTRS": (), "__doc__": protocol.__doc__})
 
 

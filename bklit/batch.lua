@@ -13,7 +13,9 @@
 --   X project session socket now ended reason channel message
 --        (socket "" = end whatever sockets remain)   -> 1 if the session ended, else 0
 --   H project session now                            -> 0
---   C key offset   (a spool replay's checkpoint, kept 7 days) -> 0
+--   S key number   a batch's number (nodes with a spool send one first): -> 1, or
+--                  0 when key holds a number at or above it: Redis applied that
+--                  batch before, and its operations up to the next S are skipped (-> 0)
 -- A channel of "" publishes nothing.
 
 local stream = KEYS[1]
@@ -117,7 +119,8 @@ local function end_session(a)
   return 1
 end
 
-local arity = {E = 3, P = 13, X = 8, H = 3, C = 2}
+local arity = {E = 3, P = 13, X = 8, H = 3, S = 2}
+local skipping = false
 local i = 2
 while i <= #ARGV do
   local code = ARGV[i]
@@ -125,16 +128,19 @@ while i <= #ARGV do
   if n == nil then return redis.error_reply('bklit batch: unknown operation ' .. tostring(code)) end
   local a = {}
   for k = 1, n do a[k] = ARGV[i + k] end
-  if code == 'E' then
+  if code == 'S' then
+    skipping = tonumber(a[2]) <= tonumber(redis.call('GET', a[1]) or '0')
+    if not skipping then redis.call('SET', a[1], a[2]) end
+    out[#out + 1] = skipping and 0 or 1
+  elseif skipping then
+    out[#out + 1] = 0
+  elseif code == 'E' then
     out[#out + 1] = redis.call('XADD', stream, '*', 'e', a[1])
     publish(a[2], a[3])
   elseif code == 'P' then
     out[#out + 1] = pageview(a)
   elseif code == 'X' then
     out[#out + 1] = end_session(a)
-  elseif code == 'C' then
-    redis.call('SET', a[1], a[2], 'PX', 604800000)
-    out[#out + 1] = 0
   else
     redis.call('ZADD', live_key(a[1]), 'XX', a[3], a[2])
     redis.call('PEXPIRE', state_key(a[1], a[2]), resume_ms)

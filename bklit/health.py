@@ -9,9 +9,10 @@ local spool's state.  ``HealthPage`` serves the last result as JSON:
 
 - ``ok`` (200): everything answers, nothing to warn about;
 - ``degraded`` (200): events are accepted, but ``warnings`` says what is
-  wrong: Redis persistence weaker than AOF with ``appendfsync always``,
-  a stream longer than ``stream_max_length`` (ClickHouse behind), events
-  going to the local spool;
+  wrong: Redis persistence weaker than AOF with ``appendfsync always`` (or
+  an evicting ``maxmemory-policy``), a stream longer than
+  ``stream_max_length`` (ClickHouse behind), events going to the local
+  spool, Redis (spool in use) or ClickHouse (stream in use) not answering;
 - ``unavailable`` (503): this node cannot accept (or, for a writer, store)
   events now.
 """
@@ -76,11 +77,17 @@ class HealthCheck(Service):
             warnings.append(f"events go to the local spool ({spool['bytes']} bytes) until Redis takes them")
         if spool.get("problem"):
             warnings.append(f"the local spool refuses events ({spool['problem']})")
-        # With a spool, an ingest node accepts events while Redis is away.
-        accepting = redis["up"] or (bool(spool) and not spool["problem"])
-        if accepting and not redis["up"]:
+        if self.producer is not None:
+            # With a spool an ingest node accepts events while Redis is away, and
+            # with Redis it accepts them while ClickHouse is (they wait in the stream).
+            needs_spool = spool.get("spooling") or not redis["up"]
+            healthy = redis["up"] if not spool else not (needs_spool and spool["problem"])
+        else:  # a writer: it stores
+            healthy = redis["up"] and clickhouse.get("up", True)
+        if healthy and not redis["up"]:
             warnings.append("Redis does not answer")
-        healthy = accepting and clickhouse.get("up", True)
+        if healthy and clickhouse.get("up") is False:
+            warnings.append("ClickHouse does not answer: events wait in the stream")
         status = "unavailable" if not healthy else "degraded" if warnings else "ok"
         self.metrics.up.labels("redis").set(int(redis["up"]))
         if "up" in clickhouse:
@@ -124,7 +131,7 @@ class HealthCheck(Service):
         """How Redis keeps what it holds; logged when first seen and when it changes."""
         try:
             values = [(await self.redis.call("CONFIG", "GET", name) or ["", ""])[1]
-                      for name in ("appendonly", "appendfsync", "save")]
+                      for name in ("appendonly", "appendfsync", "save", "maxmemory-policy")]
             name, risk = persistence(*values)
         except Exception as e:
             name, risk = "unknown", f"cannot read Redis persistence settings ({_short(e)}); check them by hand"
@@ -153,8 +160,10 @@ class HealthCheck(Service):
         return {"up": True}
 
 
-def persistence(appendonly: str, appendfsync: str, save: str) -> tuple[str, str]:
+def persistence(appendonly: str, appendfsync: str, save: str, policy: str = "noeviction") -> tuple[str, str]:
     """Name Redis's persistence settings and say what they risk (empty: nothing)."""
+    if policy not in ("noeviction", ""):
+        return f"evicting ({policy})", "Redis may evict queued events and keys when full: use noeviction"
     if appendonly == "yes" and appendfsync == "always":
         return "aof-always", ""
     if appendonly == "yes" and appendfsync == "everysec":

@@ -13,6 +13,7 @@ Each stream entry holds one field ``e``: the JSON of a record,
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from typing import Any
 
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bklit.redis_client import RedisService, RedisUnavailable
-from bklit.spool import Spool
+from bklit.spool import Spool, SpoolError
 
 STREAM = "bklit:events"
 DEAD_STREAM = "bklit:events:dead"
@@ -31,7 +32,10 @@ SESSION_CHANGES = ("", "started", "resumed")
 SPOOLED = {"E": "spooled", "P": ["spooled", "0"], "X": 0}  # a spooled operation's reply
 REPLAY_BATCH = 500
 REPLAY_RETRY = (0.1, 2.0)  # seconds between replay attempts while Redis cannot take them
+# Error replies after which a batch is spooled (Redis did not apply it, and may later).
+TRANSIENT_ERRORS = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN")
 
+Batch = list[tuple[list[str], defer.Deferred]]
 BATCH_SCRIPT = resources.files("bklit").joinpath("batch.lua").read_text(encoding="utf-8")
 
 
@@ -45,9 +49,9 @@ def state_key(project: str, session: str) -> str:
     return f"bklit:session:{project}:{session}"
 
 
-def checkpoint_key(segment: str) -> str:
-    """How far a spool segment was replayed (the byte offset)."""
-    return f"bklit:spool:{segment}"
+def applied_key(spool_id: str) -> str:
+    """The number of the last batch from a spool's node that Redis applied."""
+    return f"bklit:applied:{spool_id}"
 
 
 def channel(project: str) -> str:
@@ -64,11 +68,17 @@ class StreamProducer:
     With a ``spool``, a batch Redis cannot take (down, too slow, out of
     memory) is appended to it instead and its operations succeed once on
     disk; from then on everything goes to the spool, in order, while a
-    replayer moves the spool into Redis, oldest first.  Each replayed batch
-    also records how far its segment got (``C``, in the same script call),
-    so a replay cut short by a crash resumes without applying anything
-    twice.  Once the spool is empty, batches go to Redis directly again.
-    Heartbeats are skipped while spooling (they only refresh scores).
+    replayer moves the spool into Redis, oldest first.  Once the spool is
+    empty, batches go to Redis directly again.  Heartbeats are skipped
+    while spooling (they only refresh scores).
+
+    Every batch then starts with its number (``S``, growing): Redis keeps
+    the last number it applied from this spool and skips a batch numbered
+    at or below it.  A batch whose reply was lost (a timeout, a dropped
+    connection) may have been applied; spooled with its number, its replay
+    is skipped if so.  A replay cut short by a crash is skipped the same
+    way for what it did.  A batch Redis refused with an error was not
+    applied: it is spooled with a new number.
     """
 
     log = Logger()
@@ -80,7 +90,9 @@ class StreamProducer:
         self.resume_ms = str(int(resume_window * 1000))
         self.max_batch = max_batch
         self.spool = spool
+        self.applied_key = applied_key(spool.id) if spool is not None else ""
         self.metrics = metrics
+        self._number = 0
         self.spooling = False
         self._refusing = False
         self._pending: list[tuple[list[str], defer.Deferred]] = []
@@ -159,42 +171,60 @@ class StreamProducer:
             else:
                 self._append(batch)
 
-    def _send(self, batch: list[tuple[list[str], defer.Deferred]]) -> None:
-        args = [self.resume_ms]
+    def _send(self, batch: Batch) -> None:
+        number = self._number_op() if self.spool is not None else None
+        args = [self.resume_ms, *(number or ())]
         for op, _ in batch:
             args.extend(op)
         sent = self.redis.eval(BATCH_SCRIPT, [STREAM], args)
         self._inflight.add(sent)
-        sent.addBoth(self._settle, sent, batch)
+        sent.addBoth(self._settle, sent, batch, number)
 
-    def _settle(self, outcome: Any, sent: defer.Deferred, batch: list[tuple[list[str], defer.Deferred]]) -> None:
+    def _number_op(self) -> list[str]:
+        """A batch's first operation: its number, above every earlier one (also across restarts)."""
+        self._number = max(self._number + 1, time.time_ns() // 1000)
+        return ["S", self.applied_key, str(self._number)]
+
+    def _settle(self, outcome: Any, sent: defer.Deferred, batch: Batch, number: list[str] | None) -> None:
         self._inflight.discard(sent)
         self._barrier.discard(sent)
-        waiters = [d for _, d in batch]
-        if isinstance(outcome, Failure) and self.spool is not None:
-            if not self.spooling:
-                self._begin_spooling(outcome.getErrorMessage())
-            self._append(batch)
-            self._replay_soon()
-        elif isinstance(outcome, Failure) or len(outcome) != len(waiters):
-            reason = outcome.getErrorMessage() if isinstance(outcome, Failure) else "short reply"
-            if not self._refusing:
-                self._refusing = True
-                self.log.error("Redis cannot take events ({reason}): refusing them as overloaded (no spool)",
-                               reason=reason)
-            error = RedisUnavailable(reason)
-            for d in waiters:
-                d.errback(error)
+        if isinstance(outcome, Failure):
+            self._failed(outcome, batch, number)
+        elif number is not None and outcome[:1] != [1]:
+            self._refuse(batch, "Redis had applied a later batch of this node (two nodes on one spool?)")
+        elif len(outcome) - (number is not None) != len(batch):
+            self._refuse(batch, "short reply")
         else:
             if self._refusing:
                 self._refusing = False
                 self.log.info("Redis takes events again")
-            for d, result in zip(waiters, outcome):
+            for (_, d), result in zip(batch, outcome[number is not None:]):
                 d.callback(result)
         if self._held and not self._barrier:
             held, self._held = self._held, []
             for batch in held:
                 self._append(batch)
+
+    def _failed(self, failure: Failure, batch: Batch, number: list[str] | None) -> None:
+        """Spool a batch Redis could not take (or refuse it: no spool, or an error that will stay)."""
+        reason = failure.getErrorMessage()
+        lost_reply = failure.check(RedisUnavailable) is not None
+        if self.spool is None or not (lost_reply or reason.split(" ", 1)[0] in TRANSIENT_ERRORS):
+            self._refuse(batch, reason)
+            return
+        if not self.spooling:
+            self._begin_spooling(reason)
+        self._append(batch, number if lost_reply else None)
+        self._replay_soon()
+
+    def _refuse(self, batch: Batch, reason: str) -> None:
+        """Fail a batch's operations (overloaded); logged once until Redis takes events again."""
+        if not self._refusing:
+            self._refusing = True
+            self.log.error("Redis cannot take events ({reason}): refusing them as overloaded", reason=reason)
+        error = RedisUnavailable(reason)
+        for _, d in batch:
+            d.errback(error)
 
     # The spool -------------------------------------------------------------------
 
@@ -218,8 +248,8 @@ class StreamProducer:
         if isinstance(outcome, Failure):
             self.log.failure("spool: the replayer stopped", outcome)
 
-    def _append(self, batch: list[tuple[list[str], defer.Deferred]]) -> None:
-        """Write a batch to the spool; its operations succeed once it is on disk."""
+    def _append(self, batch: Batch, number: list[str] | None = None) -> None:
+        """Write a batch (behind its number) to the spool; its operations succeed once it is on disk."""
         kept = []
         for op, d in batch:
             if op[0] == "H":
@@ -228,7 +258,7 @@ class StreamProducer:
                 kept.append((op, d))
         if not kept:
             return
-        written = self.spool.append([op for op, _ in kept])
+        written = self.spool.append([number or self._number_op(), *(op for op, _ in kept)])
         written.addCallbacks(self._spooled, self._not_spooled, (kept,), None, (kept,))
 
     def _spooled(self, _: None, kept: list[tuple[list[str], defer.Deferred]]) -> None:
@@ -257,6 +287,9 @@ class StreamProducer:
                 try:
                     await self._replay_segment(name)
                     delay, trouble = REPLAY_RETRY[0], ""
+                except SpoolError as e:
+                    self.log.error("spool: {error}; moved aside as {damaged}, its other events are not replayed",
+                                   error=str(e), damaged=self.spool.quarantine(name))
                 except Exception as e:
                     if str(e) != trouble:
                         trouble = str(e)
@@ -275,22 +308,20 @@ class StreamProducer:
         return result
 
     async def _replay_segment(self, name: str) -> None:
-        """Replay one segment from its checkpoint, then remove it."""
-        key = checkpoint_key(name)
-        offset = int(await self.redis.call("GET", key) or 0)
+        """Replay one segment, whole batches a call, then remove it."""
+        offset = 0
         while not self._stopped:
-            ops, end = self.spool.read(name, offset, REPLAY_BATCH)
+            ops, end = self.spool.read(name, offset, REPLAY_BATCH, boundary=lambda op: op[0] == "S")
             if not ops:  # no await since the read: nothing was appended in between
                 self.spool.remove(name)
                 return
             args = [self.resume_ms]
             for op in ops:
                 args.extend(op)
-            args.extend(["C", key, str(end)])
             await self.redis.eval(BATCH_SCRIPT, [STREAM], args)
             offset = end
             if self.metrics is not None:
-                self.metrics.spool_operations.labels("replayed").inc(len(ops))
+                self.metrics.spool_operations.labels("replayed").inc(sum(op[0] != "S" for op in ops))
 
     async def drain(self) -> None:
         """Wait until every operation given so far has been answered or spooled.

@@ -6,9 +6,9 @@ has synced them to disk; a replayer later moves them into Redis in order
 (see ``queue.StreamProducer``).
 
 On disk, ``spool_dir`` holds segment files named
-``<nanoseconds>-<random>.spool``, oldest first by name; names are never
-reused, so a replay checkpoint kept in Redis under a segment's name cannot
-be mistaken for another's.  A segment is a sequence of records::
+``<nanoseconds>-<random>.spool``, oldest first by name, and ``id``, the
+spool's random name (Redis remembers under it which batches it applied).
+A segment is a sequence of records::
 
     4 bytes  payload length (big endian)
     4 bytes  CRC-32 of the payload
@@ -17,8 +17,11 @@ be mistaken for another's.  A segment is a sequence of records::
 Appends are whole records written from the reactor thread; ``fsync`` runs
 in a thread of the spool's own, one at a time, and covers every record
 written before it started, so a burst of events costs one sync.  A record
-cut short by a crash or a full disk is removed when the spool is opened.
-A lock on ``spool_dir/lock`` keeps a second daemon out of the directory.
+cut short by a crash or a full disk is removed when the spool is opened;
+records whose sync failed are cut at once (their events were refused), and
+the next append starts a new segment.  A segment that cannot be read is
+moved aside as ``<name>.damaged``.  A lock on ``spool_dir/lock`` keeps a
+second daemon out of the directory.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -98,7 +101,9 @@ class Spool:
         self.reactor = reactor
         self.segment_bytes = segment_bytes
         self.sizes: dict[str, int] = {}
+        self.id = ""
         self.trouble = ""
+        self._durable: dict[str, int] = {}
         self._lock: Any = None
         self._tail: str | None = None
         self._fd: int | None = None
@@ -107,6 +112,7 @@ class Spool:
         self._retired: set[int] = set()
         self._syncing: defer.Deferred | None = None
         self._pool = ThreadPool(1, 1, name="bklit-spool")
+        self._shutdown: Any = None
 
     # Start and stop ------------------------------------------------------------
 
@@ -116,16 +122,19 @@ class Spool:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock = open(self.directory / "lock", "a")
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.id = self._read_id()
             names = sorted(p.name for p in self.directory.glob("*" + SUFFIX))
             for name in names:
-                path = self.directory / name
-                size = path.stat().st_size
+                self.sizes[name] = (self.directory / name).stat().st_size
+            if names:  # only the newest can end in a record cut short (older damage: see read)
+                path = self.directory / names[-1]
                 whole = whole_length(path)
-                if whole < size:
+                if whole < self.sizes[names[-1]]:
                     self.log.warn("spool: cut {cut} bytes of an incomplete record from {name}",
-                                  cut=size - whole, name=name)
+                                  cut=self.sizes[names[-1]] - whole, name=names[-1])
                     os.truncate(path, whole)
-                self.sizes[name] = whole
+                    self.sizes[names[-1]] = whole
+            self._durable = dict(self.sizes)
         except BlockingIOError:
             self._unlock()
             raise SpoolError(f"{self.directory} is in use by another bklit process") from None
@@ -133,9 +142,22 @@ class Spool:
             self._unlock()
             raise SpoolError(f"cannot use {self.directory}: {e.strerror or e}") from None
 
+    def _read_id(self) -> str:
+        path = self.directory / "id"
+        if not path.exists():
+            fresh = path.with_suffix(".new")
+            fresh.write_text(secrets.token_hex(8) + "\n")
+            os.replace(fresh, path)
+        return path.read_text().strip()
+
     def start(self) -> None:
-        """Start the sync thread (after twistd forked, so not in ``open``)."""
+        """Start the sync thread (after twistd forked, so not in ``open``).
+
+        Should ``close`` never run (a failed start), the reactor's shutdown
+        stops the thread, which would otherwise keep the process alive.
+        """
         self._pool.start()
+        self._shutdown = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
 
     def close(self) -> defer.Deferred:
         """Wait for the last sync, then release the files and the lock."""
@@ -144,12 +166,17 @@ class Spool:
     async def _close(self) -> None:
         while self._syncing is not None or self._unsynced:
             await (self._syncing or self._sync())
-        self._pool.stop()
+        self._stop_pool()
+        self.reactor.removeSystemEventTrigger(self._shutdown)
         for fd in self._retired | ({self._fd} if self._fd is not None else set()):
             os.close(fd)
         self._retired.clear()
         self._fd = self._tail = None
         self._unlock()
+
+    def _stop_pool(self) -> None:
+        if self._pool.started:
+            self._pool.stop()
 
     def _unlock(self) -> None:
         if self._lock is not None:
@@ -204,8 +231,9 @@ class Spool:
         except OSError:
             try:
                 os.ftruncate(self._fd, before)
-            except OSError:
+            except OSError:  # the partial record stays: never append after it
                 self.log.failure("spool: cannot cut a partial record from {name}", name=self._tail)
+                self._abandon_tail()
             raise
         self.sizes[self._tail] = before + len(data)
         self._dirty.add(self._fd)
@@ -220,6 +248,12 @@ class Spool:
         self._fd, self._tail = fd, name
         self.sizes[name] = 0
         self._dirty.add(-1)  # the directory entry too
+
+    def _abandon_tail(self) -> None:
+        """Append to a new segment from now on."""
+        if self._fd is not None:
+            self._retire(self._fd)
+        self._fd = self._tail = None
 
     def _retire(self, fd: int) -> None:
         """Close a segment's descriptor once no sync needs it."""
@@ -243,7 +277,7 @@ class Spool:
         fds, self._dirty = self._dirty, set()
         d = self._syncing = deferToThreadPool(self.reactor, self._pool, self._thd_sync, sorted(fds),
                                               str(self.directory))
-        d.addBoth(self._synced, waiters)
+        d.addBoth(self._synced, waiters, dict(self.sizes))
         return d
 
     @staticmethod
@@ -258,20 +292,38 @@ class Spool:
             else:
                 os.fsync(fd)
 
-    def _synced(self, outcome: Any, waiters: list[defer.Deferred]) -> None:
+    def _synced(self, outcome: Any, waiters: list[defer.Deferred], covered: dict[str, int]) -> None:
         self._syncing = None
-        for fd in [fd for fd in self._retired if fd not in self._dirty]:
-            self._retired.discard(fd)
-            os.close(fd)
         if isinstance(outcome, Failure):
             self._report("sync", f"cannot sync {self.directory}: {outcome.getErrorMessage()}")
+            waiters += self._unsynced
+            self._unsynced = []
+            self._cut_unsynced()
             for d in waiters:
                 d.errback(SpoolError("the local spool cannot be synced"))
         else:
+            for name, size in covered.items():
+                if name in self.sizes:
+                    self._durable[name] = max(self._durable.get(name, 0), size)
             for d in waiters:
                 d.callback(None)
+        for fd in [fd for fd in self._retired if fd not in self._dirty]:
+            self._retired.discard(fd)
+            os.close(fd)
         if self._unsynced:
             self._sync()
+
+    def _cut_unsynced(self) -> None:
+        """Remove what was written but not synced (its events were refused); start a new segment."""
+        self._abandon_tail()
+        for name, size in self.sizes.items():
+            durable = self._durable.get(name, 0)
+            if size > durable:
+                try:
+                    os.truncate(self.directory / name, durable)
+                except OSError:
+                    self.log.failure("spool: cannot cut unsynced records from {name}", name=name)
+                self.sizes[name] = durable
 
     # Replaying -------------------------------------------------------------------
 
@@ -279,46 +331,60 @@ class Spool:
         """The oldest segment, or None."""
         return min(self.sizes) if self.sizes else None
 
-    def read(self, name: str, offset: int, max_ops: int) -> tuple[list[list[str]], int]:
-        """Up to ``max_ops`` operations of a segment from ``offset``, and the offset after them."""
-        end = self.sizes.get(name, 0)
-        if offset >= end:
-            return [], offset
-        with open(self.directory / name, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(min(end - offset, READ_BYTES))
-        ops: list[list[str]] = []
-        position = 0
-        while len(ops) < max_ops:
-            op, after = decode(data, position)
-            if op is None:
-                break
-            ops.append(op)
-            position = after
-        if not ops and data:
-            if len(data) == READ_BYTES:  # one record larger than a read: read it whole
-                return self._read_large(name, offset)
-            raise SpoolError(f"{name} is damaged at byte {offset}")
-        return ops, offset + position
+    def read(self, name: str, offset: int, max_ops: int,
+             boundary: Callable[[list[str]], bool] | None = None) -> tuple[list[list[str]], int]:
+        """Operations of a segment from ``offset``, and the offset after them.
 
-    def _read_large(self, name: str, offset: int) -> tuple[list[list[str]], int]:
-        with open(self.directory / name, "rb") as handle:
-            handle.seek(offset)
-            header = handle.read(HEADER.size)
-            size, _ = HEADER.unpack(header)
-            handle.seek(offset)
-            data = handle.read(HEADER.size + size)
-        op, after = decode(data, 0)
-        if op is None:
-            raise SpoolError(f"{name} is damaged at byte {offset}")
-        return [op], offset + after
+        With ``boundary`` (true for an operation that starts a batch), whole
+        batches only, at least one, stopping at the first batch to start
+        after ``max_ops``; without, up to ``max_ops`` operations.  The good
+        records before a damaged one come first; then ``SpoolError``.
+        """
+        end = self.sizes.get(name, 0)
+        size = READ_BYTES
+        while offset < end:
+            with open(self.directory / name, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(min(end - offset, size))
+            ops: list[list[str]] = []
+            last_start = (0, 0)  # (index, position) of the last batch start read
+            position = 0
+            while True:
+                op, after = decode(data, position)
+                if op is None or (boundary is None and len(ops) >= max_ops):
+                    break
+                if boundary is not None and boundary(op):
+                    if len(ops) >= max_ops:
+                        return ops, offset + position
+                    last_start = (len(ops), position)
+                ops.append(op)
+                position = after
+            whole = len(data) == end - offset
+            if offset + position == end or (whole and ops) or (boundary is None and ops):
+                return ops, offset + position
+            if whole:
+                raise SpoolError(f"{name} is damaged at byte {offset}")
+            if last_start[0] > 0:  # the read ended inside a batch: up to its start
+                return ops[:last_start[0]], offset + last_start[1]
+            size *= 2  # one batch larger than the read
+        return [], offset
+
+    def quarantine(self, name: str) -> str:
+        """Move a segment that cannot be read aside; returns its new name."""
+        if name == self._tail:
+            self._abandon_tail()
+        self.sizes.pop(name, None)
+        self._durable.pop(name, None)
+        damaged = name + ".damaged"
+        os.replace(self.directory / name, self.directory / damaged)
+        return damaged
 
     def remove(self, name: str) -> None:
         """Delete a replayed segment (the tail too: the next append starts another)."""
         self.sizes.pop(name, None)
-        if name == self._tail and self._fd is not None:
-            self._retire(self._fd)
-            self._fd = self._tail = None
+        self._durable.pop(name, None)
+        if name == self._tail:
+            self._abandon_tail()
         try:
             os.unlink(self.directory / name)
         except FileNotFoundError:

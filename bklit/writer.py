@@ -153,6 +153,8 @@ class WriterService(Service):
         self._retrying = True  # a read whose reply was lost left its entries pending here
         if "NOGROUP" in message:  # Redis lost its data: make the group again
             self._group_ready = False
+            self.log.error("writer: the consumer group is gone: Redis lost its data (and any events"
+                           " queued in it); making the group again")
         elif not failure.check(RedisUnavailable):
             self.log.failure("writer run failed", failure)
         elif not self._redis_trouble:
@@ -198,7 +200,6 @@ class WriterService(Service):
                 self._defer_retry(f"insert of {len(entries)} entries failed ({type(e).__name__}: {e})")
                 break
             self._backoff = 0.0
-            self._retrying = False
             if len(entries) < self.batch_size or self._stopping:
                 break
         return done

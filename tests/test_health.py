@@ -61,7 +61,8 @@ def value(samples, name, **labels):
 
 @pytest_twisted.ensureDeferred
 async def test_healthz_follows_redis_and_clickhouse(redis_server, clickhouse_server, redis_url, clickhouse_url):
-    """200 while both answer; 503 naming the one that stopped; 200 again once it is back (no spool)."""
+    """ok while both answer; without a spool 503 while Redis is away; degraded (200, events wait in the
+    stream) while ClickHouse is; ok again once each is back."""
     async with running_daemon(settings(redis_url, clickhouse_url, spool_dir="", **FAST)) as daemon:
         report = await until_health(daemon.port, 200)
         assert report["status"] == "ok" and report["redis"]["up"] and report["clickhouse"] == {"up": True}
@@ -77,11 +78,24 @@ async def test_healthz_follows_redis_and_clickhouse(redis_server, clickhouse_ser
 
         await deferToThread(clickhouse_server.stop)
         try:
-            report = await until_health(daemon.port, 503)
-            assert report["clickhouse"]["up"] is False and report["redis"]["up"] is True
+            code, report = await until_status(daemon.port, "degraded")
+            assert code == 200 and report["clickhouse"]["up"] is False and report["redis"]["up"] is True
+            assert report["warnings"] == ["ClickHouse does not answer: events wait in the stream"]
         finally:
             await deferToThread(clickhouse_server.start)
-        await until_health(daemon.port, 200, timeout=20)
+        await until_status(daemon.port, "ok", timeout=20)
+
+
+async def until_status(port, wanted, timeout=10.0):
+    """Poll /healthz until its status is ``wanted``; return the code and report."""
+    from twisted.internet import task
+
+    for _ in range(int(timeout / 0.1)):
+        code, report = await health(port)
+        if report.get("status") == wanted:
+            return code, report
+        await task.deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"/healthz never said {wanted}: {report}")
 
 
 @pytest_twisted.ensureDeferred
@@ -247,3 +261,33 @@ async def test_json_logs_one_object_per_line_without_keys_or_client_addresses(re
     text = output.decode()
     assert key not in text and key[3:20] not in text
     assert "203.0.113" not in text
+
+
+def test_persistence_names_what_each_redis_setting_risks():
+    """Each combination of Redis settings gets a name, and a warning unless it is AOF fsynced always."""
+    from bklit.health import persistence
+
+    assert persistence("yes", "always", "", "noeviction") == ("aof-always", "")
+    assert persistence("yes", "everysec", "")[0] == "aof-everysec"
+    assert "last second" in persistence("yes", "everysec", "")[1]
+    assert persistence("yes", "no", "3600 1")[0] == "aof-no"
+    assert persistence("no", "everysec", "3600 1 300 100")[0] == "rdb"
+    assert "restart loses every" in persistence("no", "everysec", "")[1]
+    assert persistence("yes", "always", "", "allkeys-lru") == (
+        "evicting (allkeys-lru)", "Redis may evict queued events and keys when full: use noeviction")
+
+
+@pytest_twisted.ensureDeferred
+async def test_weaker_redis_persistence_is_reported_degraded(redis_server, redis_url, clickhouse_url):
+    """The test Redis fsyncs always (ok); switched to everysec, /healthz says degraded and why."""
+    async with running_daemon(settings(redis_url, clickhouse_url, **FAST)) as daemon:
+        code, report = await until_status(daemon.port, "ok")
+        assert report["redis"]["persistence"] == "aof-always"
+        redis_server.execute("CONFIG", "SET", "appendfsync", "everysec")
+        try:
+            code, report = await until_status(daemon.port, "degraded")
+        finally:
+            redis_server.execute("CONFIG", "SET", "appendfsync", "always")
+        assert code == 200 and report["redis"]["persistence"] == "aof-everysec"
+        assert report["warnings"] == [report["redis"]["persistence_warning"]]
+        await until_status(daemon.port, "ok")

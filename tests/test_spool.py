@@ -16,7 +16,8 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 
-from bklit.queue import STREAM, StreamProducer, checkpoint_key
+from bklit.queue import STREAM, StreamProducer, applied_key
+from bklit.redis_client import RedisUnavailable
 from bklit.spool import HEADER, Spool, SpoolError, SpoolFull, decode
 from harness import clickhouse_rows, eventually, redis_connection, running_daemon, sdk_pageview, settings
 from test_health import health
@@ -219,6 +220,88 @@ async def test_a_failed_batch_of_heartbeats_alone_does_not_stop_later_replays(re
         await producer.drain()
 
 
+class LosingReplies:
+    """The real Redis, but the replies of the next ``lose`` script calls never arrive (as if cut off)."""
+
+    def __init__(self, redis, lose):
+        self.redis = redis
+        self.lose = lose
+
+    def eval(self, script, keys, args):
+        d = self.redis.eval(script, keys, args)
+        if self.lose:
+            self.lose -= 1
+            d.addCallback(lambda _: defer.fail(RedisUnavailable("TimeoutError: no reply (the test cut it)")))
+        return d
+
+    def call(self, command, *args):
+        return self.redis.call(command, *args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_whose_reply_was_lost_is_not_applied_twice(redis_server, redis_url, tmp_path):
+    """Redis applied a batch but its reply was lost: spooled with its number, the replay skips it."""
+    async with redis_connection(redis_url) as redis:
+        producer = StreamProducer(LosingReplies(redis, lose=1), reactor, spool=opened(tmp_path))
+        entries = [f'{{"n":{n}}}' for n in range(3)]
+        replies = await defer.gatherResults([producer.enqueue(entry) for entry in entries])
+        assert replies == ["spooled"] * 3
+        await eventually(lambda: not producer.spooling, timeout=10)
+        assert [fields[1] for _, fields in await redis.call("XRANGE", STREAM, "-", "+")] == entries
+        assert (await producer.enqueue('{"n":3}')).count("-") == 1  # straight to Redis again: a stream id
+        assert await redis.call("XLEN", STREAM) == 4
+        await producer.drain()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_refused_out_of_memory_is_spooled_and_applied_once(redis_server, redis_url, tmp_path):
+    """Redis at maxmemory answers OOM: the batch was not applied; it is spooled, then applied when there is room."""
+    async with redis_connection(redis_url) as redis:
+        producer = StreamProducer(redis, reactor, spool=opened(tmp_path))
+        redis_server.execute("CONFIG", "SET", "maxmemory", "1")
+        try:
+            assert await producer.enqueue('{"n":1}') == "spooled"
+            assert producer.spooling and await redis.call("XLEN", STREAM) == 0
+        finally:
+            redis_server.execute("CONFIG", "SET", "maxmemory", "0")
+        await eventually(lambda: not producer.spooling, timeout=10)
+        assert [fields for _, fields in await redis.call("XRANGE", STREAM, "-", "+")] == [["e", '{"n":1}']]
+        await producer.drain()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_script_error_is_refused_not_spooled(redis_server, redis_url, tmp_path):
+    """An error that would come back on every replay (here a key of the wrong type) refuses the batch."""
+    async with redis_connection(redis_url) as redis:
+        producer = StreamProducer(redis, reactor, spool=opened(tmp_path))
+        await redis.call("SET", STREAM, "not a stream")
+        with pytest.raises(RedisUnavailable, match="WRONGTYPE"):
+            await producer.enqueue('{"n":1}')
+        assert not producer.spooling and producer.spool.empty
+        await producer.drain()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_damaged_segment_is_moved_aside_and_the_rest_replayed(redis_server, redis_url, tmp_path):
+    """A segment whose records cannot be read no longer blocks the spool: set aside, the others replayed."""
+    spool = opened(tmp_path, segment_bytes=30)
+    for n in range(3):
+        await spool.append([["S", "k", str(n + 1)], ["E", f'{{"n":{n}}}', "", ""]])
+    names = sorted(spool.sizes)
+    assert len(names) == 3
+    await spool.close()
+    damaged = bytearray((tmp_path / names[1]).read_bytes())
+    damaged[HEADER.size + 1] ^= 0xFF
+    (tmp_path / names[1]).write_bytes(bytes(damaged))
+    async with redis_connection(redis_url) as redis:
+        producer = StreamProducer(redis, reactor, spool=opened(tmp_path))
+        producer.start()
+        await eventually(lambda: not producer.spooling, timeout=10)
+        assert [fields[1] for _, fields in await redis.call("XRANGE", STREAM, "-", "+")] == ['{"n":0}', '{"n":2}']
+        assert set(os.listdir(tmp_path)) == {"id", "lock", names[1] + ".damaged"}
+        await producer.drain()
+
+
 # With the daemon -------------------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
@@ -274,8 +357,9 @@ async def _degraded(port, timeout=10.0):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_restart_replays_the_spool_from_its_checkpoint(redis_server, redis_url, clickhouse_url, tmp_path):
-    """Events spooled by a daemon that stopped are replayed by the next; a checkpoint skips what Redis has."""
+async def test_a_restart_replays_the_spool_skipping_batches_redis_applied(redis_server, redis_url, clickhouse_url,
+                                                                          tmp_path):
+    """Events spooled by a daemon that stopped are replayed by the next; batches Redis applied are skipped."""
     config = settings(redis_url, clickhouse_url, spool_dir=str(tmp_path / "spool"))
     try:
         async with running_daemon(config) as daemon:  # stops while Redis is away: nothing replayed
@@ -291,10 +375,14 @@ async def test_a_restart_replays_the_spool_from_its_checkpoint(redis_server, red
     spool.open()
     name = spool.oldest()
     assert name is not None
-    first, offset = spool.read(name, 0, 4)  # as if a replay had applied these, then crashed
+    ops, _ = spool.read(name, 0, 100)
     spool._unlock()
-    redis_server.execute("SET", checkpoint_key(name), str(offset))
-    skipped = {label(op) for op in first}
+    numbers = [op for op in ops if op[0] == "S"]
+    assert len(numbers) == 13  # one batch a message (one in flight at a time), and the close
+    # As if Redis had applied the first four batches (a replay that crashed, or lost replies).
+    redis_server.execute("SET", applied_key(spool.id), numbers[3][2])
+    first = ops[:ops.index(numbers[4])]
+    skipped = {label(op) for op in first if op[0] in ("E", "P")}
 
     async with running_daemon(config) as daemon:
         await eventually(lambda: daemon.service.spool.empty, timeout=20)
@@ -303,7 +391,7 @@ async def test_a_restart_replays_the_spool_from_its_checkpoint(redis_server, red
         await eventually(lambda: (set(stored(clickhouse_url)[0]), set(stored(clickhouse_url)[1])) ==
                          (pageviews, events) or None, timeout=20)
         assert len(rest) == len(acked) - 4
-    assert not os.listdir(config.spool_dir) or os.listdir(config.spool_dir) == ["lock"]
+    assert sorted(os.listdir(config.spool_dir)) == ["id", "lock"]
 
 
 def label(op):

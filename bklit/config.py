@@ -118,15 +118,19 @@ def _bool(value: str) -> bool:
     raise ValueError(f"must be true or false, not {value!r}")
 
 
+def _within(number: int, low: int, high: int, unit: str = "") -> int:
+    if not low <= number <= high:
+        raise ValueError(f"must be between {low} and {high}{unit}, not {number}")
+    return number
+
+
 def _int(low: int, high: int) -> Callable[[str], int]:
     def parse(value: str) -> int:
         try:
             number = int(value.strip())
         except ValueError:
             raise ValueError(f"must be a whole number, not {value!r}") from None
-        if not low <= number <= high:
-            raise ValueError(f"must be between {low} and {high}, not {number}")
-        return number
+        return _within(number, low, high)
 
     return parse
 
@@ -143,9 +147,7 @@ def _bytes(low: int, high: int) -> Callable[[str], int]:
             number = int(text[:len(text) - len(unit)].strip()) * UNITS[unit]
         except ValueError:
             raise ValueError(f"must be a size in bytes (like 1073741824 or 1G), not {value!r}") from None
-        if not low <= number <= high:
-            raise ValueError(f"must be between {low} and {high} bytes, not {number}")
-        return number
+        return _within(number, low, high, " bytes")
 
     return parse
 

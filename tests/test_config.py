@@ -140,6 +140,9 @@ class TestErrors:
         ("clickhouse", "clickhouse://127.0.0.1:nine/bklit", "invalid port"),
         ("clickhouse", "clickhouse://127.0.0.1/bk-lit", "not a plain identifier"),
         ("trusted_proxies", "10.0.0.1, proxy.local", "'proxy.local'"),
+        ("spool_max_bytes", "lots", "size in bytes"),
+        ("spool_max_bytes", "1K", "between 65536 and"),
+        ("spool_max_bytes", "1X", "size in bytes"),
     ])
     def test_bad_value_names_key_and_source(self, tmp_path, key, value, words):
         """A bad value from any layer is one error naming the key and saying why."""
@@ -218,6 +221,14 @@ class TestErrors:
         """A [DEFAULT] section has no special meaning: its keys do not leak into [bklit]."""
         ini = write_ini(tmp_path, "[DEFAULT]\nbatch_size = lots\n[bklit]\nrole = writer\n")
         assert load_config(ini, {}).batch_size == 5000
+
+
+@pytest.mark.parametrize("value,size", [
+    ("1G", 1 << 30), ("64K", 65536), ("64 KiB", 65536), ("2m", 2 << 20), ("1073741824", 1 << 30), ("1 TB", 1 << 40),
+])
+def test_sizes_take_binary_suffixes(value, size):
+    """spool_max_bytes reads plain bytes or K, M, G, T (powers of 1024), with or without B/iB."""
+    assert load_config(None, {"BKLIT_SPOOL_MAX_BYTES": value}).spool_max_bytes == size
 
 
 class TestRedisAddress:

@@ -209,12 +209,22 @@ class BklitService(MultiService):
         self.listener._raiseSynchronously = True  # a failed bind stops start-up, as strports does
         self.listener.setServiceParent(self)
 
+    def privilegedStartService(self) -> None:
+        # twistd binds the port here, before the reactor runs startService: a
+        # SIGHUP (systemctl reload) must not meet the default action, exit.
+        self._handle_sighup()
+        super().privilegedStartService()
+
+    def _handle_sighup(self) -> None:
+        if getattr(self, "_previous_sighup", None) is None:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+
     def startService(self) -> None:
+        self._handle_sighup()
         super().startService()
         self.producer.start()
         if self.dashboards is not None:
             self.dashboards.broadcaster.start()
-        self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         # The listener is bound by now (a failed bind raised); ready once Redis answers.
         self.redis.ready().addCallback(lambda _: notify("READY=1", f"STATUS=role {self.config.role}"))
 

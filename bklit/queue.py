@@ -95,11 +95,11 @@ class StreamProducer:
         self._number = 0
         self.spooling = False
         self._refusing = False
-        self._pending: list[tuple[list[str], defer.Deferred]] = []
+        self._pending: Batch = []
         self._scheduled: Any = None
         self._inflight: set[defer.Deferred] = set()
         self._barrier: set[defer.Deferred] = set()
-        self._held: list[list[tuple[list[str], defer.Deferred]]] = []
+        self._held: list[Batch] = []
         self._replaying: defer.Deferred | None = None
         self._nap: defer.Deferred | None = None
         self._stopped = False
@@ -261,13 +261,13 @@ class StreamProducer:
         written = self.spool.append([number or self._number_op(), *(op for op, _ in kept)])
         written.addCallbacks(self._spooled, self._not_spooled, (kept,), None, (kept,))
 
-    def _spooled(self, _: None, kept: list[tuple[list[str], defer.Deferred]]) -> None:
+    def _spooled(self, _: None, kept: Batch) -> None:
         if self.metrics is not None:
             self.metrics.spool_operations.labels("written").inc(len(kept))
         for op, d in kept:
             d.callback(SPOOLED[op[0]])
 
-    def _not_spooled(self, failure: Failure, kept: list[tuple[list[str], defer.Deferred]]) -> None:
+    def _not_spooled(self, failure: Failure, kept: Batch) -> None:
         for _, d in kept:
             d.errback(failure.value)
 

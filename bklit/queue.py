@@ -69,8 +69,11 @@ class StreamProducer:
     memory) is appended to it instead and its operations succeed once on
     disk; from then on everything goes to the spool, in order, while a
     replayer moves the spool into Redis, oldest first.  Once the spool is
-    empty, batches go to Redis directly again.  Heartbeats are skipped
-    while spooling (they only refresh scores).
+    empty, batches go to Redis directly again.  Heartbeats are never
+    spooled: they only refresh the scores of live sessions, in any order,
+    so while spooling they still go to Redis on their own (and fail while
+    it is away), keeping the sweeper off this node's sessions during a
+    long replay.
 
     Every batch then starts with its number (``S``, growing): Redis keeps
     the last number it applied from this spool and skips a batch numbered
@@ -154,14 +157,17 @@ class StreamProducer:
 
     def heartbeat(self, project: str, session: str, now_ms: int) -> defer.Deferred:
         """Refresh a live session's score (only if it is still live)."""
-        if self.spooling:
-            return defer.succeed(0)
         return self._add(["H", project, session, str(now_ms)])
 
     def flush(self) -> None:
         """Send everything gathered so far (runs once per reactor turn)."""
         self._scheduled = None
         pending, self._pending = self._pending, []
+        if self.spooling:
+            beats = [item for item in pending if item[0][0] == "H"]
+            if beats:
+                self._send_beats(beats)
+                pending = [item for item in pending if item[0][0] != "H"]
         for start in range(0, len(pending), self.max_batch):
             batch = pending[start:start + self.max_batch]
             if not self.spooling:
@@ -179,6 +185,22 @@ class StreamProducer:
         sent = self.redis.eval(BATCH_SCRIPT, [STREAM], args)
         self._inflight.add(sent)
         sent.addBoth(self._settle, sent, batch, number)
+
+    def _send_beats(self, beats: Batch) -> None:
+        """Heartbeats straight to Redis while spooling (unnumbered: applying one twice is harmless)."""
+        args = [self.resume_ms]
+        for op, _ in beats:
+            args.extend(op)
+        sent = self.redis.eval(BATCH_SCRIPT, [STREAM], args)
+        sent.addCallbacks(self._beaten, self._not_beaten, (beats,), None, (beats,))
+
+    def _beaten(self, replies: list, beats: Batch) -> None:
+        for (_, d), reply in zip(beats, replies):
+            d.callback(reply)
+
+    def _not_beaten(self, failure: Failure, beats: Batch) -> None:
+        for _, d in beats:
+            d.errback(failure.value)
 
     def _number_op(self) -> list[str]:
         """A batch's first operation: its number, above every earlier one (also across restarts)."""

@@ -253,6 +253,44 @@ async def test_a_batch_whose_reply_was_lost_is_not_applied_twice(redis_server, r
         await producer.drain()
 
 
+class HeldReplays(LosingReplies):
+    """The real Redis; the first script call's reply is lost, and later numbered calls wait for ``release``."""
+
+    def __init__(self, redis):
+        super().__init__(redis, lose=1)
+        self.held = []
+
+    def eval(self, script, keys, args):
+        if self.lose or args[1] != "S":
+            return super().eval(script, keys, args)
+        held = defer.Deferred()
+        self.held.append(held)
+        return held.addCallback(lambda _: self.redis.eval(script, keys, args))
+
+    def release(self):
+        held, self.held = self.held, []
+        for d in held:
+            d.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeats_reach_redis_while_the_spool_replays(redis_server, redis_url, tmp_path):
+    """While spooling (the replay held up here) a heartbeat still refreshes its session's score in Redis."""
+    async with redis_connection(redis_url) as redis:
+        held = HeldReplays(redis)
+        producer = StreamProducer(held, reactor, spool=opened(tmp_path))
+        await redis.call("ZADD", "live:sessions:p1", "1000", "s1")
+        assert await producer.enqueue('{"n":1}') == "spooled"  # its reply was lost: spooling
+        await eventually(lambda: held.held)
+        assert producer.spooling
+        assert await producer.heartbeat("p1", "s1", 5000) == 0
+        assert await redis.call("ZSCORE", "live:sessions:p1", "s1") == "5000"
+        held.release()
+        await eventually(lambda: not producer.spooling, timeout=10)
+        assert await redis.call("XLEN", STREAM) == 1
+        await producer.drain()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_batch_refused_out_of_memory_is_spooled_and_applied_once(redis_server, redis_url, tmp_path):
     """Redis at maxmemory answers OOM: the batch was not applied; it is spooled, then applied when there is room."""

@@ -333,8 +333,11 @@ class StreamProducer:
         """Replay one segment, whole batches a call, then remove it."""
         offset = 0
         while not self._stopped:
-            ops, end = self.spool.read(name, offset, REPLAY_BATCH, boundary=lambda op: op[0] == "S")
-            if not ops:  # no await since the read: nothing was appended in between
+            ops, end = await self.spool.read_later(name, offset, REPLAY_BATCH, lambda op: op[0] == "S")
+            if not ops:
+                if self.spool.sizes.get(name, 0) > offset:
+                    continue  # appended to while it was read
+                # Removed, and spooling ended by the caller, in this reactor step: nothing slips in between.
                 self.spool.remove(name)
                 return
             args = [self.resume_ms]

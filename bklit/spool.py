@@ -331,16 +331,22 @@ class Spool:
         """The oldest segment, or None."""
         return min(self.sizes) if self.sizes else None
 
-    def read(self, name: str, offset: int, max_ops: int,
-             boundary: Callable[[list[str]], bool] | None = None) -> tuple[list[list[str]], int]:
-        """Operations of a segment from ``offset``, and the offset after them.
+    def read_later(self, name: str, offset: int, max_ops: int,
+                   boundary: Callable[[list[str]], bool] | None = None) -> defer.Deferred:
+        """``read`` in the spool's thread (the reactor does not wait for the disk)."""
+        return deferToThreadPool(self.reactor, self._pool, self.read, name, offset, max_ops, boundary,
+                                 self.sizes.get(name, 0))
+
+    def read(self, name: str, offset: int, max_ops: int, boundary: Callable[[list[str]], bool] | None = None,
+             end: int | None = None) -> tuple[list[list[str]], int]:
+        """Operations of a segment from ``offset`` (up to ``end``: its size), and the offset after them.
 
         With ``boundary`` (true for an operation that starts a batch), whole
         batches only, at least one, stopping at the first batch to start
         after ``max_ops``; without, up to ``max_ops`` operations.  The good
         records before a damaged one come first; then ``SpoolError``.
         """
-        end = self.sizes.get(name, 0)
+        end = self.sizes.get(name, 0) if end is None else end
         size = READ_BYTES
         while offset < end:
             with open(self.directory / name, "rb") as handle:

@@ -113,6 +113,7 @@ class Spool:
         self._syncing: defer.Deferred | None = None
         self._pool = ThreadPool(1, 1, name="bklit-spool")
         self._shutdown: Any = None
+        self._closed = False
 
     # Start and stop ------------------------------------------------------------
 
@@ -164,6 +165,7 @@ class Spool:
         return defer.ensureDeferred(self._close())
 
     async def _close(self) -> None:
+        self._closed = True
         while self._syncing is not None or self._unsynced:
             await (self._syncing or self._sync())
         self._stop_pool()
@@ -201,6 +203,8 @@ class Spool:
         Fails with ``SpoolFull`` past ``max_bytes`` and with ``SpoolError``
         when the disk refuses; then nothing of ``ops`` stays in the spool.
         """
+        if self._closed:
+            return defer.fail(SpoolError("the local spool is closed (shutting down)"))
         data = b"".join(encode(op) for op in ops)
         if self.size + len(data) > self.max_bytes:
             self._report("full", f"the spool reached its cap of {self.max_bytes} bytes")

@@ -77,6 +77,16 @@ async def test_appended_operations_read_back_in_order_after_a_restart(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_nothing_is_appended_once_closed(tmp_path):
+    """After close (shutdown) an append fails instead of writing a file nobody syncs or replays now."""
+    spool = opened(tmp_path)
+    await spool.close()
+    with pytest.raises(SpoolError, match="closed"):
+        await spool.append(OPS[:1])
+    assert not list(tmp_path.glob("*.spool"))
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_incomplete_last_record_is_cut_when_opened(tmp_path):
     """A crash in the middle of a write leaves a torn record: it is removed, the rest kept."""
     spool = opened(tmp_path)

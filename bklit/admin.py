@@ -16,9 +16,11 @@ from typing import Any
 
 from twisted.internet import defer
 
+from bklit import keys
 from bklit.cli import Failed, redis_connection, say
 from bklit.config import Config
-from bklit.queue import DEAD_STREAM, GROUP, STREAM, StreamProducer, live_key, state_key
+from bklit.keys import DEAD_STREAM, GROUP, STREAM
+from bklit.queue import StreamProducer
 from bklit.redis_client import RedisUnavailable
 
 RETRY_BATCH = 100
@@ -245,11 +247,11 @@ def report(args: argparse.Namespace, entries: list[dict], skipped: list[str]) ->
 async def sessions_list(args: argparse.Namespace, config: Config) -> None:
     """The project's live sessions, most recently active first."""
     redis = await connect(config)
-    live = int(await redis.call("ZCARD", live_key(args.project)))
-    flat = await redis.call("ZREVRANGE", live_key(args.project), "0", str(args.limit - 1), "WITHSCORES")
+    live = int(await redis.call("ZCARD", keys.live_sessions(args.project)))
+    flat = await redis.call("ZREVRANGE", keys.live_sessions(args.project), "0", str(args.limit - 1), "WITHSCORES")
     ids, scores = flat[::2], [int(float(s)) for s in flat[1::2]]
     states = await gather([
-        redis.call("HMGET", state_key(args.project, s), "started_at", "pageviews", "entry_page", "exit_page",
+        redis.call("HMGET", keys.session_state(args.project, s), "started_at", "pageviews", "entry_page", "exit_page",
                    "user_agent", "country")
         for s in ids])
     now_ms = time.time() * 1000
@@ -278,13 +280,13 @@ async def sessions_end(args: argparse.Namespace, config: Config) -> None:
     from bklit.live import session_end_message
 
     redis = await connect(config)
-    key = live_key(args.project)
+    live = (keys.live_sessions(args.project), keys.live_bots(args.project))
     if args.session is not None:
-        if await redis.call("ZSCORE", key, args.session) is None:
+        if all([await redis.call("ZSCORE", key, args.session) is None for key in live]):
             raise Failed(f"session {args.session!r} is not live in project {args.project!r}")
         sessions = [args.session]
     else:
-        sessions = await redis.call("ZRANGE", key, "0", "-1")
+        sessions = [s for key in live for s in await redis.call("ZRANGE", key, "0", "-1")]
     producer = StreamProducer(redis, reactor, config.resume_window)
     now = time.time()
     now_ms = int(now * 1000)
@@ -312,21 +314,23 @@ async def sessions_end(args: argparse.Namespace, config: Config) -> None:
 # Stats -------------------------------------------------------------------------
 
 
+# Bots (bot_policy = mark) are counted apart from people; a session is a
+# visit (one row per session id and start, see batch.lua).
 STATS_QUERIES = {
-    "pageviews": "SELECT uniqExact(id) FROM page_view_event"
-                 " WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s)",
-    "events": "SELECT uniqExact(id) FROM tracked_event"
-              " WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s)",
-    "sessions": "SELECT uniqExact(session_id) FROM tracked_session FINAL"
-                " WHERE project_id = %(project)s AND started_at >= toDateTime(%(since)s)",
+    "pageviews": "SELECT is_bot, uniqExact(id) FROM page_view_event"
+                 " WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s) GROUP BY is_bot",
+    "events": "SELECT is_bot, uniqExact(id) FROM tracked_event"
+              " WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s) GROUP BY is_bot",
+    "sessions": "SELECT is_bot, count() FROM tracked_session FINAL"
+                " WHERE project_id = %(project)s AND started_at >= toDateTime(%(since)s) GROUP BY is_bot",
     "top_pages": "SELECT url, uniqExact(id) AS views FROM page_view_event"
-                 " WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s)"
+                 " WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s) AND is_bot = 0"
                  " GROUP BY url ORDER BY views DESC, url LIMIT 10",
 }
 
 
 def thd_stats(url: str, project: str, since: int) -> dict:
-    """Counts and top pages of ``project`` since ``since`` (epoch seconds)."""
+    """Counts (people, and bots apart) and top pages of ``project`` since ``since`` (epoch seconds)."""
     from bklit.clickhouse import connect as clickhouse
 
     client = clickhouse(url)
@@ -335,11 +339,12 @@ def thd_stats(url: str, project: str, since: int) -> dict:
         result = {name: client.execute(query, params) for name, query in STATS_QUERIES.items()}
     finally:
         client.disconnect()
-    return {
-        "pageviews": result["pageviews"][0][0], "events": result["events"][0][0],
-        "sessions": result["sessions"][0][0],
-        "top_pages": [{"url": url, "pageviews": views} for url, views in result["top_pages"]],
-    }
+    numbers = {}
+    for name in ("pageviews", "events", "sessions"):
+        by_bot = dict(result[name])
+        numbers[name], numbers["bot_" + name] = by_bot.get(0, 0), by_bot.get(1, 0)
+    numbers["top_pages"] = [{"url": url, "pageviews": views} for url, views in result["top_pages"]]
+    return numbers
 
 
 async def stats(args: argparse.Namespace, config: Config) -> None:
@@ -351,7 +356,8 @@ async def stats(args: argparse.Namespace, config: Config) -> None:
     span_label, span = args.since
     since = max(0, int(time.time()) - span)
     redis = await connect(config)
-    live = int(await redis.call("ZCARD", live_key(args.project)))
+    live = int(await redis.call("ZCARD", keys.live_sessions(args.project)))
+    bots_live = int(await redis.call("ZCARD", keys.live_bots(args.project)))
     logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
     try:
         numbers = await deferToThread(thd_stats, config.clickhouse, args.project, since)
@@ -359,13 +365,18 @@ async def stats(args: argparse.Namespace, config: Config) -> None:
         raise Failed(f"ClickHouse: {first_line(e)}") from None
     result = {"project": args.project, "since": utc(since) + " UTC", "since_epoch": since,
               "pageviews": numbers["pageviews"], "sessions": numbers["sessions"], "events": numbers["events"],
-              "live": live, "top_pages": numbers["top_pages"]}
+              "live": live, "top_pages": numbers["top_pages"],
+              "bots": {"pageviews": numbers["bot_pageviews"], "sessions": numbers["bot_sessions"],
+                       "events": numbers["bot_events"], "live": bots_live}}
     if args.json:
         print(json.dumps(result))
         return
     print(f"project {args.project}, last {span_label} (since {result['since']})")
     for name in ("pageviews", "sessions", "events", "live"):
         print(f"{'live now' if name == 'live' else name:10}  {result[name]}")
+    bots = result["bots"]
+    if any(bots.values()):
+        print("bots (not counted above): " + ", ".join(f"{bots[name]} {name}" for name in bots))
     print("top pages")
     for page in result["top_pages"]:
         print(f"{page['pageviews']:10}  {page['url']}")

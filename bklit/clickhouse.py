@@ -8,7 +8,7 @@ out; clickhouse-driver's ``Client`` never crosses into the reactor thread.
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from clickhouse_driver import Client, errors
@@ -53,6 +53,18 @@ def connect(url: str) -> Client:
     return Client.from_url(url)
 
 
+DUPLICATE_COLUMN = (15, 44)  # ClickHouse: DUPLICATE_COLUMN, ILLEGAL_COLUMN ("column with this name already exists")
+
+
+def _apply(client: Any, statement: str) -> None:
+    """Run one migration statement; an ALTER whose column is there already ran before."""
+    try:
+        client.execute(statement)
+    except errors.ServerException as e:
+        if e.code not in DUPLICATE_COLUMN or "already exists" not in e.message or not statement.startswith("ALTER"):
+            raise
+
+
 def thd_migrate(url: str, database: str) -> list[int]:
     """Create the database and apply the migrations it lacks, in order.
 
@@ -73,7 +85,7 @@ def thd_migrate(url: str, database: str) -> list[int]:
             if version <= current:
                 continue
             for statement in statements:
-                client.execute(statement.format(db=database))
+                _apply(client, statement.format(db=database))
             client.execute(f"INSERT INTO {database}.{MIGRATIONS_TABLE} (version) VALUES", [(version,)])
             applied.append(version)
         return applied

@@ -242,7 +242,7 @@ KEYS: dict[str, Key] = {
     "health_interval": Key("5", _seconds(0.05, 3600), "Seconds between the health checks /healthz reports (Redis, ClickHouse, the stream)."),
     "trusted_proxies": Key("", _proxies, "Comma-separated proxy addresses or networks whose X-Forwarded-For / X-Real-IP are believed."),
     "geoip_db": Key("", _text, "MaxMind-format database (GeoLite2-City, DB-IP Lite City .mmdb) for region, city and coordinates. Empty: country only."),
-    "bot_policy": Key("drop", _choice("drop", "mark"), "Events from crawlers and headless browsers: drop (acked, not stored) or mark (stored with is_bot = 1)."),
+    "bot_policy": Key("drop", _choice("drop", "mark"), "Events from crawlers and headless browsers: drop (acked, not stored) or mark (stored with is_bot = 1, live apart from people)."),
 }
 
 

@@ -37,7 +37,7 @@ from bklit.config import RedisAddress
 from bklit.ingest import close_and_wait, socket_options
 from bklit.limits import Admission, Denied, client_key
 from bklit.live import snapshot_message
-from bklit.queue import channel
+from bklit.keys import channel_project, live_channel
 from bklit.sessions import LiveSessions
 from bklit.tokens import TokenVerifier
 
@@ -100,13 +100,13 @@ class Broadcaster:
     def subscribed(self, connection: _Subscriber) -> None:
         self.connection = connection
         if self.dashboards:
-            connection.subscribe([channel(p) for p in self.dashboards])
+            connection.subscribe([live_channel(p) for p in self.dashboards])
 
     def add(self, dashboard: "DashboardProtocol") -> None:
         """Start sending the project's live events to ``dashboard``."""
         local = self.dashboards.setdefault(dashboard.project_id, set())
         if not local and self.connection is not None:
-            self.connection.subscribe(channel(dashboard.project_id))
+            self.connection.subscribe(live_channel(dashboard.project_id))
         local.add(dashboard)
 
     def remove(self, dashboard: "DashboardProtocol") -> None:
@@ -118,11 +118,11 @@ class Broadcaster:
         if not local:
             del self.dashboards[dashboard.project_id]
             if self.connection is not None:
-                self.connection.unsubscribe(channel(dashboard.project_id))
+                self.connection.unsubscribe(live_channel(dashboard.project_id))
 
     def deliver(self, name: str, message: str) -> None:
         """Frame a published message once and write it to each local dashboard."""
-        local = self.dashboards.get(name[len("bklit:live:"):])
+        local = self.dashboards.get(channel_project(name))
         if not local:
             return
         payload = message.encode("utf-8") if isinstance(message, str) else message

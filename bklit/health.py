@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from bklit.queue import GROUP, STREAM
+from bklit.keys import GROUP, STREAM
 
 log = Logger()
 

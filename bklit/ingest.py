@@ -28,12 +28,12 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from bklit import agents, enrich, geo, live, queue, rows, wire
+from bklit import agents, enrich, geo, keys, live, rows, wire
 from bklit.config import Config
 from bklit.ids import EventIds
 from bklit.limits import Admission, Denied, TokenBucket, client_key
 from bklit.metrics import Metrics
-from bklit.queue import StreamProducer
+from bklit.queue import OperationRefused, StreamProducer
 from bklit.sessions import LiveSessions
 from bklit.tokens import TokenVerifier
 
@@ -88,7 +88,9 @@ class Ingest:
         and carries the connection's place and its user agent's browser, OS
         and device.  Once the handshake or a pageview showed a bot, the
         socket's events are acked but neither stored nor broadcast when
-        ``bot_policy`` is drop, and stored with ``is_bot = 1`` when it is mark.
+        ``bot_policy`` is drop; when it is mark, its pageviews, events and
+        session are stored with ``is_bot = 1`` and the session is live apart
+        from people's (not in the live counts).
         """
         event_id = self.ids.new()
         received_at = time.time()
@@ -112,11 +114,12 @@ class Ingest:
             d = self.producer.pageview(
                 _entry("page_view_event", row), project, session, conn.socket_id,
                 int(received_at * 1000), row["url"], head, tail, row.get("user_agent", ""),
-                row.get("country", ""), row.get("country_code", ""), row.get("city", ""))
+                row.get("country", ""), row.get("country_code", ""), row.get("city", ""), bot=conn.bot)
             return d.addCallback(self._count_session, event_id)
         row = rows.event_row(message, event_id=event_id, project_id=project,
                              session_id=session, received_at=received_at)
-        d = self.producer.enqueue(_entry("tracked_event", row), queue.channel(project),
+        row["is_bot"] = int(conn.bot)
+        d = self.producer.enqueue(_entry("tracked_event", row), keys.live_channel(project),
                                   live.event_message(row, received_at))
         return d.addCallback(lambda _: event_id)
 
@@ -358,9 +361,13 @@ class SdkProtocol(WebSocketServerProtocol):
 
     def not_queued(self, failure: Any, kind: str) -> None:
         # Counted, not logged: the producer and the spool log an outage once, not per event.
-        self.ingest.metrics.messages.labels(kind, "overloaded").inc()
+        if failure.check(OperationRefused):  # this event alone; its neighbours were stored
+            code, message = "not_stored", "The server could not store this event; not acked"
+        else:
+            code, message = "overloaded", "The server cannot store events right now; not acked"
+        self.ingest.metrics.messages.labels(kind, code).inc()
         if self.writable:
-            self.send_error("overloaded", "The server cannot store events right now; not acked")
+            self.send_error(code, message)
 
     # Errors and closing ----------------------------------------------------
 

@@ -60,6 +60,9 @@ class Metrics:
                                      registry=r)
         self.spool_operations = Counter("bklit_spool_operations", "Operations written to or replayed from the spool.",
                                         ["direction"], registry=r)
+        self.operations_refused = Counter(
+            "bklit_redis_operations_refused", "Operations Redis refused alone (a key of the wrong type), by kind;"
+            " the rest of their batches was applied.", ["kind"], registry=r)
         self.spool_bytes = Gauge("bklit_spool_bytes", "Bytes waiting in the local spool.", registry=r)
         self.spooling = Gauge("bklit_spooling", "1 while accepted events go to the local spool, not Redis.",
                               registry=r)

@@ -21,13 +21,11 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bklit import keys
+from bklit.keys import DEAD_STREAM, STREAM
 from bklit.redis_client import RedisService, RedisUnavailable
 from bklit.spool import Spool, SpoolError
 
-STREAM = "bklit:events"
-DEAD_STREAM = "bklit:events:dead"
-GROUP = "bklit-writers"
-LIVE_PROJECTS = "bklit:projects:live"
 SESSION_CHANGES = ("", "started", "resumed")
 SPOOLED = {"E": "spooled", "P": ["spooled", "0"], "X": 0}  # a spooled operation's reply
 REPLAY_BATCH = 500
@@ -37,26 +35,67 @@ TRANSIENT_ERRORS = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAI
 
 Batch = list[tuple[list[str], defer.Deferred]]
 BATCH_SCRIPT = resources.files("bklit").joinpath("batch.lua").read_text(encoding="utf-8")
+SCRIPT_KEYS = list(keys.SCRIPT_KEYS)
+OPERATIONS = {"E": "event", "P": "pageview", "X": "session_end", "H": "heartbeat"}  # metric labels
+REFUSED = "!"  # an operation's reply that starts with it: Redis refused that operation alone
 
 
-def live_key(project: str) -> str:
-    """The zset of a project's live sessions (score: last heartbeat, ms)."""
-    return f"live:sessions:{project}"
+class OperationRefused(Exception):
+    """Redis refused this one operation (the others of its batch were applied)."""
 
 
-def state_key(project: str, session: str) -> str:
-    """The hash holding a session's state, kept for resuming."""
-    return f"bklit:session:{project}:{session}"
+# The operations of batch.lua, as lists of strings (see the script's head).
+
+def event_op(entry: str, channel: str = "", message: str = "") -> list[str]:
+    """Append ``entry`` to the stream and publish ``message`` on ``channel`` ("" for none)."""
+    return ["E", entry, channel, message]
 
 
-def applied_key(spool_id: str) -> str:
-    """The number of the last batch from a spool's node that Redis applied."""
-    return f"bklit:applied:{spool_id}"
+def pageview_op(entry: str, project: str, session: str, socket: str, now_ms: int, url: str,
+                head: str, tail: str, user_agent: str = "", country: str = "", country_code: str = "",
+                city: str = "", bot: bool = False) -> list[str]:
+    """Append a pageview and start, continue or resume its session (see ``StreamProducer.pageview``)."""
+    return ["P", entry, keys.live_channel(project), head, tail, project, session, socket, str(now_ms), url,
+            user_agent, country, country_code, city, "1" if bot else "0"]
 
 
-def channel(project: str) -> str:
-    """The pub/sub channel of a project's live events."""
-    return f"bklit:live:{project}"
+def end_op(project: str, session: str, socket: str, now_ms: int, ended_ms: int, reason: str,
+           message: str) -> list[str]:
+    """Detach ``socket`` from a session; end it (stored, ``message`` broadcast) when none is left."""
+    return ["X", project, session, socket, str(now_ms), str(ended_ms), reason, keys.live_channel(project), message]
+
+
+def heartbeat_op(project: str, session: str, now_ms: int) -> list[str]:
+    """Refresh a live session's score and its keys' expiry."""
+    return ["H", project, session, str(now_ms)]
+
+
+def script_args(resume_ms: int, ops: Any) -> list[str]:
+    """The batch script's arguments: the resume window, the key prefixes, then the operations."""
+    args = [str(resume_ms), *keys.SCRIPT_PREFIXES]
+    for op in ops:
+        args.extend(op)
+    return args
+
+
+class Refusals:
+    """Logs operations Redis refused at most once a minute, with how many there were."""
+
+    interval = 60.0
+
+    def __init__(self, log: Logger, clock: Any):
+        self.log = log
+        self.clock = clock
+        self.count = 0
+        self.last = -self.interval
+
+    def note(self, reason: str) -> None:
+        self.count += 1
+        now = self.clock.seconds()
+        if now - self.last >= self.interval:
+            self.log.error("Redis refused {count} operations (the rest of their batches were applied); "
+                           "last: {reason}", count=self.count, reason=reason)
+            self.last, self.count = now, 0
 
 
 class StreamProducer:
@@ -90,14 +129,15 @@ class StreamProducer:
                  max_batch: int = 2000, spool: Spool | None = None, metrics: Any = None):
         self.redis = redis
         self.clock = clock
-        self.resume_ms = str(int(resume_window * 1000))
+        self.resume_ms = int(resume_window * 1000)
         self.max_batch = max_batch
         self.spool = spool
-        self.applied_key = applied_key(spool.id) if spool is not None else ""
+        self.applied_key = keys.applied(spool.id) if spool is not None else ""
         self.metrics = metrics
         self._number = 0
         self.spooling = False
         self._refusing = False
+        self._refusals = Refusals(self.log, clock)
         self._pending: Batch = []
         self._scheduled: Any = None
         self._inflight: set[defer.Deferred] = set()
@@ -127,20 +167,21 @@ class StreamProducer:
 
     def enqueue(self, entry: str, channel: str = "", message: str = "") -> defer.Deferred:
         """Append a stream entry (and publish ``message``); fires with its stream id."""
-        return self._add(["E", entry, channel, message])
+        return self._add(event_op(entry, channel, message))
 
     def pageview(self, entry: str, project: str, session: str, socket: str, now_ms: int,
                  url: str, head: str, tail: str, user_agent: str = "", country: str = "",
-                 country_code: str = "", city: str = "") -> defer.Deferred:
+                 country_code: str = "", city: str = "", bot: bool = False) -> defer.Deferred:
         """Append a pageview and start, continue or resume its session.
 
         The broadcast is ``head + "true"|"false" + tail``: whether this
-        pageview started the session is only known inside Redis.  Fires with
-        ``(stream id, change)``, change being ``"started"``, ``"resumed"`` or
-        ``""`` (also when spooled: it is decided at replay).
+        pageview started the session is only known inside Redis.  A ``bot``
+        session is live apart from people's.  Fires with ``(stream id,
+        change)``, change being ``"started"``, ``"resumed"`` or ``""`` (also
+        when spooled: it is decided at replay).
         """
-        d = self._add(["P", entry, channel(project), head, tail, project, session, socket,
-                       str(now_ms), url, user_agent, country, country_code, city])
+        d = self._add(pageview_op(entry, project, session, socket, now_ms, url, head, tail,
+                                  user_agent, country, country_code, city, bot))
         return d.addCallback(lambda reply: (reply[0], SESSION_CHANGES[int(reply[1])]))
 
     def end_session(self, project: str, session: str, socket: str, now_ms: int, ended_ms: int,
@@ -151,13 +192,12 @@ class StreamProducer:
         Fires with True when the session ended (stored and broadcast; False
         when spooled, as that is decided at replay).
         """
-        d = self._add(["X", project, session, socket, str(now_ms), str(ended_ms), reason,
-                       channel(project), message])
+        d = self._add(end_op(project, session, socket, now_ms, ended_ms, reason, message))
         return d.addCallback(lambda ended: ended == 1)
 
     def heartbeat(self, project: str, session: str, now_ms: int) -> defer.Deferred:
         """Refresh a live session's score (only if it is still live)."""
-        return self._add(["H", project, session, str(now_ms)])
+        return self._add(heartbeat_op(project, session, now_ms))
 
     def flush(self) -> None:
         """Send everything gathered so far (runs once per reactor turn)."""
@@ -177,26 +217,35 @@ class StreamProducer:
             else:
                 self._append(batch)
 
+    def _run(self, ops: Any) -> defer.Deferred:
+        """One call of the batch script with ``ops``; fires with its reply, one entry per operation."""
+        return self.redis.eval(BATCH_SCRIPT, SCRIPT_KEYS, script_args(self.resume_ms, ops))
+
     def _send(self, batch: Batch) -> None:
         number = self._number_op() if self.spool is not None else None
-        args = [self.resume_ms, *(number or ())]
-        for op, _ in batch:
-            args.extend(op)
-        sent = self.redis.eval(BATCH_SCRIPT, [STREAM], args)
+        ops = [op for op, _ in batch]
+        sent = self._run([number, *ops] if number else ops)
         self._inflight.add(sent)
         sent.addBoth(self._settle, sent, batch, number)
 
     def _send_beats(self, beats: Batch) -> None:
         """Heartbeats straight to Redis while spooling (unnumbered: applying one twice is harmless)."""
-        args = [self.resume_ms]
-        for op, _ in beats:
-            args.extend(op)
-        sent = self.redis.eval(BATCH_SCRIPT, [STREAM], args)
-        sent.addCallbacks(self._beaten, self._not_beaten, (beats,), None, (beats,))
+        sent = self._run([op for op, _ in beats])
+        sent.addCallbacks(self._answer, self._not_beaten, (beats,), None, (beats,))
 
-    def _beaten(self, replies: list, beats: Batch) -> None:
-        for (_, d), reply in zip(beats, replies):
-            d.callback(reply)
+    def _answer(self, replies: list, batch: Batch) -> None:
+        """Fire each operation's Deferred with its reply, or with ``OperationRefused``."""
+        for (op, d), reply in zip(batch, replies):
+            if isinstance(reply, str) and reply.startswith(REFUSED):
+                self._count_refused(op, reply[1:])
+                d.errback(OperationRefused(reply[1:]))
+            else:
+                d.callback(reply)
+
+    def _count_refused(self, op: list[str], reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.operations_refused.labels(OPERATIONS.get(op[0], op[0])).inc()
+        self._refusals.note(reason)
 
     def _not_beaten(self, failure: Failure, beats: Batch) -> None:
         for _, d in beats:
@@ -220,8 +269,7 @@ class StreamProducer:
             if self._refusing:
                 self._refusing = False
                 self.log.info("Redis takes events again")
-            for (_, d), result in zip(batch, outcome[number is not None:]):
-                d.callback(result)
+            self._answer(outcome[number is not None:], batch)
         if self._held and not self._barrier:
             held, self._held = self._held, []
             for batch in held:
@@ -340,13 +388,26 @@ class StreamProducer:
                 # Removed, and spooling ended by the caller, in this reactor step: nothing slips in between.
                 self.spool.remove(name)
                 return
-            args = [self.resume_ms]
-            for op in ops:
-                args.extend(op)
-            await self.redis.eval(BATCH_SCRIPT, [STREAM], args)
+            replies = await self._run(ops)
+            refused = [(op, reply[1:]) for op, reply in zip(ops, replies)
+                       if isinstance(reply, str) and reply.startswith(REFUSED)]
+            if refused:
+                await self._dead_letter(refused)
             offset = end
             if self.metrics is not None:
                 self.metrics.spool_operations.labels("replayed").inc(sum(op[0] != "S" for op in ops))
+
+    async def _dead_letter(self, refused: list[tuple[list[str], str]]) -> None:
+        """Keep the records of spooled events Redis refused at replay in the dead letters.
+
+        They were acked when spooled, so they are not dropped: ``bklit
+        events retry-dead`` moves them back into the stream once the cause
+        is fixed.  Session ends and heartbeats carry no record.
+        """
+        for op, reason in refused:
+            self._count_refused(op, reason)
+            if op[0] in ("E", "P"):
+                await self.redis.call("XADD", DEAD_STREAM, "*", "e", op[1], "error", f"Redis: {reason}", "id", "")
 
     async def drain(self) -> None:
         """Wait until every operation given so far has been answered or spooled.

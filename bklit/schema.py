@@ -85,6 +85,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         event_definition_id String
         metadata String
         trigger_method String
+        is_bot UInt8
     """),
     "tracked_session": _columns("""
         id String
@@ -104,6 +105,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
         end_reason String
         updated_at DateTime
         version UInt64
+        started_ms UInt64
+        is_bot UInt8
     """),
 }
 
@@ -149,14 +152,29 @@ _V1_TRACKED_SESSION = """CREATE TABLE IF NOT EXISTS {db}.tracked_session (
 PARTITION BY toYYYYMM(started_at)
 ORDER BY (project_id, session_id)"""
 
+# Version 2: every visit its own session row.  A session id that comes back
+# after its state expired is a new visit: the row key gains the visit's
+# start (``started_ms``; rows stored before are 0 there and keep their key).
+# Bots under bot_policy = mark are flagged on events and sessions too.
+# (ClickHouse only lets a sort key grow by columns added in the same ALTER.)
+_V2_VISITS = """ALTER TABLE {db}.tracked_session
+    ADD COLUMN started_ms UInt64, ADD COLUMN is_bot UInt8,
+    MODIFY ORDER BY (project_id, session_id, started_ms)"""
+_V2_EVENT_BOTS = "ALTER TABLE {db}.tracked_event ADD COLUMN is_bot UInt8"
+
 # (version, statements), applied in order by the migration runner after
-# ``statement.format(db=database)``; each statement is harmless to run again.
+# ``statement.format(db=database)``; each statement is harmless to run again
+# (an ALTER that adds a column it finds there already is skipped).
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (1, (
         "CREATE DATABASE IF NOT EXISTS {db}",
         _V1_PAGE_VIEW_EVENT,
         _V1_TRACKED_EVENT,
         _V1_TRACKED_SESSION,
+    )),
+    (2, (
+        _V2_VISITS,
+        _V2_EVENT_BOTS,
     )),
 )
 

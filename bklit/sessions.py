@@ -25,10 +25,10 @@ from twisted.logger import Logger
 
 from bklit.live import session_end_message
 from bklit.metrics import Metrics
-from bklit.queue import LIVE_PROJECTS, StreamProducer, live_key, state_key
+from bklit import keys
+from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
 
-SWEEP_LOCK = "bklit:sweeper"
 SWEEP_BATCH = 500
 
 
@@ -121,18 +121,19 @@ class LiveSessions(Service):
     async def sweep(self) -> int:
         """End sessions nobody refreshed for ``session_timeout``, if we hold the lock."""
         lock_ms = str(max(1, int(self.sweep_interval * 1000 * 0.9)))
-        if await self.redis.call("SET", SWEEP_LOCK, self.node, "NX", "PX", lock_ms) is None:
+        if await self.redis.call("SET", keys.SWEEP_LOCK, self.node, "NX", "PX", lock_ms) is None:
             return 0
         cutoff = self.now_ms() - int(self.session_timeout * 1000)
         ended = []
         cursor = "0"
         while True:
-            cursor, projects = await self.redis.call("SSCAN", LIVE_PROJECTS, cursor, "COUNT", "100")
+            cursor, projects = await self.redis.call("SSCAN", keys.LIVE_PROJECTS, cursor, "COUNT", "100")
             for project in projects:
-                stale = await self.redis.call("ZRANGEBYSCORE", live_key(project), "-inf", str(cutoff),
-                                              "WITHSCORES", "LIMIT", "0", str(SWEEP_BATCH))
-                for session, score in zip(stale[::2], stale[1::2]):
-                    ended.append(self.end(project, session, "", "timeout", int(float(score))))
+                for live in (keys.live_sessions(project), keys.live_bots(project)):
+                    stale = await self.redis.call("ZRANGEBYSCORE", live, "-inf", str(cutoff),
+                                                  "WITHSCORES", "LIMIT", "0", str(SWEEP_BATCH))
+                    for session, score in zip(stale[::2], stale[1::2]):
+                        ended.append(self.end(project, session, "", "timeout", int(float(score))))
             if cursor == "0":
                 break
         results = await defer.gatherResults(ended) if ended else []
@@ -142,17 +143,23 @@ class LiveSessions(Service):
         return count
 
     # Reads (dashboards, /api/live) -----------------------------------------------
+    # Bots (bot_policy = mark) are live apart: they are not in these counts.
 
     async def live_count(self, project: str) -> int:
-        """How many sessions of the project are live now."""
-        return int(await self.redis.call("ZCARD", live_key(project)))
+        """How many sessions of people the project has live now."""
+        return int(await self.redis.call("ZCARD", keys.live_sessions(project)))
+
+    async def bots_count(self, project: str) -> int:
+        """How many sessions of bots the project has live now."""
+        return int(await self.redis.call("ZCARD", keys.live_bots(project)))
 
     async def snapshot(self, project: str, limit: int = 200) -> tuple[int, list[dict]]:
-        """The live count and the most recently active sessions, newest first."""
+        """The live count and the most recently active sessions of people, newest first."""
         count = await self.live_count(project)
-        ids = await self.redis.call("ZREVRANGE", live_key(project), "0", str(limit - 1))
+        ids = await self.redis.call("ZREVRANGE", keys.live_sessions(project), "0", str(limit - 1))
         states = await defer.gatherResults([
-            self.redis.call("HMGET", state_key(project, s), "started_at", "pageviews", "entry_page", "exit_page")
+            self.redis.call("HMGET", keys.session_state(project, s), "started_at", "pageviews", "entry_page",
+                            "exit_page")
             for s in ids])
         sessions = []
         for session, (started, pageviews, entry, exit_page) in zip(ids, states):

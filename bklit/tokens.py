@@ -20,13 +20,11 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from bklit import keys
+
 SCOPES = ("ingest", "read")
-INDEX_KEY = "bklit:tokens"
-
-
-def token_key(digest: str) -> str:
-    """The Redis key of the token whose SHA-256 is ``digest``."""
-    return f"bklit:token:{digest}"
+INDEX_KEY = keys.TOKEN_INDEX
+token_key = keys.token
 
 
 def new_key() -> str:

@@ -69,7 +69,8 @@ class LiveCount(Resource):
             self._finish(request, 403, {"error": "forbidden", "message": verdict.reason})
             return
         live = await self.sessions.live_count(project)
-        self._finish(request, 200, {"projectId": project, "live": live})
+        bots = await self.sessions.bots_count(project)
+        self._finish(request, 200, {"projectId": project, "live": live, "bots": bots})
 
     def _finish(self, request: Any, status: int, body: dict) -> None:
         if request._disconnected or request.finished:

@@ -30,7 +30,7 @@ from twisted.python.threadpool import ThreadPool
 from bklit import schema
 from bklit.clickhouse import Inserter, is_data_error
 from bklit.metrics import Metrics
-from bklit.queue import DEAD_STREAM, GROUP, STREAM
+from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from bklit.redis_client import RedisService, RedisUnavailable
 
 ACK_AND_DELETE = """

@@ -32,7 +32,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.threads import deferToThread
 
-from bklit.queue import GROUP, STREAM
+from bklit.keys import GROUP, STREAM
 from harness import SocketClient, clickhouse_rows, free_port, redis_connection, sdk_event, sdk_pageview
 
 BIN = Path(sys.executable).parent

@@ -326,38 +326,57 @@ class RedisServer(Server):
 
     def ping(self):
         try:
-            return self._call(("PING",), timeout=1) == "PONG"
+            return self.pipeline([("PING",)], timeout=1) == ["PONG"]
         except (OSError, ServerError):
             return False
 
     def execute(self, *args):
         """Send one command over a fresh connection and return its reply.
 
-        Handles status, error, integer and bulk replies, which is all the
-        fixtures need; an error reply raises ServerError.
+        Handles every reply kind (arrays as lists, bulk strings as bytes);
+        an error reply raises ServerError.
         """
-        return self._call(args, timeout=10)
+        return self.pipeline([args])[0]
 
-    def _call(self, args, timeout):
-        parts = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    def pipeline(self, commands, timeout=10):
+        """Send ``commands`` over one fresh connection; their replies in order.
+
+        An error reply nested in an array comes back as a ServerError in its
+        place; a top-level one raises.
+        """
+        parts = []
+        for args in commands:
+            parts.append(b"*%d\r\n" % len(args))
+            for arg in args:
+                data = arg if isinstance(arg, bytes) else str(arg).encode()
+                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
         with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
             sock.sendall(b"".join(parts))
             reply = sock.makefile("rb")
-            line = reply.readline().rstrip(b"\r\n")
-            kind, rest = line[:1], line[1:]
-            if kind == b"+":
-                return rest.decode()
-            if kind == b":":
-                return int(rest)
-            if kind == b"$":
-                size = int(rest)
-                return None if size < 0 else reply.read(size + 2)[:-2]
-            if kind == b"-":
-                raise ServerError("redis: %s" % rest.decode(errors="replace"))
-            raise ServerError("unexpected redis reply %r" % (line,))
+            replies = [_read_reply(reply) for _ in commands]
+        for value in replies:
+            if isinstance(value, ServerError):
+                raise value
+        return replies
+
+
+def _read_reply(reply):
+    """One RESP2 reply from a file: str, int, bytes, None, a list, or a ServerError."""
+    line = reply.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        return None if size < 0 else reply.read(size + 2)[:-2]
+    if kind == b"*":
+        size = int(rest)
+        return None if size < 0 else [_read_reply(reply) for _ in range(size)]
+    if kind == b"-":
+        return ServerError("redis: %s" % rest.decode(errors="replace"))
+    raise ServerError("unexpected redis reply %r" % (line,))
 
 
 class ClickHouseServer(Server):

@@ -18,7 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from bklit.clickhouse import Inserter
 from bklit.config import clickhouse_database
-from bklit.queue import DEAD_STREAM, GROUP, STREAM
+from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from harness import (SESSION, clickhouse_rows, eventually, redis_connection, running_daemon, sdk_event,
                      sdk_pageview, settings)
 from servers import free_port
@@ -307,7 +307,8 @@ class TestStats:
             assert {k: v for k, v in stats.items() if k not in ("since", "since_epoch")} == {
                 "project": "p1", "pageviews": 4, "sessions": 2, "events": 1, "live": 1,
                 "top_pages": [{"url": "https://example.com/a", "pageviews": 3},
-                              {"url": "https://example.com/b", "pageviews": 1}]}
+                              {"url": "https://example.com/b", "pageviews": 1}],
+                "bots": {"pageviews": 0, "sessions": 0, "events": 0, "live": 0}}
 
             week = await run_json("stats", "--project", "p1", "--since", "7d",
                                   "--redis", redis_url, "--clickhouse", clickhouse_url)

@@ -21,8 +21,9 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent, globalLogPublisher
 
+from bklit import keys
 from bklit.tokens import TokenStore
-from harness import clickhouse_rows, connect, eventually
+from harness import clickhouse_rows, connect, eventually, sdk_pageview
 from test_bad_input import (AFTER_URL, BAD_ADDRESS, BAD_SESSION, acked, close, frame, pageview, scenario, sleep,
                             text_frames)
 
@@ -470,3 +471,41 @@ async def test_misbehaving_clients_leave_no_address_in_the_log(redis_server, red
     assert lines
     for _, address in clients:
         assert [line for line in lines if address in line] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_ids_that_once_shared_keys_disturb_nobody(redis_server, redis_url, clickhouse_url):
+    """Sessions ``S`` and ``S:sockets`` (one Redis key in layout 1) are two sessions: each pageview acked and
+    stored, the good client's too."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        sockets = []
+        for session in (BAD_SESSION, BAD_SESSION + ":sockets", BAD_SESSION + ":sockets:sockets"):
+            bad = await s.bad(s.key, session=session)
+            for n in range(3):
+                url = f"{AFTER_URL}/{n}"
+                bad.send(sdk_pageview("p1", session, key=s.key, url=url))
+                s.pageviews.append((session, await acked(bad), url))
+            sockets.append(bad)
+        await close(*sockets)
+        for session in (BAD_SESSION, BAD_SESSION + ":sockets"):
+            assert redis_server.execute("HGET", keys.session_state("p1", session), "pageviews") == b"3"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_redis_refuses_is_answered_not_stored_alone(redis_server, redis_url, clickhouse_url):
+    """A session key of the wrong type left in Redis: that socket's pageview gets ``not_stored`` (not
+    ``overloaded``), the socket stays open, its neighbours are stored; once the key is gone it works."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        redis_server.execute("SET", keys.session_state("p1", BAD_SESSION), "left by hand")
+        bad = await s.bad(s.key)
+        for _ in range(12):  # more than max_errors: not the client's fault, not counted
+            bad.send(pageview(s.key, url=AFTER_URL))
+            assert await bad.next() == {"type": "error", "code": "not_stored",
+                                        "message": "The server could not store this event; not acked"}
+        redis_server.execute("DEL", keys.session_state("p1", BAD_SESSION))
+        bad.send(pageview(s.key, url=AFTER_URL))
+        s.pageviews.append((BAD_SESSION, await acked(bad), AFTER_URL))
+        await close(bad)
+        samples = s.daemon.service.metrics.registry.get_sample_value
+        assert samples("bklit_redis_operations_refused_total", {"kind": "pageview"}) == 12
+        assert samples("bklit_messages_total", {"type": "pageview", "outcome": "not_stored"}) == 12

@@ -23,7 +23,7 @@ from harness import (TIMEOUT, SocketClient, clickhouse_rows, eventually, running
                      sdk_pageview, settings)
 from test_agents import HEADLESS_CHROMIUM_156
 from test_geo import BERLIN, LONDON, write_city_db
-from test_live import open_dashboard
+from test_live import http_get, open_dashboard
 
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 PAGE_COLUMNS = ("ip, country, country_code, region, region_name, city, lat, lon, timezone,"
@@ -190,20 +190,37 @@ async def test_bots_are_acked_but_neither_stored_nor_broadcast(redis_url, clickh
 
 @pytest_twisted.ensureDeferred
 async def test_mark_policy_stores_bots_flagged(redis_url, clickhouse_url):
-    """bot_policy = mark: stored and broadcast with is_bot = 1 (the headless one by its handshake)."""
+    """bot_policy = mark: pageviews, events and sessions stored with is_bot = 1 (the headless one by its
+    handshake) and broadcast flagged; bots are live apart, out of the snapshot's and /api/live's count."""
     async with running_daemon(enriched(redis_url, clickhouse_url, bot_policy="mark")) as daemon:
         key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
         dash, _ = await open_dashboard(daemon.port, read)
         crawler = await visitor(daemon.port, key, session="crawler")
         await acked(crawler, sdk_pageview("p1", session="crawler", key=key, userAgent=GOOGLEBOT))
         assert (await dash.next_of("pageview"))["data"]["isBot"] is True
+        await acked(crawler, sdk_event("p1", session="crawler", key=key))
         headless = await visitor(daemon.port, key, session="headless", user_agent=HEADLESS_CHROMIUM_156)
         await acked(headless, sdk_pageview("p1", session="headless", key=key))
-        rows = await eventually(lambda: len(stored(clickhouse_url)) == 2 and stored(clickhouse_url), timeout=5)
-        assert [row[-5:] for row in rows] == [("Googlebot", "", "bot", 0, 1), ("Chrome", "Linux", "desktop", 0, 1)]
+        person = await visitor(daemon.port, key, session="person")
+        await acked(person, sdk_pageview("p1", session="person", key=key))
+        rows = await eventually(lambda: len(stored(clickhouse_url)) == 3 and stored(clickhouse_url), timeout=5)
+        assert sorted(row[-5:] for row in rows) == sorted([
+            ("Googlebot", "", "bot", 0, 1), ("Chrome", "Linux", "desktop", 0, 1), ("Chrome", "Linux", "desktop", 0, 0)])
+        events = await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT session_id, is_bot FROM tracked_event"))
+        assert events == [("crawler", 1)]
         assert daemon.service.metrics.registry.get_sample_value("bklit_bots_dropped_total", {"type": "pageview"}) \
             in (None, 0)
-        await close(crawler, headless, dash)
+        assert await http_get(daemon.port, "/api/live?projectId=p1", read) == (
+            200, {"projectId": "p1", "live": 1, "bots": 2})
+        later, snapshot = await open_dashboard(daemon.port, read)
+        assert snapshot["data"]["live"] == 1 and [s["sessionId"] for s in snapshot["data"]["sessions"]] == ["person"]
+        await close(crawler, headless, person, dash, later)
+        sessions = await eventually(lambda: len(clickhouse_rows(clickhouse_url, (
+            "SELECT session_id FROM tracked_session FINAL WHERE ended_at IS NOT NULL"))) == 3 and clickhouse_rows(
+            clickhouse_url, "SELECT session_id, is_bot FROM tracked_session FINAL ORDER BY session_id"), timeout=5)
+        assert sessions == [("crawler", 1), ("headless", 1), ("person", 0)]
+        assert await http_get(daemon.port, "/api/live?projectId=p1", read) == (
+            200, {"projectId": "p1", "live": 0, "bots": 0})
 
 
 @pytest_twisted.ensureDeferred

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 
 from bklit import rows, wire
 from bklit.ids import EventIds
-from bklit.queue import DEAD_STREAM, GROUP, STREAM
+from bklit.keys import DEAD_STREAM, GROUP, STREAM
 
 from faults import CONNECTIONS, PROJECT, FaultCase, Node, pause, session_id
 from harness import clickhouse_rows, redis_connection

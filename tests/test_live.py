@@ -118,17 +118,17 @@ async def test_live_count_goes_0_1_0(redis_url, clickhouse_url):
             return zcard, body
 
         client = await sdk_client(daemon.port, key)
-        assert await counts() == (0, {"projectId": "p1", "live": 0})
+        assert await counts() == (0, {"projectId": "p1", "live": 0, "bots": 0})
         client.send(sdk_pageview("p1", key=key))
         await client.next_of("ack")
-        assert await counts() == (1, {"projectId": "p1", "live": 1})
+        assert await counts() == (1, {"projectId": "p1", "live": 1, "bots": 0})
         client.sendClose()
         await client.wait_closed()
         for _ in range(50):
             if (await counts())[0] == 0:
                 break
             await task.deferLater(reactor, 0.02, lambda: None)
-        assert await counts() == (0, {"projectId": "p1", "live": 0})
+        assert await counts() == (0, {"projectId": "p1", "live": 0, "bots": 0})
 
 
 @pytest_twisted.ensureDeferred

@@ -12,12 +12,14 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
-from bklit.queue import STREAM, StreamProducer
+from bklit.keys import SCRIPT_PREFIXES, STREAM, session_state
+from bklit.queue import StreamProducer
 from bklit.redis_client import RedisUnavailable
 
 from harness import eventually, redis_connection
 
 REPLY_TIMEOUT = 5.0
+HEADER = ("resume window", *SCRIPT_PREFIXES)  # the batch script's first arguments
 
 
 def within(d, seconds=REPLY_TIMEOUT + 1):
@@ -33,7 +35,7 @@ class CountingRedis:
         self.script_calls = []
 
     def eval(self, script, keys, args):
-        self.script_calls.append((len(args) - 1) // 4)  # the resume window, then E entry channel message
+        self.script_calls.append((len(args) - len(HEADER)) // 4)  # the header, then E entry channel message
         return self.redis.eval(script, keys, args)
 
     def call(self, command, *args):
@@ -144,4 +146,4 @@ async def test_an_old_pageview_is_scored_live_now_but_keeps_its_times(redis_serv
         await within(producer.pageview('{"n":1}', "p1", "s1", "sock", hour_ago, "https://e.com/", "", ""))
         score = float(await redis.call("ZSCORE", "live:sessions:p1", "s1"))
         assert before - 1000 <= score <= time.time() * 1000 + 1000
-        assert int(await redis.call("HGET", "bklit:session:p1:s1", "started_at")) == hour_ago
+        assert int(await redis.call("HGET", session_state("p1", "s1"), "started_at")) == hour_ago

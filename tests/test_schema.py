@@ -12,8 +12,23 @@ from bklit.schema import MIGRATIONS, TABLES, Column, insert_columns, to_insert_r
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 ALLOWED_TYPES = {"String", "UInt8", "UInt16", "UInt32", "UInt64", "Float64", "DateTime"}
 CREATE = re.compile(r"CREATE TABLE IF NOT EXISTS \{db\}\.(\w+) \((.*)\) ENGINE = (.*)", re.S)
-ADD_COLUMN = re.compile(r"ALTER TABLE \{db\}\.(\w+) ADD COLUMN IF NOT EXISTS (\w+) (.+?)"
-                        r"(?: (?:AFTER|DEFAULT) .*)?$", re.S)
+ALTER = re.compile(r"ALTER TABLE \{db\}\.(\w+)\s+(.*)", re.S)
+ADD_COLUMN = re.compile(r"ADD COLUMN (\w+) (\w+)")
+MODIFY_ORDER = re.compile(r"MODIFY ORDER BY \((.*)\)")
+
+
+def alterations(statement):
+    """The table of an ALTER, its added (name, type) columns and its new sort key (or None)."""
+    table, body = ALTER.fullmatch(statement).groups()
+    added, order = [], None
+    for part in re.split(r",\s+(?=ADD|MODIFY)", body.strip()):
+        if column := ADD_COLUMN.fullmatch(part):
+            added.append(column.groups())
+        elif modified := MODIFY_ORDER.fullmatch(part):
+            order = [name.strip() for name in modified.group(1).split(",")]
+        else:
+            pytest.fail(f"unrecognised alteration: {part[:60]}")
+    return table, added, order
 
 
 def replay_migrations() -> dict[str, list[tuple[str, str]]]:
@@ -27,9 +42,9 @@ def replay_migrations() -> dict[str, list[tuple[str, str]]]:
                 table, body, _ = created.groups()
                 columns = [part.split(None, 1) for part in body.split(",")]
                 tables.setdefault(table, [(name, kind.strip()) for name, kind in columns])
-            elif added := ADD_COLUMN.fullmatch(statement):
-                table, name, kind = added.groups()
-                tables[table].append((name, kind.strip()))
+            elif ALTER.fullmatch(statement):
+                table, added, _ = alterations(statement)
+                tables[table].extend(added)
             else:
                 pytest.fail(f"unrecognised migration statement: {statement[:60]}")
     return tables
@@ -56,10 +71,17 @@ class TestMigrations:
         assert created == ["page_view_event", "tracked_event", "tracked_session"]
 
     def test_statements_idempotent_and_formattable(self):
-        """Every statement says IF NOT EXISTS and formats with only {db}."""
+        """CREATE says IF NOT EXISTS; an ALTER only adds columns (found there: skipped) and grows the
+        sort key by them, as ClickHouse allows; each formats with only {db}."""
         for _, statements in MIGRATIONS:
             for statement in statements:
-                assert "IF NOT EXISTS" in statement
+                if statement.startswith("ALTER"):
+                    table, added, order = alterations(statement)
+                    assert added
+                    if order is not None:  # the key grows only by columns this ALTER adds
+                        assert order[-1] in {name for name, _ in added}
+                else:
+                    assert "IF NOT EXISTS" in statement
                 formatted = statement.format(db="bklit")
                 assert "{" not in formatted and "bklit" in formatted
 
@@ -123,9 +145,15 @@ class TestInsertColumns:
         """Names in DDL order."""
         assert insert_columns("tracked_event") == [
             "id", "project_id", "session_id", "timestamp", "received_at", "tracking_id",
-            "event_type", "event_definition_id", "metadata", "trigger_method"]
+            "event_type", "event_definition_id", "metadata", "trigger_method", "is_bot"]
         assert insert_columns("page_view_event")[:3] == ["id", "project_id", "session_id"]
-        assert insert_columns("tracked_session")[-2:] == ["updated_at", "version"]
+        assert insert_columns("tracked_session")[-4:] == ["updated_at", "version", "started_ms", "is_bot"]
+
+    def test_a_visit_is_keyed_by_its_start(self):
+        """Version 2 makes tracked_session's key (project_id, session_id, started_ms)."""
+        orders = [alterations(s)[2] for _, statements in MIGRATIONS for s in statements
+                  if s.startswith("ALTER") and alterations(s)[0] == "tracked_session"]
+        assert [o for o in orders if o] == [["project_id", "session_id", "started_ms"]]
 
     def test_unknown_table(self):
         """An unknown table is a ValueError naming it."""

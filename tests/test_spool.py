@@ -16,7 +16,8 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 
-from bklit.queue import STREAM, StreamProducer, applied_key
+from bklit.keys import SCRIPT_PREFIXES, STREAM, applied as applied_key
+from bklit.queue import OperationRefused, StreamProducer
 from bklit.redis_client import RedisUnavailable
 from bklit.spool import HEADER, Spool, SpoolError, SpoolFull, decode
 from harness import clickhouse_rows, eventually, redis_connection, running_daemon, sdk_pageview, settings
@@ -263,6 +264,9 @@ async def test_a_batch_whose_reply_was_lost_is_not_applied_twice(redis_server, r
         await producer.drain()
 
 
+SCRIPT_HEADER = ("resume window", *SCRIPT_PREFIXES)  # the batch script's first arguments
+
+
 class HeldReplays(LosingReplies):
     """The real Redis; the first script call's reply is lost, and later numbered calls wait for ``release``."""
 
@@ -271,7 +275,7 @@ class HeldReplays(LosingReplies):
         self.held = []
 
     def eval(self, script, keys, args):
-        if self.lose or args[1] != "S":
+        if self.lose or args[len(SCRIPT_HEADER)] != "S":
             return super().eval(script, keys, args)
         held = defer.Deferred()
         self.held.append(held)
@@ -318,12 +322,12 @@ async def test_a_batch_refused_out_of_memory_is_spooled_and_applied_once(redis_s
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_script_error_is_refused_not_spooled(redis_server, redis_url, tmp_path):
-    """An error that would come back on every replay (here a key of the wrong type) refuses the batch."""
+async def test_an_operation_redis_refuses_is_refused_alone_not_spooled(redis_server, redis_url, tmp_path):
+    """An error that would come back on every replay (here a key of the wrong type) refuses that operation."""
     async with redis_connection(redis_url) as redis:
         producer = StreamProducer(redis, reactor, spool=opened(tmp_path))
         await redis.call("SET", STREAM, "not a stream")
-        with pytest.raises(RedisUnavailable, match="WRONGTYPE"):
+        with pytest.raises(OperationRefused, match="WRONGTYPE"):
             await producer.enqueue('{"n":1}')
         assert not producer.spooling and producer.spool.empty
         await producer.drain()

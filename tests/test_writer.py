@@ -24,7 +24,7 @@ from bklit import rows, wire
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit.config import clickhouse_database
 from bklit.ids import EventIds
-from bklit.queue import DEAD_STREAM, GROUP, STREAM
+from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from bklit.writer import WriterService
 
 from harness import clickhouse_rows, eventually, redis_connection

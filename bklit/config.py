@@ -237,7 +237,7 @@ KEYS: dict[str, Key] = {
     "resume_window": Key("1800", _seconds(1, 86400), "Seconds after its end during which a session can be resumed by a new socket."),
     "dashboard_origins": Key("", _list, "Comma-separated Origins (https://app.example.com) whose dashboards need no read key. Empty: none."),
     "dashboard_auth_timeout": Key("5", _seconds(0.1, 300), "Seconds a dashboard socket has to send its auth message."),
-    "dashboard_max_skipped": Key("100", _int(0, 1_000_000), "Live events a dashboard that stopped reading may miss before it is disconnected."),
+    "dashboard_max_skipped": Key("100", _int(0, 1_000_000), "Live events a dashboard may miss (it stopped reading) or have held (its snapshot is being read) before it is disconnected."),
     "metrics_networks": Key("127.0.0.0/8,::1", _proxies, "Comma-separated networks allowed to read /metrics (the port faces the internet)."),
     "health_interval": Key("5", _seconds(0.05, 3600), "Seconds between the health checks /healthz reports (Redis, ClickHouse, the stream)."),
     "trusted_proxies": Key("", _proxies, "Comma-separated proxy addresses or networks whose X-Forwarded-For / X-Real-IP are believed."),

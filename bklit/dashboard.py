@@ -5,7 +5,9 @@ a read-scope key (``Authorization: Bearer`` on the upgrade, or a first
 ``auth`` message within ``dashboard_auth_timeout``) or by an ``Origin`` in
 the configured allowlist.  Until then it gets nothing but ``connected``.
 Then a ``snapshot``, then every pageview, event and session end of the
-project.
+project.  The socket joins the project's stream before the snapshot is read,
+and the events that come while it is read are held and sent right after it:
+none before the snapshot, none lost, none twice.
 
 ``Broadcaster`` holds one Redis pub/sub connection per node, subscribed to
 the channels of the projects that have a dashboard here.  Each published
@@ -14,7 +16,8 @@ framed once (an Autobahn prepared message) and written to every local
 dashboard of the project.  A dashboard that does not read is never waited
 for: once its socket buffer is full (Twisted pauses it as a producer) further
 messages are counted instead of queued, and past ``dashboard_max_skipped`` it
-is disconnected.
+is disconnected.  A dashboard whose snapshot read would leave more than
+``dashboard_max_skipped`` events held is disconnected the same way.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from autobahn.websocket.types import ConnectionDeny
 
 from bklit import enrich, wire
 from bklit.config import RedisAddress
-from bklit.ingest import close_and_wait, socket_options
+from bklit.ingest import CLOSE_INTERNAL, close_and_wait, socket_options
 from bklit.limits import Admission, Denied, client_key
 from bklit.live import snapshot_message
 from bklit.keys import channel_project, live_channel
@@ -146,6 +149,7 @@ class DashboardProtocol(WebSocketServerProtocol):
         self.gone = False
         self.paused = False
         self.skipped = 0
+        self.held: list[Any] | None = None  # live events waiting for the snapshot, while it is read
         self.auth_timer: Any = None
         self.client = ""
         self.admitted = False
@@ -202,6 +206,7 @@ class DashboardProtocol(WebSocketServerProtocol):
             self.dash.admission.release(self.client)
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()
+        self.held = None
         if self.authorized:
             self.dash.broadcaster.remove(self)
             self.dash.connected.discard(self)
@@ -219,16 +224,21 @@ class DashboardProtocol(WebSocketServerProtocol):
             self.refuse(verdict.reason)
 
     def authorize(self) -> None:
-        """Send the snapshot, then join the project's live stream."""
+        """Join the project's live stream, read the snapshot, send it, then the events.
+
+        The live events that come while the snapshot is read are held (see
+        ``push``) and sent after it.
+        """
         if self.gone or self.authorized:
             return
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()
         self.authorized = True
+        self.held = []
         self.dash.connected.add(self)
         self.dash.broadcaster.add(self)
         d = defer.ensureDeferred(self.dash.sessions.snapshot(self.project_id))
-        d.addCallbacks(self.send_snapshot, lambda f: log.warn("snapshot failed: {e}", e=f.getErrorMessage()))
+        d.addCallbacks(self.send_snapshot, self.snapshot_failed)
 
     @property
     def writable(self) -> bool:
@@ -236,8 +246,23 @@ class DashboardProtocol(WebSocketServerProtocol):
         return not self.gone and self.state == self.STATE_OPEN
 
     def send_snapshot(self, snapshot: tuple[int, list[dict]]) -> None:
+        """Send the snapshot, then the events held while it was read, in order."""
+        held, self.held = self.held, None
+        if not self.writable:
+            return
+        self.sendMessage(snapshot_message(snapshot[0], snapshot[1], time.time()))
+        for prepared in held:
+            self.sendPreparedMessage(prepared)
+
+    def snapshot_failed(self, failure: Any) -> None:
+        """Close with 1011 and drop the held events: live events never come without a snapshot first.
+
+        The dashboard can reconnect for a new snapshot and the events after it.
+        """
+        self.held = None
+        log.warn("snapshot of {project} failed: {e}", project=self.project_id, e=failure.getErrorMessage())
         if self.writable:
-            self.sendMessage(snapshot_message(snapshot[0], snapshot[1], time.time()))
+            self.close(CLOSE_INTERNAL, "Snapshot unavailable")
 
     def refuse(self, reason: str) -> None:
         if not self.writable:
@@ -250,19 +275,33 @@ class DashboardProtocol(WebSocketServerProtocol):
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 
     def push(self, prepared: Any) -> None:
-        """Send a live event, unless the socket is backed up."""
+        """Send a live event: hold it while the snapshot is read; skip it while the socket is backed up.
+
+        Past ``dashboard_max_skipped`` held or skipped events the dashboard is dropped.
+        """
         if not self.writable:
+            return
+        if self.held is not None:
+            if len(self.held) >= self.dash.max_skipped:
+                self.drop("whose snapshot took too long")
+            else:
+                self.held.append(prepared)
             return
         if self.paused:
             self.skipped += 1
             if self.skipped > self.dash.max_skipped:
-                log.info("dropping a dashboard of {project} that stopped reading", project=self.project_id)
-                self.dash.dropped += 1
-                self.dash.metrics.dashboards_dropped.inc()
-                self.gone = True
-                self.transport.abortConnection()
+                self.drop("that stopped reading")
             return
         self.sendPreparedMessage(prepared)
+
+    def drop(self, why: str) -> None:
+        """Disconnect at once, counted in ``dashboards_dropped``."""
+        log.info("dropping a dashboard of {project} {why}", project=self.project_id, why=why)
+        self.dash.dropped += 1
+        self.dash.metrics.dashboards_dropped.inc()
+        self.gone = True
+        self.held = None
+        self.transport.abortConnection()
 
     # IPushProducer: the transport tells us when its buffer is full/drained.
     def pauseProducing(self) -> None:

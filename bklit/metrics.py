@@ -46,8 +46,9 @@ class Metrics:
                                         registry=r)
         self.sessions_ended = Counter("bklit_sessions_ended", "Sessions ended by this node, by reason.", ["reason"],
                                       registry=r)
-        self.dashboards_dropped = Counter("bklit_dashboards_dropped", "Dashboards disconnected for not reading.",
-                                          registry=r)
+        self.dashboards_dropped = Counter("bklit_dashboards_dropped",
+                                          "Dashboards disconnected for not reading, or for too many events"
+                                          " held while their snapshot was read.", registry=r)
         self.tls_expiry = Gauge("bklit_tls_certificate_expiry_timestamp_seconds",
                                 "When the served certificate expires (Unix time).", registry=r)
         self.tls_reloads = Counter("bklit_tls_reloads", "Certificate reload attempts by outcome.", ["outcome"],

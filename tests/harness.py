@@ -123,15 +123,16 @@ class SocketClient(WebSocketClientProtocol):
 
 async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
                   headers: dict | None = None, origin: str | None = None,
-                  trust: bytes | None = None, host: str = "localhost") -> SocketClient:
-    """An open ``SocketClient`` to ``ws://127.0.0.1:<port><path>``.
+                  trust: bytes | None = None, host: str = "localhost",
+                  protocol: type[SocketClient] = SocketClient) -> SocketClient:
+    """An open ``SocketClient`` (or subclass ``protocol``) to ``ws://127.0.0.1:<port><path>``.
 
     With ``trust`` (a PEM CA certificate) it speaks wss and verifies the
     server's certificate against that CA and ``host`` (service-identity).
     """
     scheme = "wss" if trust is not None else "ws"
     factory = WebSocketClientFactory(f"{scheme}://{host}:{port}{path}", headers=headers or {}, origin=origin)
-    factory.protocol = SocketClient
+    factory.protocol = protocol
     endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
     if trust is not None:
         from twisted.internet.endpoints import wrapClientTLS

@@ -1,14 +1,21 @@
 """Who may watch a project's live stream, and what a stuck dashboard may cost."""
 
 import base64
+import contextlib
+import json
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
-from harness import connect, eventually, running_daemon, sdk_pageview, settings
+from bklit.dashboard import Broadcaster, DashboardProtocol, Dashboards
+from bklit.metrics import Metrics
+from harness import SocketClient, connect, eventually, running_daemon, sdk_event, sdk_pageview, settings
 from test_live import open_dashboard, sdk_client
 
 
@@ -119,3 +126,181 @@ async def test_a_dashboard_that_never_reads_is_dropped_and_never_delays_acks(red
             await client.next_of("ack")
         stuck.close()
         assert acked < 300
+
+
+def _waiting_for_snapshot(*, max_skipped: int = 100, count: int = 1):
+    """``count`` dashboards of p1, authorized in memory, whose snapshot reads have not finished.
+
+    Returns the broadcaster (a real one, without Redis), the shared
+    ``Dashboards`` and, per dashboard, its snapshot Deferred (fire it to finish
+    the read) and what it sent: message types, live event ids, ``close <code>``
+    and ``aborted``.
+    """
+    reads = []
+
+    def snapshot(project):
+        reads.append(defer.Deferred())
+        return reads[-1]
+
+    dash = Dashboards(None, SimpleNamespace(snapshot=snapshot), task.Clock(), origins=(), auth_timeout=5,
+                      max_skipped=max_skipped, metrics=Metrics(), admission=None, trusted_proxies=())
+    factory = WebSocketServerFactory()
+    factory.prepared = 0
+    prepare = factory.prepareMessage
+
+    def counted_prepare(payload, *args):
+        factory.prepared += 1
+        return prepare(payload, *args)
+
+    factory.prepareMessage = counted_prepare
+    dash.broadcaster = Broadcaster(None, factory)
+    dashboards = []
+    for _ in range(count):
+        protocol, sent = DashboardProtocol(), []
+
+        def record(payload, *args, sent=sent):
+            message = json.loads(payload)
+            sent.append(message["data"]["eventId"] if "eventId" in message["data"] else message["type"])
+
+        def close_frame(code, reasonUtf8, isReply, protocol=protocol, sent=sent):
+            sent.append(f"close {code}")
+            protocol.state = protocol.STATE_CLOSING
+
+        protocol.dash, protocol.project_id, protocol.state = dash, "p1", protocol.STATE_OPEN
+        protocol.sendMessage = record
+        protocol.sendPreparedMessage = lambda prepared, record=record: record(prepared.payload)
+        protocol.sendCloseFrame = close_frame
+        protocol.transport = SimpleNamespace(abortConnection=lambda sent=sent: sent.append("aborted"))
+        protocol.authorize()
+        dashboards.append((protocol, reads[-1], sent))
+    return dash.broadcaster, dash, dashboards
+
+
+def _publish(broadcaster, *event_ids):
+    """Deliver one live event per id on p1's channel, as the subscriber does."""
+    for event_id in event_ids:
+        broadcaster.deliver("bklit:live:p1", json.dumps({"type": "event", "data": {"eventId": event_id}}))
+
+
+def test_events_published_while_the_snapshot_is_read_follow_it_in_order():
+    """Nothing goes out before the snapshot; what came meanwhile follows it once, framed once for all."""
+    broadcaster, _, [(early, early_read, early_sent), (late, late_read, late_sent)] = _waiting_for_snapshot(count=2)
+    _publish(broadcaster, "e1")
+    assert early_sent == late_sent == []
+    early_read.callback((0, []))
+    assert early_sent == ["snapshot", "e1"]
+    _publish(broadcaster, "e2", "e3")
+    assert late_sent == []
+    late_read.callback((1, []))
+    _publish(broadcaster, "e4")
+    assert early_sent == late_sent == ["snapshot", "e1", "e2", "e3", "e4"]
+    assert broadcaster.ws_factory.prepared == 4
+
+
+def test_a_dashboard_whose_snapshot_is_late_is_dropped_past_max_skipped():
+    """Holding more than ``dashboard_max_skipped`` events drops it like a dashboard that stopped reading."""
+    broadcaster, dash, [(protocol, read, sent)] = _waiting_for_snapshot(max_skipped=2)
+    _publish(broadcaster, "e1", "e2")
+    assert sent == []
+    _publish(broadcaster, "e3")
+    assert sent == ["aborted"]
+    assert dash.dropped == 1
+    assert "bklit_dashboards_dropped_total 1.0" in dash.metrics.render().decode()
+    read.callback((0, []))
+    _publish(broadcaster, "e4")
+    assert sent == ["aborted"]
+
+
+def test_a_failed_snapshot_read_closes_1011_without_sending_events():
+    """A dashboard never gets live events without a snapshot before them: it is closed to reconnect."""
+    broadcaster, dash, [(protocol, read, sent)] = _waiting_for_snapshot()
+    _publish(broadcaster, "e1")
+    read.errback(ConnectionError("Redis is not answering"))
+    _publish(broadcaster, "e2")
+    assert sent == ["close 1011"]
+    assert dash.dropped == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboards_opened_under_load_get_the_snapshot_first_and_then_every_event_once(
+        redis_url, clickhouse_url):
+    """40 dashboards open while 4 SDK sockets send as fast as acks come.
+
+    Each dashboard gets ``connected``, then ``snapshot``, then live events: no
+    event twice, each SDK socket's events in the order they were acked, and
+    every event acked after the dashboard had its snapshot among them.
+    """
+    values = {"rate_limit": "100000", "rate_burst": "100000", "dashboard_max_skipped": "1000"}
+    async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
+        key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        acked: list[tuple[int, str]] = []  # (SDK socket, eventId) in the order the acks came
+
+        class Dashboard(SocketClient):
+            """Notes with each message how many acks had come when it arrived."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.received: list[tuple[int, dict]] = []
+
+            def onMessage(self, payload: bytes, isBinary: bool) -> None:
+                self.received.append((len(acked), json.loads(payload)))
+                super().onMessage(payload, isBinary)
+
+        sending = True
+
+        async def send_until_stopped(number):
+            session = f"1732608000000-load{number}"
+            client = await sdk_client(daemon.port, key, session=session)
+            sent = 0
+            while sending:
+                make = sdk_pageview if sent % 2 == 0 else sdk_event
+                client.send(make("p1", session=session, key=key))
+                acked.append((number, (await client.next_of("ack"))["eventId"]))
+                sent += 1
+
+        async def open_one():
+            dash = await connect(daemon.port, path="/dashboard?projectId=p1",
+                                 headers={"Authorization": f"Bearer {read}"}, protocol=Dashboard)
+            await dash.next_of("snapshot")
+            return dash
+
+        load = [defer.ensureDeferred(send_until_stopped(n)) for n in range(4)]
+        await eventually(lambda: len(acked) >= 50)
+        opening = []
+        for _ in range(40):
+            opening.append(defer.ensureDeferred(open_one()))
+            await task.deferLater(reactor, 0.01, lambda: None)
+        dashboards = await defer.gatherResults(opening, consumeErrors=True)
+        more = len(acked) + 100
+        await eventually(lambda: len(acked) >= more, timeout=10)
+        sending = False
+        await defer.gatherResults(load, consumeErrors=True)
+
+        order = {event_id: i for i, (_, event_id) in enumerate(acked)}
+
+        def live_ids(dash):
+            return [m["data"]["eventId"] for _, m in dash.received if m["type"] in ("pageview", "event")]
+
+        def owed(dash):
+            """The events acked after this dashboard had its snapshot."""
+            at = next(stamp for stamp, m in dash.received if m["type"] == "snapshot")
+            return {event_id for _, event_id in acked[at:]}
+
+        with contextlib.suppress(AssertionError):  # the checks below say what is wrong
+            await eventually(lambda: all(owed(d) <= set(live_ids(d)) for d in dashboards), timeout=10)
+        problems = []
+        for number, dash in enumerate(dashboards):
+            kinds = [m["type"] for _, m in dash.received]
+            ids = live_ids(dash)
+            if kinds[:2] != ["connected", "snapshot"]:
+                problems.append(f"dashboard {number} began with {kinds[:3]}")
+            if len(ids) != len(set(ids)):
+                problems.append(f"dashboard {number} got {len(ids) - len(set(ids))} events twice")
+            if owed(dash) - set(ids):
+                problems.append(f"dashboard {number} missed {len(owed(dash) - set(ids))} events")
+            for sdk in range(4):
+                mine = [e for e in ids if e in order and acked[order[e]][0] == sdk]
+                if mine != sorted(mine, key=order.__getitem__):
+                    problems.append(f"dashboard {number} got the events of SDK socket {sdk} out of order")
+        assert problems == []
+        assert daemon.service.dashboards.dropped == 0

@@ -218,6 +218,11 @@ KEYS: dict[str, Key] = {
     "max_metadata_size": Key("4096", _int(2, 1 << 20), "Largest event metadata, serialized as JSON, in bytes."),
     "rate_limit": Key("20", _seconds(0.1, 1_000_000), "Messages a second one SDK socket may send on average (token bucket)."),
     "rate_burst": Key("50", _int(1, 1_000_000), "Messages one SDK socket may send at once above the average rate."),
+    "frame_rate": Key("100", _seconds(1, 1_000_000), "Frames of every kind (pings, pongs, fragments too) one authenticated socket may send a second on average; past the burst it is closed with 1008."),
+    "frame_burst": Key("400", _int(10, 1_000_000), "Frames one authenticated socket may send at once above frame_rate."),
+    "frame_rate_before_auth": Key("10", _seconds(1, 1_000_000), "Frames a second a socket may send before it authenticates."),
+    "frame_burst_before_auth": Key("100", _int(10, 1_000_000), "Frames a socket may send at once before it authenticates."),
+    "max_fragments": Key("64", _int(1, 100_000), "Frames one message may be split into; more close the socket with 1008."),
     "max_connections": Key("50000", _int(1, 10_000_000), "Open WebSocket sockets in all; further upgrades get HTTP 503."),
     "max_connections_per_ip": Key("64", _int(1, 10_000_000), "Open sockets from one client address (IPv6: one /64); further upgrades get HTTP 429."),
     "auth_failures_max": Key("10", _int(1, 1_000_000), "Refused keys from one client within auth_failure_window that lock it out."),
@@ -271,6 +276,11 @@ class Config:
     max_metadata_size: int
     rate_limit: float
     rate_burst: int
+    frame_rate: float
+    frame_burst: int
+    frame_rate_before_auth: float
+    frame_burst_before_auth: int
+    max_fragments: int
     max_connections: int
     max_connections_per_ip: int
     auth_failures_max: int

@@ -37,6 +37,7 @@ from autobahn.websocket.types import ConnectionDeny
 
 from bklit import enrich, wire
 from bklit.config import RedisAddress
+from bklit.frames import FrameBudget, FrameLimits
 from bklit.ingest import CLOSE_INTERNAL, close_and_wait, socket_options
 from bklit.limits import Admission, Denied, client_key
 from bklit.live import snapshot_message
@@ -136,7 +137,7 @@ class Broadcaster:
 
 
 @implementer(IPushProducer)
-class DashboardProtocol(WebSocketServerProtocol):
+class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
     """One dashboard socket: authorization, snapshot, then live events."""
 
     def __init__(self) -> None:
@@ -171,6 +172,7 @@ class DashboardProtocol(WebSocketServerProtocol):
         except Denied as e:
             raise ConnectionDeny(e.status, e.reason) from None
         self.admitted = True
+        self.meter_frames(self.dash.frame_limits, self.dash.clock)
 
     def onOpen(self) -> None:
         if self.bad_ids:
@@ -198,6 +200,9 @@ class DashboardProtocol(WebSocketServerProtocol):
             self.refuse("Expected auth with a read key")
             return
         self.check(message["apiKey"])
+
+    def over_frame_budget(self, reason: str) -> None:
+        self.dash.metrics.frame_budget_closes.labels("dashboard").inc()
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         self.gone = True
@@ -234,6 +239,7 @@ class DashboardProtocol(WebSocketServerProtocol):
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()
         self.authorized = True
+        self.widen_frame_budget()
         self.held = []
         self.dash.connected.add(self)
         self.dash.broadcaster.add(self)
@@ -320,7 +326,7 @@ class Dashboards:
 
     def __init__(self, verifier: TokenVerifier, sessions: LiveSessions, clock: Any, *,
                  origins: tuple[str, ...], auth_timeout: float, max_skipped: int, metrics: Any,
-                 admission: Admission, trusted_proxies: Any):
+                 admission: Admission, trusted_proxies: Any, frame_limits: FrameLimits):
         self.verifier = verifier
         self.sessions = sessions
         self.clock = clock
@@ -332,6 +338,7 @@ class Dashboards:
         self.metrics = metrics
         self.admission = admission
         self.trusted_proxies = trusted_proxies
+        self.frame_limits = frame_limits
         metrics.watch_connections("dashboard", lambda: len(self.connected))
         self.broadcaster: Broadcaster | None = None
 

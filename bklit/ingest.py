@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from bklit import agents, enrich, geo, keys, live, rows, wire
 from bklit.config import Config
+from bklit.frames import FrameBudget, FrameLimits
 from bklit.ids import EventIds
 from bklit.limits import Admission, Denied, TokenBucket, client_key
 from bklit.metrics import Metrics
@@ -69,6 +70,7 @@ class Ingest:
             max_metadata_bytes=config.max_metadata_size,
         )
         self.trusted_proxies = enrich.parse_proxies(config.trusted_proxies)
+        self.frame_limits = FrameLimits.from_config(config)
         self.connections: set[SdkProtocol] = set()
         self.locator = geo.Locator(config.geoip_db, clock, metrics=metrics)
         self.agents = agents.shared()
@@ -156,7 +158,7 @@ def _entry(table: str, row: dict) -> str:
     return _ENTRY_ENCODER.encode({"table": table, "row": row})
 
 
-class SdkProtocol(WebSocketServerProtocol):
+class SdkProtocol(FrameBudget, WebSocketServerProtocol):
     """One SDK socket: ids from the query string, the auth gate, acks.
 
     (Logging goes through the module's ``log``.  Autobahn's ``self.log`` is
@@ -218,6 +220,7 @@ class SdkProtocol(WebSocketServerProtocol):
         self.admitted = True
         config = self.ingest.config
         self.bucket = TokenBucket(config.rate_limit, config.rate_burst, self.ingest.clock)
+        self.meter_frames(self.ingest.frame_limits, self.ingest.clock)
 
     def onOpen(self) -> None:
         if self.bad_ids:
@@ -244,6 +247,9 @@ class SdkProtocol(WebSocketServerProtocol):
             self.reject(e.code, e.message)
             return
         self.receive(message)
+
+    def over_frame_budget(self, reason: str) -> None:
+        self.ingest.metrics.frame_budget_closes.labels("sdk").inc()
 
     def onPing(self, payload: bytes) -> None:
         # A ping costs a token like a message: answering every one would let
@@ -298,6 +304,7 @@ class SdkProtocol(WebSocketServerProtocol):
             self.refuse(verdict.reason)
             return
         self.gate = "open"
+        self.widen_frame_budget()
         self.api_key = key
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()

@@ -46,6 +46,9 @@ class Metrics:
                                         registry=r)
         self.sessions_ended = Counter("bklit_sessions_ended", "Sessions ended by this node, by reason.", ["reason"],
                                       registry=r)
+        self.frame_budget_closes = Counter(
+            "bklit_frame_budget_closes", "Sockets closed 1008 for sending too many frames or fragments, by endpoint.",
+            ["endpoint"], registry=r)
         self.dashboards_dropped = Counter("bklit_dashboards_dropped",
                                           "Dashboards disconnected for not reading, or for too many events"
                                           " held while their snapshot was read.", registry=r)

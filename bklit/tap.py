@@ -190,7 +190,8 @@ class BklitService(MultiService):
         self.dashboards = Dashboards(
             verifier, self.sessions, reactor, origins=config.dashboard_origins,
             auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped,
-            metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies)
+            metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies,
+            frame_limits=self.ingest.frame_limits)
         dashboard_factory = DashboardFactory(self.dashboards, config)
         self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
         api = Resource()

@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
 from bklit.dashboard import Broadcaster, DashboardProtocol, Dashboards
+from bklit.frames import FrameLimits
 from bklit.metrics import Metrics
 from harness import SocketClient, connect, eventually, running_daemon, sdk_event, sdk_pageview, settings
 from test_live import open_dashboard, sdk_client
@@ -143,7 +144,8 @@ def _waiting_for_snapshot(*, max_skipped: int = 100, count: int = 1):
         return reads[-1]
 
     dash = Dashboards(None, SimpleNamespace(snapshot=snapshot), task.Clock(), origins=(), auth_timeout=5,
-                      max_skipped=max_skipped, metrics=Metrics(), admission=None, trusted_proxies=())
+                      max_skipped=max_skipped, metrics=Metrics(), admission=None, trusted_proxies=(),
+                      frame_limits=FrameLimits(10, 100, 100, 400, 64))
     factory = WebSocketServerFactory()
     factory.prepared = 0
     prepare = factory.prepareMessage

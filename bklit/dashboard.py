@@ -3,7 +3,8 @@
 ``GET /dashboard?projectId=P`` upgrades to a WebSocket that is authorized by
 a read-scope key (``Authorization: Bearer`` on the upgrade, or a first
 ``auth`` message within ``dashboard_auth_timeout``) or by an ``Origin`` in
-the configured allowlist.  Until then it gets nothing but ``connected``.
+the configured allowlist (a null one, from a sandboxed iframe or a file://
+page, never counts as listed).  Until then it gets nothing but ``connected``.
 Then a ``snapshot``, then every pageview, event and session end of the
 project.  The socket joins the project's stream before the snapshot is read,
 and the events that come while it is read are held and sent right after it:
@@ -43,7 +44,7 @@ from bklit.limits import Admission, Denied, client_key
 from bklit.live import snapshot_message
 from bklit.keys import channel_project, live_channel
 from bklit.sessions import LiveSessions
-from bklit.tokens import TokenVerifier
+from bklit.tokens import TokenVerifier, null_origin
 
 CLOSE_POLICY = 1008
 log = Logger()
@@ -164,7 +165,8 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
             self.bad_ids = "Invalid projectId"
         self.presented_key = bearer(request.headers)
         origin = request.headers.get("origin")
-        self.allowed_origin = bool(origin) and origin in self.dash.origins
+        # A null origin (a sandboxed iframe, a file:// page) could be anyone's: it needs a read key.
+        self.allowed_origin = bool(origin) and not null_origin(origin) and origin in self.dash.origins
         peer = getattr(self.transport.getPeer(), "host", "")
         self.client = client_key(enrich.client_ip(peer, request.headers, self.dash.trusted_proxies))
         try:

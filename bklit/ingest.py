@@ -456,8 +456,14 @@ def socket_options(config: Config, max_message: int) -> dict:
     one closes with 1009); pings find dead peers; per-message-deflate is
     off unless ``compression`` is on, and then a message is bounded after
     decompression too, so a small compressed bomb still closes with 1009.
+
+    ``Origin: null`` (and ``file://``) passes the handshake: what may come
+    from it is the key's business (a key with domains refuses it) or, on
+    the dashboard, the read key's.  It must be given on every call, as
+    Autobahn resets it to False whenever it is left out.
     """
     options: dict[str, Any] = dict(
+        allowNullOrigin=True,
         maxMessagePayloadSize=max_message,
         maxFramePayloadSize=max_message,
         openHandshakeTimeout=config.handshake_timeout,

@@ -37,15 +37,28 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def null_origin(origin: str) -> bool:
+    """Whether an ``Origin`` header value names no site at all.
+
+    ``null`` is what sandboxed iframes, hybrid apps and some browsers'
+    file:// pages send; Chromium sends ``file://`` for a file page, with a
+    host if the file came from one.  Such an origin says nothing about the
+    page that sent it (Autobahn treats all of them as ``null`` too).
+    """
+    origin = origin.strip()
+    return origin.lower() == "null" or urlsplit(origin).scheme.lower() == "file"
+
+
 def domain_allows(domains: tuple[str, ...], origin: str | None) -> bool:
     """Whether an ``Origin`` header value is one of a key's domains.
 
     ``example.com`` matches that host exactly; ``*.example.com`` matches any
-    subdomain of it (not the bare domain).  No domains: any origin.
+    subdomain of it (not the bare domain).  No domains: any origin, a null
+    one included.  A null origin (see ``null_origin``) matches no domain.
     """
     if not domains:
         return True
-    if not origin:
+    if not origin or null_origin(origin):
         return False
     host = (urlsplit(origin.strip()).hostname or "").rstrip(".").lower()
     if not host:

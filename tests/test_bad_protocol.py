@@ -139,9 +139,21 @@ async def bad_key(s, kind):
         return await s.daemon.token("p1", scope="read"), None
     if kind == "other_project":
         return await s.daemon.token("p2"), None
-    if kind == "other_origin":
-        return await s.daemon.token("p1", domains=("shop.example.com",)), "https://evil.example"
+    if kind in ORIGINS:
+        domains, origin = ORIGINS[kind]
+        return await s.daemon.token("p1", domains=domains), origin
     raise AssertionError(kind)
+
+
+# Domain-bound keys and the Origin they are presented from.  A null origin passes
+# the handshake (a key without domains works from it) but matches no domain.
+ORIGINS = {
+    "other_origin": (("shop.example.com",), "https://evil.example"),
+    "null_origin": (("shop.example.com",), "null"),
+    "null_origin_wildcard": (("*.example.com",), "null"),
+    "file_origin": (("shop.example.com",), "file://"),
+    "file_origin_naming_the_domain": (("shop.example.com",), "file://shop.example.com"),
+}
 
 
 # The key is refused: an unauthorized error with this message, then close 1008.
@@ -154,6 +166,11 @@ REFUSED_KEYS = {
     "read_key_on_the_sdk_endpoint": ("read_scope", "auth", "API key is not valid for ingest"),
     "key_of_another_project": ("other_project", "pageview", "API key is not valid for this project"),
     "key_from_another_origin": ("other_origin", "auth", "origin not allowed for this API key"),
+    "key_from_a_sandboxed_iframe": ("null_origin", "auth", "origin not allowed for this API key"),
+    "wildcard_key_from_a_sandboxed_iframe": ("null_origin_wildcard", "pageview", "origin not allowed for this API key"),
+    "key_from_a_file_page": ("file_origin", "auth", "origin not allowed for this API key"),
+    "key_from_a_file_page_naming_its_domain": ("file_origin_naming_the_domain", "auth",
+                                               "origin not allowed for this API key"),
 }
 
 

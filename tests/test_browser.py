@@ -93,6 +93,8 @@ class StaticSite(resource.Resource):
             return b"not found"
         request.setHeader(b"content-type", self.TYPES.get(Path(path).suffix, "application/octet-stream").encode())
         request.setHeader(b"cache-control", b"no-store")
+        # A sandboxed frame's origin is opaque: it fetches module scripts in CORS mode.
+        request.setHeader(b"access-control-allow-origin", b"*")
         return self.files[path]
 
 
@@ -402,3 +404,34 @@ async def test_headless_user_agent_is_acked_but_dropped_as_a_bot(browser_tools, 
         for table in ("page_view_event", "tracked_event"):
             assert clickhouse_rows(clickhouse_url, f"SELECT count() FROM {table} WHERE session_id != 's-person'") \
                 == [(0,)], table
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_in_a_sandboxed_iframe_is_acked_and_stored(browser_tools, redis_url, clickhouse_url, tmp_path):
+    """The SDK in ``<iframe sandbox="allow-scripts">`` sends ``Origin: null``; with a key without domains
+    its pageview is acked and stored.
+
+    (framed.html gives the SDK in-memory storage: 1.0.1 reads localStorage
+    unguarded, which throws in an opaque origin, and would send nothing.)
+    """
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        verifier, origins = daemon.service.ingest.verifier, []
+        judge = verifier.judge
+        verifier.judge = lambda token, project, scope, origin: origins.append(origin) or judge(token, project,
+                                                                                              scope, origin)
+        async with serving_site(settings_module("p1", daemon.port, key)) as site:
+            records = await drive(browser_tools, "sandboxed", site, tmp_path / "profile")
+
+        framed = page_facts(records, "framed")
+        assert (framed["url"], framed["origin"]) == (f"{site}/framed.html", "null")
+        assert origins == ["null"]  # what the handshake said, as the key was judged
+        logs = console(records, "framed")
+        assert logs.count(SDK_AUTHENTICATED) == 1 and logs.count(f"{SDK_ACKED} pageview") == 1, logs
+        assert console_errors(records, "framed") == []
+        [ack] = [m for m in frames(records, "framed", "received") if m["type"] == "ack"]
+
+        [row] = await eventually(lambda: stored_pageviews(clickhouse_url, 1))
+        assert (row["id"], row["session_id"], row["url"]) == (ack["eventId"], framed["sessionId"], framed["url"])
+        assert row["user_agent"] == framed["userAgent"]

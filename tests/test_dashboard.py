@@ -20,15 +20,20 @@ from harness import SocketClient, connect, eventually, running_daemon, sdk_event
 from test_live import open_dashboard, sdk_client
 
 
-@pytest.mark.parametrize("case", ["no_key", "ingest_key", "other_project", "wrong_origin", "not_auth"])
+# A null origin passes the handshake but is never taken as allowlisted, even when listed.
+NULL_ORIGINS = "https://app.example.com,null,file://"
+ORIGINS = {"wrong_origin": "https://evil.example.com", "null_origin": "null", "file_origin": "file://"}
+
+
+@pytest.mark.parametrize("case", ["no_key", "ingest_key", "other_project", "wrong_origin", "not_auth",
+                                  "null_origin", "file_origin"])
 @pytest_twisted.ensureDeferred
 async def test_dashboard_refusals(case, redis_url, clickhouse_url):
     """Without a read key of the project (or an allowlisted Origin): error, close 1008, nothing else."""
-    values = {"dashboard_auth_timeout": "0.5", "dashboard_origins": "https://app.example.com"}
+    values = {"dashboard_auth_timeout": "0.5", "dashboard_origins": NULL_ORIGINS}
     async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
         ingest, other = await daemon.token("p1"), await daemon.token("p2", scope="read")
-        dash = await connect(daemon.port, path="/dashboard?projectId=p1",
-                             origin="https://evil.example.com" if case == "wrong_origin" else None)
+        dash = await connect(daemon.port, path="/dashboard?projectId=p1", origin=ORIGINS.get(case))
         assert (await dash.next())["type"] == "connected"
         if case == "ingest_key":
             dash.send({"type": "auth", "apiKey": ingest})
@@ -61,6 +66,24 @@ async def test_allowlisted_origin_and_auth_message_are_accepted(redis_url, click
         ack = await client.next_of("ack")
         for dash in (by_origin, by_message):
             assert (await dash.next())["data"]["eventId"] == ack["eventId"]
+            dash.sendClose()
+            await dash.wait_closed()
+
+
+@pytest.mark.parametrize("origin", ["null", "file://"])
+@pytest_twisted.ensureDeferred
+async def test_read_key_works_from_a_null_origin(origin, redis_url, clickhouse_url):
+    """A dashboard in a sandboxed iframe or a file:// page is served once it presents a read key."""
+    async with running_daemon(settings(redis_url, clickhouse_url, dashboard_origins=NULL_ORIGINS)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        by_header = await connect(daemon.port, path="/dashboard?projectId=p1", origin=origin,
+                                  headers={"Authorization": f"Bearer {read}"})
+        by_message = await connect(daemon.port, path="/dashboard?projectId=p1", origin=origin)
+        assert (await by_message.next())["type"] == "connected"
+        by_message.send({"type": "auth", "apiKey": read})
+        assert (await by_message.next())["type"] == "snapshot"
+        assert [(await by_header.next())["type"] for _ in range(2)] == ["connected", "snapshot"]
+        for dash in (by_header, by_message):
             dash.sendClose()
             await dash.wait_closed()
 

@@ -6,6 +6,7 @@ from twisted.internet import reactor, task
 
 from harness import (SESSION, clickhouse_rows, connect, eventually, running_daemon,
                      sdk_event, sdk_pageview, settings)
+from test_live import sdk_client
 
 
 @pytest_twisted.ensureDeferred
@@ -136,6 +137,21 @@ async def test_domain_bound_key_accepts_matching_origin(redis_url, clickhouse_ur
         await client.next_of("connected")
         client.send({"type": "auth", "apiKey": key})
         assert await client.next() == {"type": "auth_success"}
+        client.sendClose()
+        await client.wait_closed()
+
+
+@pytest.mark.parametrize("origin", ["null", "file://"])
+@pytest_twisted.ensureDeferred
+async def test_key_without_domains_works_from_a_null_origin(origin, redis_url, clickhouse_url):
+    """A sandboxed iframe (``Origin: null``) or a file:// page may use a key without domains."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        client = await sdk_client(daemon.port, key, origin=origin)
+        client.send(sdk_pageview("p1", key=key))
+        ack = await client.next_of("ack")
+        rows = await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT id FROM page_view_event"))
+        assert rows == [(ack["eventId"],)]
         client.sendClose()
         await client.wait_closed()
 

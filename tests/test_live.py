@@ -37,9 +37,9 @@ async def open_dashboard(port, key, project="p1", trust=None):
     return dash, snapshot
 
 
-async def sdk_client(port, key, session=SESSION):
-    """An SDK socket for project p1, authenticated."""
-    client = await connect(port, path=f"/?projectId=p1&sessionId={session}")
+async def sdk_client(port, key, session=SESSION, origin=None):
+    """An SDK socket for project p1, authenticated (from ``origin`` if given)."""
+    client = await connect(port, path=f"/?projectId=p1&sessionId={session}", origin=origin)
     await client.next_of("connected")
     client.send({"type": "auth", "apiKey": key})
     assert await client.next() == {"type": "auth_success"}

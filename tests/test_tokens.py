@@ -116,9 +116,19 @@ class FakeRedis:
     (("example.com",), "", False),
     (("example.com",), "null", False),
     (("example.com",), "example.com", False),
+    # a null origin (sandboxed iframe, file:// page, hybrid app) matches no domain
+    (("*.example.com",), "null", False),
+    (("example.com",), "NULL", False),
+    (("null",), "null", False),
+    (("example.com",), "file://", False),
+    (("example.com",), "file:///home/visitor/index.html", False),
+    (("example.com",), "file://example.com", False),
+    (("*.example.com",), "FILE://shop.example.com", False),
     # no domains: any origin, or none
     ((), "https://anything.example.org", True),
     ((), None, True),
+    ((), "null", True),
+    ((), "file://", True),
 ])
 def test_domain_allows(domains, origin, allowed):
     """An Origin matches a key's domains exactly or as a subdomain of a ``*.`` pattern."""

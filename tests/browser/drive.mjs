@@ -13,6 +13,9 @@
 // - nokey: nokey.html (initBklit without apiKey) in one tab until the SDK has
 //   received an error, then page1.html (with the key) in another tab as a
 //   control, until its pageview is acknowledged.
+// - sandboxed: sandboxed.html, whose <iframe sandbox="allow-scripts"> runs
+//   the SDK in framed.html with an opaque origin (its WebSocket handshake
+//   says "Origin: null"), until the frame's pageview is acknowledged.
 //
 // Every line printed on stdout is one JSON object with its wall-clock time in
 // ms ("at"): "console" (the pages' console output, the SDK's debug log),
@@ -75,10 +78,11 @@ function logged(tab, text, count = 1) {
   });
 }
 
-// What the page knows about itself, as the SDK reads it.
+// What the page (or frame) knows about itself, as the SDK reads it.
 async function describe(page, tab, name) {
   const facts = await page.evaluate(() => ({
     url: location.href,
+    origin: self.origin,
     referrer: document.referrer,
     userAgent: navigator.userAgent,
     language: navigator.language,
@@ -133,7 +137,16 @@ async function nokey(context) {
   await describe(control, "control", "control");
 }
 
-const scenarios = { visit, nokey };
+async function sandboxed(context) {
+  const page = await context.newPage();
+  watch(page, "framed");
+  await page.goto(`${options.site}/sandboxed.html`);
+  await logged("framed", "Bklit SDK: Authentication successful");
+  await logged("framed", "Bklit SDK: Event acknowledged pageview");
+  await describe(page.frames().find((frame) => frame.url() === `${options.site}/framed.html`), "framed", "framed");
+}
+
+const scenarios = { visit, nokey, sandboxed };
 let context;
 let status = 0;
 try {

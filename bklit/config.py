@@ -225,6 +225,7 @@ KEYS: dict[str, Key] = {
     "max_fragments": Key("64", _int(1, 100_000), "Frames one message may be split into; more close the socket with 1008."),
     "max_connections": Key("50000", _int(1, 10_000_000), "Open WebSocket sockets in all; further upgrades get HTTP 503."),
     "max_connections_per_ip": Key("64", _int(1, 10_000_000), "Open sockets from one client address (IPv6: one /64); further upgrades get HTTP 429."),
+    "max_connections_per_network": Key("1024", _int(1, 10_000_000), "Open sockets from one network (an IPv4 /24 or an IPv6 /48; an IPv6 /56 gets a quarter); further upgrades get HTTP 429."),
     "auth_failures_max": Key("10", _int(1, 1_000_000), "Refused keys from one client within auth_failure_window that lock it out."),
     "auth_failure_window": Key("60", _seconds(1, 86400), "Seconds over which refused keys are counted."),
     "auth_lockout": Key("300", _seconds(0, 86400), "Seconds a locked-out client's upgrades get HTTP 429."),
@@ -283,6 +284,7 @@ class Config:
     max_fragments: int
     max_connections: int
     max_connections_per_ip: int
+    max_connections_per_network: int
     auth_failures_max: int
     auth_failure_window: float
     auth_lockout: float

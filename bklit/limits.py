@@ -3,18 +3,21 @@
 ``TokenBucket`` meters one connection's messages.  ``Admission`` decides, at
 the WebSocket upgrade, whether a client may have another socket: not past
 ``max_total`` sockets in all, not past ``max_per_client`` from one client,
-and not while the client is locked out for failing authentication too often
-(``max_auth_failures`` within ``failure_window`` seconds locks it out for
-``lockout`` seconds).  A client is its IP address; IPv6 clients are grouped
-by /64, the block one subscriber usually gets, so rotating addresses inside
-it does not dodge the limits.  Addresses are kept only in memory and only
-while needed.
+not past ``max_per_network`` from one network, and not while the client is
+locked out for failing authentication too often (``max_auth_failures``
+within ``failure_window`` seconds locks it out for ``lockout`` seconds).  A
+client is its IP address; IPv6 clients are grouped by /64, the block one
+subscriber usually gets, so rotating addresses inside it does not dodge the
+limits.  A network is an IPv4 /24 or an IPv6 /48 (and its /56 may hold a
+quarter of that), so one provider's block cannot take every socket either.
+Addresses are kept only in memory and only while needed: failure records
+are two numbers a client, at most ``max_records`` of them, and ``purge``
+(run on a timer) drops those that no longer matter.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
 from typing import Any
 
 
@@ -38,6 +41,20 @@ def client_key(ip: str) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address)
+
+
+def networks(client: str) -> tuple[tuple[str, int], ...]:
+    """The wider networks of a client key, each with its share of a network's cap (in quarters).
+
+    IPv4: its /24 (the whole cap).  IPv6 /64: its /56 (a quarter) and its /48 (the whole cap).
+    """
+    try:
+        if client.endswith("/64"):
+            net = ipaddress.ip_network(client)
+            return ((str(net.supernet(new_prefix=56)), 1), (str(net.supernet(new_prefix=48)), 4))
+        return ((str(ipaddress.ip_network(f"{client}/24", strict=False)), 4),)
+    except ValueError:
+        return ()
 
 
 class TokenBucket:
@@ -64,19 +81,24 @@ class TokenBucket:
 
 
 class Admission:
-    """Counts sockets per client and in all; remembers failed authentications."""
+    """Counts sockets per client, per network and in all; remembers failed authentications."""
+
+    max_records = 50_000  # failure records and lockouts kept at most (about 200 bytes each)
 
     def __init__(self, clock: Any, *, max_total: int, max_per_client: int,
-                 max_auth_failures: int, failure_window: float, lockout: float):
+                 max_auth_failures: int, failure_window: float, lockout: float,
+                 max_per_network: int | None = None):
         self.clock = clock
         self.max_total = max_total
         self.max_per_client = max_per_client
+        self.max_per_network = max_per_network if max_per_network is not None else max_total
         self.max_auth_failures = max_auth_failures
         self.failure_window = failure_window
         self.lockout = lockout
         self.total = 0
         self.per_client: dict[str, int] = {}
-        self.failures: dict[str, deque] = {}
+        self.per_network: dict[str, int] = {}
+        self.failures: dict[str, list[float]] = {}  # client -> [window start, count]
         self.locked: dict[str, float] = {}
 
     def admit(self, key: str) -> None:
@@ -90,37 +112,58 @@ class Admission:
             raise Denied(503, "Server at its connection limit")
         if self.per_client.get(key, 0) >= self.max_per_client:
             raise Denied(429, "Too many connections from this address")
+        nets = networks(key)
+        for net, quarters in nets:
+            if self.per_network.get(net, 0) >= max(1, self.max_per_network * quarters // 4):
+                raise Denied(429, "Too many connections from this network")
         self.total += 1
         self.per_client[key] = self.per_client.get(key, 0) + 1
+        for net, _ in nets:
+            self.per_network[net] = self.per_network.get(net, 0) + 1
 
     def release(self, key: str) -> None:
         """A socket counted by ``admit`` closed."""
         self.total -= 1
-        left = self.per_client.get(key, 1) - 1
-        if left > 0:
-            self.per_client[key] = left
-        else:
-            self.per_client.pop(key, None)
+        _decrement(self.per_client, key)
+        for net, _ in networks(key):
+            _decrement(self.per_network, net)
 
     def auth_failed(self, key: str) -> bool:
-        """Note a refused key; True when this locks the client out."""
+        """Note a refused key; True when this locks the client out.
+
+        Failures are counted in fixed windows of ``failure_window`` seconds
+        from a client's first failure.
+        """
         now = self.clock.seconds()
-        recent = self.failures.setdefault(key, deque())
-        recent.append(now)
-        while recent and recent[0] <= now - self.failure_window:
-            recent.popleft()
-        if len(self.failures) > 100_000:
-            self.forget_stale()
-        if len(recent) >= self.max_auth_failures:
+        record = self.failures.get(key)
+        if record is None or record[0] <= now - self.failure_window:
+            if record is None and len(self.failures) >= self.max_records:
+                self.purge()
+                if len(self.failures) >= self.max_records:  # still full: the oldest go
+                    del self.failures[next(iter(self.failures))]
+            record = self.failures[key] = [now, 0]
+        record[1] += 1
+        if record[1] >= self.max_auth_failures:
             del self.failures[key]
+            if len(self.locked) >= self.max_records:
+                self.purge()
             self.locked[key] = now + self.lockout
             return True
         return False
 
-    def forget_stale(self) -> None:
-        """Drop failure records and lockouts that no longer matter."""
+    def purge(self) -> None:
+        """Drop failure records and lockouts that no longer matter (run on a timer)."""
         now = self.clock.seconds()
         for key in [k for k, until in self.locked.items() if until <= now]:
             del self.locked[key]
-        for key in [k for k, times in self.failures.items() if not times or times[-1] <= now - self.failure_window]:
+        for key in [k for k, (start, _) in self.failures.items() if start <= now - self.failure_window]:
             del self.failures[key]
+
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 1) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

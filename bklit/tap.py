@@ -21,7 +21,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import endpoints
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -183,7 +183,10 @@ class BklitService(MultiService):
         self.admission = Admission(
             reactor, max_total=config.max_connections, max_per_client=config.max_connections_per_ip,
             max_auth_failures=config.auth_failures_max, failure_window=config.auth_failure_window,
-            lockout=config.auth_lockout)
+            lockout=config.auth_lockout, max_per_network=config.max_connections_per_network)
+        purge = TimerService(config.auth_failure_window, self.admission.purge)
+        purge.clock = reactor
+        purge.setServiceParent(self)
         self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node, self.metrics,
                              self.admission)
         self.metrics.watch_connections("sdk", lambda: len(self.ingest.connections))

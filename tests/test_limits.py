@@ -197,3 +197,48 @@ async def test_compression_bomb_closes_1009(redis_url, clickhouse_url):
         client.send('{"type":"auth","apiKey":"' + "a" * 200_000 + '"}')
         code, _ = await client.wait_closed()
         assert code == 1009
+
+
+def test_a_network_cannot_take_every_socket():
+    """Per /64 the client cap; per /56 a quarter of the network cap, per /48 (or IPv4 /24) all of it."""
+    gate = admission(Clock(), max_total=1000, max_per_client=100, max_per_network=8)
+    for n in range(2):  # two /64s of one /56: its quarter (2)
+        gate.admit(client_key(f"2001:db8:0:{n}::1"))
+    with pytest.raises(Denied) as e:
+        gate.admit(client_key("2001:db8:0:2::1"))
+    assert (e.value.status, e.value.reason) == (429, "Too many connections from this network")
+    for n in range(6):  # other /56s of the same /48, up to 8 in all
+        gate.admit(client_key(f"2001:db8:0:{(n + 1) * 256:x}::1"))
+    with pytest.raises(Denied):
+        gate.admit(client_key("2001:db8:0:ff00::1"))
+    gate.admit(client_key("2001:db8:1::1"))  # another /48
+    for n in range(8):
+        gate.admit(f"203.0.113.{n}")
+    with pytest.raises(Denied):
+        gate.admit("203.0.113.200")
+    gate.admit("198.51.100.1")
+    gate.release(client_key("2001:db8:0:0::1"))
+    gate.admit(client_key("2001:db8:0:2::1"))  # room again in that /56
+    for key in list(gate.per_client):
+        for _ in range(gate.per_client[key]):
+            gate.release(key)
+    assert gate.total == 0 and gate.per_client == {} and gate.per_network == {}
+
+
+def test_failure_records_are_bounded_and_purged():
+    """Failure records are kept for at most max_records clients and dropped once their window passed."""
+    clock = Clock()
+    gate = admission(clock, max_total=100)
+    gate.max_records = 1000
+    for n in range(5000):
+        gate.auth_failed(f"198.51.{n // 256}.{n % 256}")
+    assert len(gate.failures) == 1000
+    clock.advance(61)
+    gate.purge()
+    assert gate.failures == {}
+    for _ in range(3):
+        gate.auth_failed("x")
+    assert list(gate.locked) == ["x"]
+    clock.advance(301)
+    gate.purge()
+    assert gate.locked == {}

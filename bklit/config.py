@@ -243,6 +243,7 @@ KEYS: dict[str, Key] = {
     "resume_window": Key("1800", _seconds(1, 86400), "Seconds after its end during which a session can be resumed by a new socket."),
     "dashboard_origins": Key("", _list, "Comma-separated Origins (https://app.example.com) whose dashboards need no read key. Empty: none."),
     "dashboard_auth_timeout": Key("5", _seconds(0.1, 300), "Seconds a dashboard socket has to send its auth message."),
+    "dashboard_connects_per_minute": Key("30", _int(1, 1_000_000), "Dashboard upgrades one client address may make a minute (each reads a snapshot from Redis); further ones get HTTP 429."),
     "dashboard_max_skipped": Key("100", _int(0, 1_000_000), "Live events a dashboard may miss (it stopped reading) or have held (its snapshot is being read) before it is disconnected."),
     "metrics_networks": Key("127.0.0.0/8,::1", _proxies, "Comma-separated networks allowed to read /metrics (the port faces the internet)."),
     "health_interval": Key("5", _seconds(0.05, 3600), "Seconds between the health checks /healthz reports (Redis, ClickHouse, the stream)."),
@@ -303,6 +304,7 @@ class Config:
     dashboard_origins: tuple[str, ...]
     dashboard_auth_timeout: float
     dashboard_max_skipped: int
+    dashboard_connects_per_minute: int
     metrics_networks: tuple[str, ...]
     health_interval: float
     trusted_proxies: tuple[str, ...]

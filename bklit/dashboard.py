@@ -27,6 +27,7 @@ import json
 import time
 from typing import Any
 
+import txaio
 import txredisapi
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import defer
@@ -40,7 +41,7 @@ from bklit import enrich, wire
 from bklit.config import RedisAddress
 from bklit.frames import FrameBudget, FrameLimits
 from bklit.ingest import CLOSE_INTERNAL, close_and_wait, socket_options
-from bklit.limits import Admission, Denied, client_key
+from bklit.limits import Admission, ConnectRate, Denied, client_key
 from bklit.live import snapshot_message
 from bklit.keys import channel_project, live_channel
 from bklit.sessions import LiveSessions
@@ -139,7 +140,13 @@ class Broadcaster:
 
 @implementer(IPushProducer)
 class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
-    """One dashboard socket: authorization, snapshot, then live events."""
+    """One dashboard socket: authorization, snapshot, then live events.
+
+    (Autobahn's own ``self.log`` is kept to errors, as on SDK sockets: its
+    warnings name the peer's address and come once per misbehaving socket.)
+    """
+
+    log = txaio.make_logger(level="error")
 
     def __init__(self) -> None:
         super().__init__()
@@ -169,6 +176,9 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         self.allowed_origin = bool(origin) and not null_origin(origin) and origin in self.dash.origins
         peer = getattr(self.transport.getPeer(), "host", "")
         self.client = client_key(enrich.client_ip(peer, request.headers, self.dash.trusted_proxies))
+        if not self.dash.connects.allow(self.client):  # each snapshot costs Redis hundreds of commands
+            self.dash.metrics.messages.labels("connect", "dashboard_rate_limited").inc()
+            raise ConnectionDeny(429, "Too many dashboard connections from this address; try again later")
         try:
             self.dash.admission.admit(self.client)
         except Denied as e:
@@ -328,7 +338,8 @@ class Dashboards:
 
     def __init__(self, verifier: TokenVerifier, sessions: LiveSessions, clock: Any, *,
                  origins: tuple[str, ...], auth_timeout: float, max_skipped: int, metrics: Any,
-                 admission: Admission, trusted_proxies: Any, frame_limits: FrameLimits):
+                 admission: Admission, trusted_proxies: Any, frame_limits: FrameLimits,
+                 connects_per_minute: int = 30):
         self.verifier = verifier
         self.sessions = sessions
         self.clock = clock
@@ -341,6 +352,7 @@ class Dashboards:
         self.admission = admission
         self.trusted_proxies = trusted_proxies
         self.frame_limits = frame_limits
+        self.connects = ConnectRate(clock, connects_per_minute)
         metrics.watch_connections("dashboard", lambda: len(self.connected))
         self.broadcaster: Broadcaster | None = None
 

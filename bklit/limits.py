@@ -80,6 +80,39 @@ class TokenBucket:
         return False
 
 
+class ConnectRate:
+    """Upgrades per client per minute, for endpoints whose every connect costs (a dashboard's snapshot).
+
+    One token bucket per client, at most ``max_records`` of them; ``purge``
+    drops the full ones (clients that have not connected for a while).
+    """
+
+    max_records = 50_000
+
+    def __init__(self, clock: Any, per_minute: int):
+        self.clock = clock
+        self.rate = per_minute / 60.0
+        self.burst = per_minute
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def allow(self, key: str) -> bool:
+        """Whether ``key`` may connect now (spends a token)."""
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= self.max_records:
+                self.purge()
+                if len(self.buckets) >= self.max_records:
+                    del self.buckets[next(iter(self.buckets))]
+            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, self.clock)
+        return bucket.take()
+
+    def purge(self) -> None:
+        """Forget clients whose bucket has filled up again."""
+        now = self.clock.seconds()
+        for key in [k for k, b in self.buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]:
+            del self.buckets[key]
+
+
 class Admission:
     """Counts sockets per client, per network and in all; remembers failed authentications."""
 

@@ -194,7 +194,10 @@ class BklitService(MultiService):
             verifier, self.sessions, reactor, origins=config.dashboard_origins,
             auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped,
             metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies,
-            frame_limits=self.ingest.frame_limits)
+            frame_limits=self.ingest.frame_limits, connects_per_minute=config.dashboard_connects_per_minute)
+        purge_connects = TimerService(60, self.dashboards.connects.purge)
+        purge_connects.clock = reactor
+        purge_connects.setServiceParent(self)
         dashboard_factory = DashboardFactory(self.dashboards, config)
         self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
         api = Resource()

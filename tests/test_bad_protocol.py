@@ -500,18 +500,22 @@ async def test_crawler_user_agent_is_acked_not_stored(redis_server, redis_url, c
 
 @pytest_twisted.ensureDeferred
 async def test_misbehaving_clients_leave_no_address_in_the_log(redis_server, redis_url, clickhouse_url):
-    """Closes for errors, protocol violations and unanswered closing handshakes log no client address."""
+    """Closes for errors, protocol violations, frame floods and unanswered closing handshakes log no client
+    address, on SDK and dashboard sockets alike."""
     lines = []
     observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
     globalLogPublisher.addObserver(observer)
     try:
         async with scenario(redis_server, redis_url, clickhouse_url) as s:
             clients = []
-            for abuse in (text_frames(*["{"] * 10), frame(1, b"{}", mask=False), frame(1, b"\xff")):
-                bad = await raw_socket(s.port)
-                bad.answer_close = False  # the server's closing handshake times out
-                bad.transport.write(abuse)
-                clients.append((bad, f"127.0.0.1:{bad.transport.getHost().port}"))
+            abuses = (text_frames(*["{"] * 10), frame(1, b"{}", mask=False), frame(1, b"\xff"),
+                      frame(10) * 500)
+            for path in (PATH, "/dashboard?projectId=p1"):
+                for abuse in abuses:
+                    bad = await raw_socket(s.port, path=path)
+                    bad.answer_close = False  # the server's closing handshake times out
+                    bad.transport.write(abuse)
+                    clients.append((bad, f"127.0.0.1:{bad.transport.getHost().port}"))
             for bad, _ in clients:
                 assert (await bad.closed())[0] in (1008, 1002, 1007)
     finally:

@@ -255,7 +255,8 @@ async def test_dashboards_opened_under_load_get_the_snapshot_first_and_then_ever
     event twice, each SDK socket's events in the order they were acked, and
     every event acked after the dashboard had its snapshot among them.
     """
-    values = {"rate_limit": "100000", "rate_burst": "100000", "dashboard_max_skipped": "1000"}
+    values = {"rate_limit": "100000", "rate_burst": "100000", "dashboard_max_skipped": "1000",
+              "dashboard_connects_per_minute": "1000"}
     async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
         key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
         acked: list[tuple[int, str]] = []  # (SDK socket, eventId) in the order the acks came
@@ -329,3 +330,24 @@ async def test_dashboards_opened_under_load_get_the_snapshot_first_and_then_ever
                     problems.append(f"dashboard {number} got the events of SDK socket {sdk} out of order")
         assert problems == []
         assert daemon.service.dashboards.dropped == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_connects_per_client_are_rate_limited(redis_url, clickhouse_url):
+    """Past dashboard_connects_per_minute from one address, upgrades get HTTP 429; another address is served."""
+    values = {"dashboard_connects_per_minute": "3", "trusted_proxies": "127.0.0.1"}
+    async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        headers = {"Authorization": f"Bearer {read}", "X-Forwarded-For": "203.0.113.7"}
+        for _ in range(3):
+            dash = await connect(daemon.port, path="/dashboard?projectId=p1", headers=headers)
+            assert (await dash.next())["type"] == "connected"
+            dash.sendClose()
+            await dash.wait_closed()
+        with pytest.raises(ConnectionError, match="429"):
+            await connect(daemon.port, path="/dashboard?projectId=p1", headers=headers)
+        other = await connect(daemon.port, path="/dashboard?projectId=p1",
+                              headers={**headers, "X-Forwarded-For": "203.0.113.8"})
+        assert (await other.next())["type"] == "connected"
+        other.sendClose()
+        await other.wait_closed()

@@ -223,6 +223,8 @@ KEYS: dict[str, Key] = {
     "frame_rate_before_auth": Key("10", _seconds(1, 1_000_000), "Frames a second a socket may send before it authenticates."),
     "frame_burst_before_auth": Key("100", _int(10, 1_000_000), "Frames a socket may send at once before it authenticates."),
     "max_fragments": Key("64", _int(1, 100_000), "Frames one message may be split into; more close the socket with 1008."),
+    "max_sockets_per_project": Key("20000", _int(1, 10_000_000), "Open authenticated SDK sockets one project may have on this node; further ones get project_limit and 1008."),
+    "max_new_sessions_per_minute": Key("3000", _int(1, 10_000_000), "Session ids one project may start a minute on this node; further sockets get project_limit and 1008."),
     "max_connections": Key("50000", _int(1, 10_000_000), "Open WebSocket sockets in all; further upgrades get HTTP 503."),
     "max_connections_per_ip": Key("64", _int(1, 10_000_000), "Open sockets from one client address (IPv6: one /64); further upgrades get HTTP 429."),
     "max_connections_per_network": Key("1024", _int(1, 10_000_000), "Open sockets from one network (an IPv4 /24 or an IPv6 /48; an IPv6 /56 gets a quarter); further upgrades get HTTP 429."),
@@ -283,6 +285,8 @@ class Config:
     frame_rate_before_auth: float
     frame_burst_before_auth: int
     max_fragments: int
+    max_sockets_per_project: int
+    max_new_sessions_per_minute: int
     max_connections: int
     max_connections_per_ip: int
     max_connections_per_network: int

@@ -32,7 +32,7 @@ from bklit import agents, enrich, geo, keys, live, rows, wire
 from bklit.config import Config
 from bklit.frames import FrameBudget, FrameLimits
 from bklit.ids import EventIds
-from bklit.limits import Admission, Denied, TokenBucket, client_key
+from bklit.limits import Admission, Denied, ProjectBudgets, TokenBucket, client_key
 from bklit.metrics import Metrics
 from bklit.queue import OperationRefused, StreamProducer
 from bklit.sessions import LiveSessions
@@ -71,6 +71,7 @@ class Ingest:
         )
         self.trusted_proxies = enrich.parse_proxies(config.trusted_proxies)
         self.frame_limits = FrameLimits.from_config(config)
+        self.projects = ProjectBudgets(clock, config.max_sockets_per_project, config.max_new_sessions_per_minute)
         self.connections: set[SdkProtocol] = set()
         self.locator = geo.Locator(config.geoip_db, clock, metrics=metrics)
         self.agents = agents.shared()
@@ -130,9 +131,18 @@ class Ingest:
             self.metrics.sessions_started.labels(reply[1]).inc()
         return event_id
 
+    def open_in_project(self, conn: "SdkProtocol") -> str | None:
+        """Count an authenticated socket in its project's budgets, or say why it may not open."""
+        refusal = self.projects.open(conn.project_id, conn.session_id)
+        conn.in_project = refusal is None
+        return refusal
+
     def closed(self, conn: "SdkProtocol") -> None:
         """A socket closed: it leaves its session, which ends if it was the last."""
         self.connections.discard(conn)
+        if conn.in_project:
+            conn.in_project = False
+            self.projects.close(conn.project_id)
         if conn.joined:
             conn.joined = False
             d = self.sessions.detach(conn.project_id, conn.session_id, conn.socket_id)
@@ -182,6 +192,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         self.errors = 0
         self.closed = False
         self.joined = False
+        self.in_project = False
         self.socket_id = ""
         self.auth_timer: Any = None
         self.client = ""  # what limits count by (in memory only)
@@ -302,6 +313,14 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             if self.ingest.admission.auth_failed(self.client):
                 log.info("locked out a client after repeated authentication failures")
             self.refuse(verdict.reason)
+            return
+        refusal = self.ingest.open_in_project(self)
+        if refusal:
+            self.ingest.metrics.messages.labels("auth", "project_limit").inc()
+            self.gate = "refused"
+            self.waiting = []
+            self.send_error("project_limit", refusal)
+            self.close(CLOSE_POLICY, "Project limit")
             return
         self.gate = "open"
         self.widen_frame_budget()

@@ -200,3 +200,47 @@ def _decrement(counts: dict[str, int], key: str) -> None:
         counts[key] = left
     else:
         counts.pop(key, None)
+
+
+class ProjectBudgets:
+    """Per project, on this node: open authenticated SDK sockets, and new session ids a minute.
+
+    A public ingest key lets anyone open sockets and sessions for its
+    project; these caps keep one project (or whoever holds its key) from
+    filling this node's sockets and Redis.  Session ids are counted once per
+    minute window (a tab reloading its page keeps its id and is not counted
+    again), in a set no larger than the cap.
+    """
+
+    def __init__(self, clock: Any, max_sockets: int, sessions_per_minute: int):
+        self.clock = clock
+        self.max_sockets = max_sockets
+        self.sessions_per_minute = sessions_per_minute
+        self.sockets: dict[str, int] = {}
+        self.sessions: dict[str, tuple[float, set[str]]] = {}  # project -> (window start, ids)
+
+    def open(self, project: str, session: str) -> str | None:
+        """Count an authenticated socket of ``session``; or say why it may not open (not counted)."""
+        if self.sockets.get(project, 0) >= self.max_sockets:
+            return "This project has too many open sockets on this server"
+        now = self.clock.seconds()
+        start, ids = self.sessions.get(project, (now, set()))
+        if now - start >= 60:
+            start, ids = now, set()
+        if session not in ids:
+            if len(ids) >= self.sessions_per_minute:
+                return "This project starts too many sessions a minute on this server"
+            ids.add(session)
+        self.sessions[project] = (start, ids)
+        self.sockets[project] = self.sockets.get(project, 0) + 1
+        return None
+
+    def close(self, project: str) -> None:
+        """A socket counted by ``open`` closed."""
+        _decrement(self.sockets, project)
+
+    def purge(self) -> None:
+        """Forget the session windows that ended (run on a timer)."""
+        now = self.clock.seconds()
+        for project in [p for p, (start, _) in self.sessions.items() if now - start >= 60]:
+            del self.sessions[project]

@@ -184,20 +184,17 @@ class BklitService(MultiService):
             reactor, max_total=config.max_connections, max_per_client=config.max_connections_per_ip,
             max_auth_failures=config.auth_failures_max, failure_window=config.auth_failure_window,
             lockout=config.auth_lockout, max_per_network=config.max_connections_per_network)
-        purge = TimerService(config.auth_failure_window, self.admission.purge)
-        purge.clock = reactor
-        purge.setServiceParent(self)
+        self._every(config.auth_failure_window, self.admission.purge)
         self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node, self.metrics,
                              self.admission)
         self.metrics.watch_connections("sdk", lambda: len(self.ingest.connections))
+        self._every(60, self.ingest.projects.purge)
         self.dashboards = Dashboards(
             verifier, self.sessions, reactor, origins=config.dashboard_origins,
             auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped,
             metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies,
             frame_limits=self.ingest.frame_limits, connects_per_minute=config.dashboard_connects_per_minute)
-        purge_connects = TimerService(60, self.dashboards.connects.purge)
-        purge_connects.clock = reactor
-        purge_connects.setServiceParent(self)
+        self._every(60, self.dashboards.connects.purge)
         dashboard_factory = DashboardFactory(self.dashboards, config)
         self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
         api = Resource()
@@ -215,6 +212,12 @@ class BklitService(MultiService):
         self.listener = StreamServerEndpointService(endpoint, site)
         self.listener._raiseSynchronously = True  # a failed bind stops start-up, as strports does
         self.listener.setServiceParent(self)
+
+    def _every(self, seconds: float, step: Any) -> None:
+        """Run ``step`` every ``seconds`` while the daemon runs (a child TimerService)."""
+        timer = TimerService(seconds, step)
+        timer.clock = self.reactor
+        timer.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         # twistd binds the port here, before the reactor runs startService: a

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 ERROR_CODES = frozenset({
     "bad_json", "bad_message", "unknown_type", "too_large", "rate_limited",
-    "unauthorized", "project_mismatch", "overloaded", "not_stored",
+    "unauthorized", "project_mismatch", "overloaded", "not_stored", "project_limit",
 })
 MAX_API_KEY_LENGTH = 256
 MAX_TRACKING_ID_LENGTH = 128

@@ -561,3 +561,26 @@ async def test_an_event_redis_refuses_is_answered_not_stored_alone(redis_server,
         samples = s.daemon.service.metrics.registry.get_sample_value
         assert samples("bklit_redis_operations_refused_total", {"kind": "pageview"}) == 12
         assert samples("bklit_messages_total", {"type": "pageview", "outcome": "not_stored"}) == 12
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_project_over_its_budgets_is_refused_project_limit(redis_server, redis_url, clickhouse_url):
+    """Past max_new_sessions_per_minute new session ids (the same tab again is free), and past
+    max_sockets_per_project open sockets, a socket gets ``project_limit`` and 1008; the good client goes on."""
+    async with scenario(redis_server, redis_url, clickhouse_url, max_new_sessions_per_minute="2",
+                        max_sockets_per_project="4") as s:
+        first = await s.bad(s.key)  # the good client's session counts too: 2 of 2
+        again = await s.bad(s.key)  # the same session id: free
+        bad = await s.bad(session="1732608000000-third", headers={"X-Forwarded-For": "203.0.113.67"})
+        bad.send({"type": "auth", "apiKey": s.key})
+        assert await bad.next() == {"type": "error", "code": "project_limit",
+                                    "message": "This project starts too many sessions a minute on this server"}
+        assert await bad.wait_closed() == (1008, "Project limit")
+        fourth = await s.bad(s.key)  # 4 sockets now: the good one, first, again, fourth
+        full = await s.bad()
+        full.send({"type": "auth", "apiKey": s.key})
+        assert await full.next() == {"type": "error", "code": "project_limit",
+                                     "message": "This project has too many open sockets on this server"}
+        assert await full.wait_closed() == (1008, "Project limit")
+        await close(first, again, fourth)
+        assert s.daemon.service.ingest.projects.sockets == {"p1": 1}

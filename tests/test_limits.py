@@ -8,7 +8,7 @@ from twisted.internet import reactor, task
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
-from bklit.limits import Admission, Denied, TokenBucket, client_key
+from bklit.limits import Admission, Denied, ProjectBudgets, TokenBucket, client_key
 from harness import connect, running_daemon, sdk_pageview, settings
 
 
@@ -242,3 +242,27 @@ def test_failure_records_are_bounded_and_purged():
     clock.advance(301)
     gate.purge()
     assert gate.locked == {}
+
+
+def test_project_budgets():
+    """Per project: open sockets up to the cap; distinct new session ids a minute up to the cap, a known id
+    again is free; both counts come back."""
+    clock = Clock()
+    budgets = ProjectBudgets(clock, max_sockets=3, sessions_per_minute=2)
+    assert budgets.open("p", "s1") is None and budgets.open("p", "s2") is None
+    assert budgets.open("p", "s3") == "This project starts too many sessions a minute on this server"
+    assert budgets.open("p", "s1") is None  # the same tab again
+    assert budgets.open("p", "s2") == "This project has too many open sockets on this server"
+    assert budgets.open("q", "s3") is None  # another project
+    budgets.close("p")
+    clock.advance(60)
+    assert budgets.open("p", "s3") is None
+    budgets.purge()
+    assert set(budgets.sessions) == {"p"}
+    for project, count in list(budgets.sockets.items()):
+        for _ in range(count):
+            budgets.close(project)
+    assert budgets.sockets == {}
+    clock.advance(60)
+    budgets.purge()
+    assert budgets.sessions == {}

@@ -12,6 +12,14 @@ to ``handle_<type>``; what an accepted event becomes and where it goes is
 - ``refused``: an ``unauthorized`` error was sent and the socket closes 1008.
 
 An event is acked (``{"type":"ack"}``) only when Redis has stored it.
+
+Nothing received before the client closed is lost.  A client's close frame that arrives
+while acks are due, or while messages wait for the key check, is answered
+once they went out, at most ``CLOSE_WAIT`` later; frames after it are not
+handled (RFC 6455).  Shutdown's 1001 waits the same way.  Messages whose
+socket dropped meanwhile are still stored (their acks are counted as
+undelivered), and the socket's session still ends, behind them.  After a
+close frame of ours, nothing more is handled.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -45,6 +54,7 @@ CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 
 MAX_WAITING = 100  # messages held while a key is being checked
+CLOSE_WAIT = 1.5  # seconds a close waits for the acks and key checks its socket still owes
 
 log = Logger()
 
@@ -79,10 +89,14 @@ class Ingest:
         # Looked up once: a metric's labels() costs more than its inc().
         self.ack_latency = metrics.ack_latency
         self.acked_count = {kind: metrics.messages.labels(kind, "acked") for kind in ("pageview", "event")}
+        self.undelivered = {kind: metrics.acks_undelivered.labels(kind) for kind in ("pageview", "event")}
 
     async def close_all(self, timeout: float = 3.0) -> None:
-        """Close every SDK socket with 1001 and wait (up to ``timeout``) for them."""
-        await close_and_wait(self.connections, self.clock, timeout)
+        """Close every SDK socket with 1001 once the acks it owes went out (up to
+        ``CLOSE_WAIT``), and wait (up to ``timeout``) for them."""
+        for sock in list(self.connections):
+            sock.go_away()
+        await wait_gone(self.connections, self.clock, timeout)
 
     def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> Any:
         """Queue an accepted event and its broadcast; fires with its event id.
@@ -154,6 +168,11 @@ async def close_and_wait(sockets: set, clock: Any, timeout: float) -> None:
     removed them from the set, or ``timeout`` passed (shutdown must not hang)."""
     for sock in list(sockets):
         sock.close(CLOSE_GOING_AWAY, "Server shutting down")
+    await wait_gone(sockets, clock, timeout)
+
+
+async def wait_gone(sockets: set, clock: Any, timeout: float) -> None:
+    """Wait until ``sockets`` is empty, or ``timeout`` passed."""
     waited = 0.0
     while sockets and waited < timeout:
         await task.deferLater(clock, 0.05, lambda: None)
@@ -198,6 +217,10 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         self.client = ""  # what limits count by (in memory only)
         self.admitted = False
         self.bucket: TokenBucket | None = None
+        self.unanswered = 0  # accepted events not yet acked or refused
+        self.ours = False  # we sent a close frame: nothing more is handled
+        self.finish: Callable[[], Any] | None = None  # the close that waits for what is owed
+        self.finish_timer: Any = None
 
     # Autobahn callbacks ---------------------------------------------------
 
@@ -272,11 +295,29 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             return
         super().onPing(payload)
 
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        # Autobahn answers at once; we answer once the acks owed went out.
+        return self.when_settled(partial(super().onCloseFrame, code, reasonRaw))
+
+    def consumeData(self) -> None:
+        if self.finish is not None:
+            self.data = b""  # frames after the client's close frame (or our going away) are not handled
+            return
+        super().consumeData()
+
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
+                       isReply: bool = False) -> None:
+        # Ours (close(), or Autobahn failing the connection), not the reply to the client's.
+        self.ours = self.ours or not isReply
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # Messages waiting for their key check stay: verified() stores them.
         self.closed = True
-        self.waiting = []
-        if self.auth_timer is not None and self.auth_timer.active():
-            self.auth_timer.cancel()
+        self.finish = None
+        for timer in (self.auth_timer, self.finish_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self.admitted:
             self.admitted = False
             self.ingest.admission.release(self.client)
@@ -306,8 +347,13 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         getattr(self, "handle_" + type(message).__name__.lower())(message)
 
     def verified(self, verdict: Any, key: str) -> None:
-        """The key's verdict is in: open the gate or refuse the connection."""
-        if self.closed:
+        """The key's verdict is in: open the gate or refuse the connection.
+
+        A good key's waiting messages are handled even when the connection
+        dropped meanwhile (their acks cannot be sent, but they are stored),
+        and then the session they joined ends, after them.
+        """
+        if self.closed and not verdict.ok:
             return
         if not verdict.ok:
             if self.ingest.admission.auth_failed(self.client):
@@ -319,8 +365,9 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             self.ingest.metrics.messages.labels("auth", "project_limit").inc()
             self.gate = "refused"
             self.waiting = []
-            self.send_error("project_limit", refusal)
-            self.close(CLOSE_POLICY, "Project limit")
+            if not self.closed:
+                self.send_error("project_limit", refusal)
+                self.close(CLOSE_POLICY, "Project limit")
             return
         self.gate = "open"
         self.widen_frame_budget()
@@ -329,9 +376,12 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             self.auth_timer.cancel()
         waiting, self.waiting = self.waiting, []
         for message in waiting:
-            if not self.writable or self.gate != "open":
+            if self.ours or self.gate != "open":
                 break
             getattr(self, "handle_" + type(message).__name__.lower())(message)
+        if self.closed:
+            self.ingest.closed(self)
+        self.settle()
 
     def verify_failed(self, failure: Any) -> None:
         """The key could not be checked (Redis down): try again later."""
@@ -377,13 +427,18 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         if message.session_id is not None and message.session_id != self.session_id:
             self.reject("project_mismatch", "data.sessionId does not match the connection", kind)
             return
+        self.unanswered += 1
         d = self.ingest.accept(message, self)
         d.addCallbacks(self.acked, self.not_queued, callbackArgs=(kind, time.monotonic()), errbackArgs=(kind,))
 
     def acked(self, event_id: str, kind: str, started: float) -> None:
         self.ingest.ack_latency.observe(time.monotonic() - started)
         self.ingest.acked_count[kind].inc()
-        self.send(wire.ack(event_id, kind))
+        if self.writable:
+            self.sendMessage(wire.ack(event_id, kind))
+        else:
+            self.ingest.undelivered[kind].inc()  # accepted, but the client will send it again
+        self.answered()
 
     def not_queued(self, failure: Any, kind: str) -> None:
         # Counted, not logged: the producer and the spool log an outage once, not per event.
@@ -394,8 +449,44 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         self.ingest.metrics.messages.labels(kind, code).inc()
         if self.writable:
             self.send_error(code, message)
+        self.answered()
+
+    def answered(self) -> None:
+        self.unanswered -= 1
+        self.settle()
 
     # Errors and closing ----------------------------------------------------
+
+    def owes(self) -> bool:
+        """Whether messages received still wait for their ack or their key check."""
+        return self.unanswered > 0 or self.gate == "checking"
+
+    def when_settled(self, finish: Callable[[], Any]) -> Any:
+        """Call ``finish`` (a close) now, or once nothing is owed, at most ``CLOSE_WAIT`` later.
+
+        Meanwhile no more frames are handled; the acks still go out.
+        """
+        if self.state != self.STATE_OPEN or not self.owes():
+            return finish()
+        self.data = b""
+        self.finish = finish
+        self.finish_timer = self.ingest.clock.callLater(CLOSE_WAIT, self.settle, True)
+        return None
+
+    def settle(self, timed_out: bool = False) -> None:
+        """Run the waiting close if nothing is owed any more (or it waited long enough)."""
+        if self.finish is None or (self.owes() and not timed_out):
+            return
+        finish, self.finish = self.finish, None
+        if self.finish_timer.active():
+            self.finish_timer.cancel()
+        if self.state == self.STATE_OPEN:
+            finish()
+
+    def go_away(self) -> None:
+        """Server shutdown: close with 1001 once the acks owed went out (see ``when_settled``)."""
+        if self.finish is None:
+            self.when_settled(partial(self.close, CLOSE_GOING_AWAY, "Server shutting down"))
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame with any protocol close code, then close the connection.

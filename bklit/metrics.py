@@ -30,6 +30,9 @@ class Metrics:
         self.connections = Gauge("bklit_connections", "Open WebSocket connections by kind.", ["kind"], registry=r)
         self.messages = Counter("bklit_messages", "SDK messages by type and outcome (acked or an error code).",
                                 ["type", "outcome"], registry=r)
+        self.acks_undelivered = Counter("bklit_acks_undelivered",
+                                        "Accepted events whose ack could not be sent: their socket had gone.",
+                                        ["type"], registry=r)
         self.ack_latency = Histogram("bklit_ack_latency_seconds", "From an event's arrival to its ack.",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.stream_length = Gauge("bklit_stream_length", "Entries in the events stream (not yet stored).", registry=r)

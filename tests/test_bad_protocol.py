@@ -23,7 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from bklit import keys
 from bklit.tokens import TokenStore
-from harness import clickhouse_rows, connect, eventually, sdk_pageview
+from harness import clickhouse_rows, connect, eventually, running_daemon, sdk_pageview, settings
 from test_bad_input import (AFTER_URL, BAD_ADDRESS, BAD_SESSION, acked, close, frame, pageview, scenario, sleep,
                             text_frames)
 
@@ -293,6 +293,107 @@ async def test_application_close_code_is_answered_1000(redis_server, redis_url, 
         bad = await raw_socket(s.port)
         bad.transport.write(close_frame(4000, "é".encode() * 61))
         assert await bad.closed() == (1000, "")
+
+
+IGNORED_URL = "https://example.com/after-the-close-frame"
+
+
+def ended_session(clickhouse_url):
+    """Whether the bad socket's session is stored as ended, on disconnect."""
+    return clickhouse_rows(clickhouse_url, "SELECT ended_at IS NOT NULL, end_reason FROM tracked_session FINAL "
+                                           f"WHERE session_id = '{BAD_SESSION}'") == [(1, "disconnect")]
+
+
+def undelivered_acks(s):
+    """How many acks the daemon could not send (their socket was gone), pageviews and events."""
+    sample = s.daemon.service.metrics.registry.get_sample_value
+    return sum(sample("bklit_acks_undelivered_total", {"type": kind}) or 0 for kind in ("pageview", "event"))
+
+
+# What the client writes, in one TCP write, to end its connection right behind its messages.
+ENDINGS = {
+    "close frame": close_frame(1000),
+    "close frame, then a pageview": close_frame(1000) + text_frames(pageview(None, url=IGNORED_URL)),
+    "dropped connection": b"",  # then a TCP close without a close frame, as a killed tab's
+}
+
+
+def pageview_after(key):
+    """The pageview the case expects stored."""
+    return [pageview(key, url=AFTER_URL)]
+
+
+def auth_then_pageview(key):
+    """``auth`` and the pageview, for a socket not authenticated yet (its key check goes to Redis)."""
+    return [{"type": "auth", "apiKey": key}, pageview(key, url=AFTER_URL)]
+
+
+# The connection ends right behind messages sent in the same write: each message is stored once,
+# acked while the socket can still carry the ack (a close frame waits for it), frames after the
+# close frame are not handled, and the socket's session ends.
+# name: (authenticated before, messages built from the key, the ending,
+#        what comes before the close frame; None: the connection dropped, nothing can come)
+ENDED_RIGHT_BEHIND = {
+    "pageview_then_close_frame": (True, pageview_after, "close frame", ["ack"]),
+    "auth_pageview_then_close_frame": (False, auth_then_pageview, "close frame", ["auth_success", "ack"]),
+    "pageview_key_checked_then_close_frame": (False, pageview_after, "close frame", ["ack"]),
+    "frames_after_the_close_frame": (True, pageview_after, "close frame, then a pageview", ["ack"]),
+    "pageview_then_dropped_connection": (True, pageview_after, "dropped connection", None),
+    "auth_pageview_then_dropped_connection": (False, auth_then_pageview, "dropped connection", None),
+}
+
+
+@pytest.mark.parametrize("case", list(ENDED_RIGHT_BEHIND))
+@pytest_twisted.ensureDeferred
+async def test_messages_right_before_the_end_are_not_lost(case, redis_server, redis_url, clickhouse_url):
+    """Closing or dropping a socket right behind a pageview still stores it, acks it when it can, ends the session."""
+    authenticate, build, ending, answers = ENDED_RIGHT_BEHIND[case]
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        bad = await raw_socket(s.port)
+        if authenticate:
+            bad.send({"type": "auth", "apiKey": s.key})
+            assert await bad.next() == {"type": "auth_success"}
+        bad.transport.write(text_frames(*build(s.key)) + ENDINGS[ending])
+        if answers is None:
+            bad.transport.loseConnection()
+            assert await bad.closed() is None
+            s.pageviews.append((BAD_SESSION, None, AFTER_URL))  # stored, though its ack had nowhere to go
+            await eventually(lambda: undelivered_acks(s) == 1)
+        else:
+            received = [await bad.next() for _ in answers]
+            assert [message["type"] for message in received] == answers
+            assert await bad.closed() == (1000, "")
+            s.pageviews.append((BAD_SESSION, received[-1]["eventId"], AFTER_URL))
+            assert undelivered_acks(s) == 0
+        assert bad.inbox.pending == []
+        await eventually(lambda: redis_server.execute("ZSCORE", "live:sessions:p1", BAD_SESSION) is None
+                         and ended_session(clickhouse_url))
+    assert redis_server.execute("ZCARD", "live:sessions:p1") == 0  # nor the good client's, once it closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_frame_waits_a_bounded_time_for_acks(redis_server, redis_url, clickhouse_url):
+    """While Redis holds a pageview's ack back, the client's close frame is answered after CLOSE_WAIT, not later."""
+    from bklit.ingest import CLOSE_WAIT
+
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        bad = await raw_socket(daemon.port)
+        bad.send({"type": "auth", "apiKey": key})
+        assert await bad.next() == {"type": "auth_success"}
+        redis_server.execute("CLIENT", "PAUSE", "3000", "WRITE")  # batches wait; the reply comes in 3 s
+        try:
+            started = time.monotonic()
+            bad.transport.write(text_frames(pageview(key, url=AFTER_URL)) + close_frame(1000))
+            assert await bad.closed() == (1000, "")
+            assert CLOSE_WAIT - 0.1 < time.monotonic() - started < CLOSE_WAIT + 1
+            assert bad.inbox.pending == []
+        finally:
+            redis_server.execute("CLIENT", "UNPAUSE")
+        sample = daemon.service.metrics.registry.get_sample_value
+        await eventually(lambda: sample("bklit_acks_undelivered_total", {"type": "pageview"}) == 1)
+        await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT url FROM page_view_event") == [(AFTER_URL,)])
+        await eventually(lambda: redis_server.execute("ZCARD", "live:sessions:p1") == 0)
 
 
 @pytest_twisted.ensureDeferred

@@ -83,3 +83,29 @@ async def test_sigterm_under_load_loses_nothing_acked(tmp_path, redis_url, click
     # and their sessions were ended, stored
     ended = clickhouse_rows(clickhouse_url, "SELECT count() FROM tracked_session FINAL WHERE ended_at IS NULL")
     assert ended == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_sends_the_acks_in_flight_before_1001(redis_server, redis_url, clickhouse_url):
+    """An event whose ack is on its way when the server stops gets that ack, then the 1001 close."""
+    from harness import running_daemon, settings
+
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key = await daemon.token("p1")
+        client = await connect(daemon.port)
+        await client.next_of("connected")
+        client.send({"type": "auth", "apiKey": key})
+        await client.next_of("auth_success")
+        redis_server.execute("CLIENT", "PAUSE", "400", "WRITE")  # the pageview's batch waits 0.4 s
+        try:
+            client.send(sdk_pageview("p1", key=key))
+            await eventually(lambda: daemon.service.producer._inflight, interval=0.01)  # sent, not answered
+            closing = defer.ensureDeferred(daemon.service.ingest.close_all())
+            ack = await client.next()
+            assert ack["type"] == "ack" and ack["messageType"] == "pageview"
+            assert await client.wait_closed() == (1001, "Server shutting down")
+            await closing
+        finally:
+            redis_server.execute("CLIENT", "UNPAUSE")
+        ids = await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT id FROM page_view_event"))
+        assert ids == [(ack["eventId"],)]

@@ -134,8 +134,7 @@ class Ingest:
                 row.get("country", ""), row.get("country_code", ""), row.get("city", ""), bot=conn.bot)
             return d.addCallback(self._count_session, event_id)
         row = rows.event_row(message, event_id=event_id, project_id=project,
-                             session_id=session, received_at=received_at)
-        row["is_bot"] = int(conn.bot)
+                             session_id=session, received_at=received_at, is_bot=conn.bot)
         d = self.producer.enqueue(_entry("tracked_event", row), keys.live_channel(project),
                                   live.event_message(row, received_at))
         return d.addCallback(lambda _: event_id)

@@ -85,8 +85,8 @@ def pageview_row(pv: PageView, *, event_id: str, project_id: str, session_id: st
 
 
 def event_row(ev: Event, *, event_id: str, project_id: str, session_id: str,
-              received_at: float) -> dict:
-    """The tracked_event row of a custom event.
+              received_at: float, is_bot: bool = False) -> dict:
+    """The tracked_event row of a custom event (``is_bot``: its socket is a bot's, bot_policy mark).
 
     event_definition_id is the tracking id, metadata is stored as compact JSON
     with sorted keys, and trigger_method is metadata's ``triggerMethod`` when
@@ -105,4 +105,5 @@ def event_row(ev: Event, *, event_id: str, project_id: str, session_id: str,
         "metadata": json.dumps(ev.metadata, separators=(",", ":"), sort_keys=True,
                                ensure_ascii=False),
         "trigger_method": trigger if isinstance(trigger, str) else "",
+        "is_bot": int(is_bot),
     }

@@ -47,7 +47,7 @@ async def test_a_session_id_that_comes_back_after_its_state_expired_is_a_new_vis
                                 and visits(clickhouse_url), timeout=10)
         assert [(pageviews, ended) for _, _, pageviews, ended in rows] == [(2, 1), (1, 1)]
         assert [row_id for row_id, *_ in rows] == [f"{SESSION}/{started}" for _, started, *_ in rows]
-        assert clickhouse_rows(clickhouse_url, "SELECT count() FROM page_view_event") == [(3,)]
+        await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT count() FROM page_view_event") == [(3,)])
         stats = await deferToThread(thd_stats, clickhouse_url, "p1", int(time.time()) - 3600)
         assert (stats["pageviews"], stats["sessions"]) == (3, 2)
 

@@ -169,6 +169,23 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def _project_origins(value: str) -> tuple[tuple[str, str], ...]:
+    """``project=origin`` pairs, comma-separated (an Origin may be listed for several projects)."""
+    from bklit.wire import valid_project_id
+
+    pairs = []
+    for item in _list(value):
+        project, sep, origin = item.partition("=")
+        project, origin = project.strip(), origin.strip().rstrip("/")
+        if not sep or not valid_project_id(project):
+            raise ValueError(f"each entry is project=origin (as shop=https://app.example.com), not {item!r}")
+        scheme, _, host = origin.partition("://")
+        if scheme not in ("http", "https") or not host or "/" in host:
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        pairs.append((project, origin))
+    return tuple(pairs)
+
+
 def _redis_url(value: str) -> str:
     parse_redis_url(value.strip())
     return value.strip()
@@ -243,7 +260,7 @@ KEYS: dict[str, Key] = {
     "session_timeout": Key("90", _seconds(0.1, 86400), "Seconds without a refresh after which the sweeper ends a session (its node died)."),
     "sweep_interval": Key("15", _seconds(0.05, 3600), "Seconds between sweeps for sessions whose node died (one node sweeps at a time)."),
     "resume_window": Key("1800", _seconds(1, 86400), "Seconds after its end during which a session can be resumed by a new socket."),
-    "dashboard_origins": Key("", _list, "Comma-separated Origins (https://app.example.com) whose dashboards need no read key. Empty: none."),
+    "dashboard_origins": Key("", _project_origins, "Comma-separated project=origin pairs (shop=https://app.example.com): dashboards of that project from that Origin need no read key. Empty: none."),
     "dashboard_auth_timeout": Key("5", _seconds(0.1, 300), "Seconds a dashboard socket has to send its auth message."),
     "dashboard_connects_per_minute": Key("30", _int(1, 1_000_000), "Dashboard upgrades one client address may make a minute (each reads a snapshot from Redis); further ones get HTTP 429."),
     "dashboard_max_skipped": Key("100", _int(0, 1_000_000), "Live events a dashboard may miss (it stopped reading) or have held (its snapshot is being read) before it is disconnected."),
@@ -305,7 +322,7 @@ class Config:
     session_timeout: float
     sweep_interval: float
     resume_window: float
-    dashboard_origins: tuple[str, ...]
+    dashboard_origins: tuple[tuple[str, str], ...]
     dashboard_auth_timeout: float
     dashboard_max_skipped: int
     dashboard_connects_per_minute: int

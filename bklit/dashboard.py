@@ -173,7 +173,8 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         self.presented_key = bearer(request.headers)
         origin = request.headers.get("origin")
         # A null origin (a sandboxed iframe, a file:// page) could be anyone's: it needs a read key.
-        self.allowed_origin = bool(origin) and not null_origin(origin) and origin in self.dash.origins
+        self.allowed_origin = (bool(origin) and not null_origin(origin)
+                               and (self.project_id, origin.rstrip("/")) in self.dash.origins)
         peer = getattr(self.transport.getPeer(), "host", "")
         self.client = client_key(enrich.client_ip(peer, request.headers, self.dash.trusted_proxies))
         if not self.dash.connects.allow(self.client):  # each snapshot costs Redis hundreds of commands
@@ -337,7 +338,7 @@ class Dashboards:
     """What dashboard sockets share: auth, sessions, the broadcaster, limits."""
 
     def __init__(self, verifier: TokenVerifier, sessions: LiveSessions, clock: Any, *,
-                 origins: tuple[str, ...], auth_timeout: float, max_skipped: int, metrics: Any,
+                 origins: tuple[tuple[str, str], ...], auth_timeout: float, max_skipped: int, metrics: Any,
                  admission: Admission, trusted_proxies: Any, frame_limits: FrameLimits,
                  connects_per_minute: int = 30):
         self.verifier = verifier

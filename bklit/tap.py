@@ -195,6 +195,10 @@ class BklitService(MultiService):
             metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies,
             frame_limits=self.ingest.frame_limits, connects_per_minute=config.dashboard_connects_per_minute)
         self._every(60, self.dashboards.connects.purge)
+        if config.dashboard_origins:
+            self.log.warn("dashboard_origins: the live streams of {projects} are readable by anyone who sends "
+                          "the Origin listed for them (any client outside a browser can)",
+                          projects=", ".join(sorted({p for p, _ in config.dashboard_origins})))
         dashboard_factory = DashboardFactory(self.dashboards, config)
         self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
         api = Resource()

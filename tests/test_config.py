@@ -297,3 +297,18 @@ class TestFrozen:
     def test_every_key_is_a_field(self):
         """KEYS and the Config fields are the same names."""
         assert set(KEYS) == {field.name for field in dataclasses.fields(Config)}
+
+
+@pytest.mark.parametrize("value,error", [
+    ("https://app.example.com", "each entry is project=origin"),
+    ("p1=null", "is not an origin"),
+    ("p1=file://", "is not an origin"),
+    ("p:1=https://app.example.com", "each entry is project=origin"),
+    ("p1=https://app.example.com/path", "is not an origin"),
+])
+def test_dashboard_origins_bind_origins_to_projects(value, error):
+    """dashboard_origins is project=origin pairs; anything else is a config error naming the key."""
+    with pytest.raises(ConfigError, match=f"dashboard_origins: .*{error}"):
+        load_config(None, {"BKLIT_DASHBOARD_ORIGINS": value}, {})
+    config = load_config(None, {"BKLIT_DASHBOARD_ORIGINS": "p1=https://a.example.com/, p2=http://b.example:8080"}, {})
+    assert config.dashboard_origins == (("p1", "https://a.example.com"), ("p2", "http://b.example:8080"))

@@ -21,16 +21,17 @@ from test_live import open_dashboard, sdk_client
 
 
 # A null origin passes the handshake but is never taken as allowlisted, even when listed.
-NULL_ORIGINS = "https://app.example.com,null,file://"
-ORIGINS = {"wrong_origin": "https://evil.example.com", "null_origin": "null", "file_origin": "file://"}
+NULL_ORIGINS = "p1=https://app.example.com"
+ORIGINS = {"wrong_origin": "https://evil.example.com", "null_origin": "null", "file_origin": "file://",
+           "origin_of_another_project": "https://other.example.com"}
 
 
 @pytest.mark.parametrize("case", ["no_key", "ingest_key", "other_project", "wrong_origin", "not_auth",
-                                  "null_origin", "file_origin"])
+                                  "null_origin", "file_origin", "origin_of_another_project"])
 @pytest_twisted.ensureDeferred
 async def test_dashboard_refusals(case, redis_url, clickhouse_url):
     """Without a read key of the project (or an allowlisted Origin): error, close 1008, nothing else."""
-    values = {"dashboard_auth_timeout": "0.5", "dashboard_origins": NULL_ORIGINS}
+    values = {"dashboard_auth_timeout": "0.5", "dashboard_origins": NULL_ORIGINS + ",p2=https://other.example.com"}
     async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
         ingest, other = await daemon.token("p1"), await daemon.token("p2", scope="read")
         dash = await connect(daemon.port, path="/dashboard?projectId=p1", origin=ORIGINS.get(case))
@@ -52,7 +53,7 @@ async def test_dashboard_refusals(case, redis_url, clickhouse_url):
 @pytest_twisted.ensureDeferred
 async def test_allowlisted_origin_and_auth_message_are_accepted(redis_url, clickhouse_url):
     """An allowlisted Origin needs no key; a read key in the first message works too."""
-    values = {"dashboard_origins": "https://app.example.com"}
+    values = {"dashboard_origins": "p1=https://app.example.com, p2=https://other.example.com"}
     async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
         read, key = await daemon.token("p1", scope="read"), await daemon.token("p1")
         by_origin = await connect(daemon.port, path="/dashboard?projectId=p1", origin="https://app.example.com")
@@ -351,3 +352,20 @@ async def test_dashboard_connects_per_client_are_rate_limited(redis_url, clickho
         assert (await other.next())["type"] == "connected"
         other.sendClose()
         await other.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_origin_mode_says_at_start_which_streams_it_makes_public(redis_url, clickhouse_url):
+    """With dashboard_origins set, a warning at start names the projects whose live stream is public."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        values = {"dashboard_origins": "shop=https://app.example.com, blog=https://app.example.com"}
+        async with running_daemon(settings(redis_url, clickhouse_url, **values)):
+            pass
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [line for line in lines if line.startswith("dashboard_origins: the live streams of blog, shop are")]

@@ -266,7 +266,8 @@ KEYS: dict[str, Key] = {
     "dashboard_max_skipped": Key("100", _int(0, 1_000_000), "Live events a dashboard may miss (it stopped reading) or have held (its snapshot is being read) before it is disconnected."),
     "metrics_networks": Key("127.0.0.0/8,::1", _proxies, "Comma-separated networks allowed to read /metrics (the port faces the internet)."),
     "health_interval": Key("5", _seconds(0.05, 3600), "Seconds between the health checks /healthz reports (Redis, ClickHouse, the stream)."),
-    "trusted_proxies": Key("", _proxies, "Comma-separated proxy addresses or networks whose X-Forwarded-For / X-Real-IP are believed."),
+    "trusted_proxies": Key("", _proxies, "Comma-separated addresses or networks of HTTP proxies whose client_ip_header is believed."),
+    "client_ip_header": Key("x-forwarded-for", _choice("x-forwarded-for", "x-real-ip"), "The header a trusted proxy puts the client address in (the only one believed): x-forwarded-for or x-real-ip."),
     "geoip_db": Key("", _text, "MaxMind-format database (GeoLite2-City, DB-IP Lite City .mmdb) for region, city and coordinates. Empty: country only."),
     "bot_policy": Key("drop", _choice("drop", "mark"), "Events from crawlers and headless browsers: drop (acked, not stored) or mark (stored with is_bot = 1, live apart from people)."),
 }
@@ -329,6 +330,7 @@ class Config:
     metrics_networks: tuple[str, ...]
     health_interval: float
     trusted_proxies: tuple[str, ...]
+    client_ip_header: str
     geoip_db: str
     bot_policy: str
 

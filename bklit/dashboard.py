@@ -176,7 +176,8 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         self.allowed_origin = (bool(origin) and not null_origin(origin)
                                and (self.project_id, origin.rstrip("/")) in self.dash.origins)
         peer = getattr(self.transport.getPeer(), "host", "")
-        self.client = client_key(enrich.client_ip(peer, request.headers, self.dash.trusted_proxies))
+        self.client = client_key(enrich.client_ip(peer, request.headers, self.dash.trusted_proxies,
+                                                  self.dash.client_ip_header))
         if not self.dash.connects.allow(self.client):  # each snapshot costs Redis hundreds of commands
             self.dash.metrics.messages.labels("connect", "dashboard_rate_limited").inc()
             raise ConnectionDeny(429, "Too many dashboard connections from this address; try again later")
@@ -340,7 +341,7 @@ class Dashboards:
     def __init__(self, verifier: TokenVerifier, sessions: LiveSessions, clock: Any, *,
                  origins: tuple[tuple[str, str], ...], auth_timeout: float, max_skipped: int, metrics: Any,
                  admission: Admission, trusted_proxies: Any, frame_limits: FrameLimits,
-                 connects_per_minute: int = 30):
+                 connects_per_minute: int = 30, client_ip_header: str = "x-forwarded-for"):
         self.verifier = verifier
         self.sessions = sessions
         self.clock = clock
@@ -354,6 +355,7 @@ class Dashboards:
         self.trusted_proxies = trusted_proxies
         self.frame_limits = frame_limits
         self.connects = ConnectRate(clock, connects_per_minute)
+        self.client_ip_header = client_ip_header
         metrics.watch_connections("dashboard", lambda: len(self.connected))
         self.broadcaster: Broadcaster | None = None
 

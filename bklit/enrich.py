@@ -97,14 +97,21 @@ def _forwarded_client(value, networks: tuple[Network, ...]) -> Address | None:
     return hops[0]
 
 
-def client_ip(peer_host: str, headers: Mapping[str, str], trusted_proxies) -> str:
+FORWARDING_HEADERS = ("x-forwarded-for", "x-real-ip")
+
+
+def client_ip(peer_host: str, headers: Mapping[str, str], trusted_proxies,
+              header: str = "x-forwarded-for") -> str:
     """The client's address: the peer, or what a trusted proxy peer forwarded.
 
-    Only when the peer is in a trusted network are X-Forwarded-For (the
-    rightmost hop that is not itself a trusted proxy) and then X-Real-IP
-    believed; invalid values are ignored. ``headers`` has lower-case keys;
-    ``trusted_proxies`` holds networks (or strings, parsed as by parse_proxies).
-    A peer that is not an IP address (e.g. a UNIX socket) is returned as given.
+    Only when the peer is in a trusted network is ``header`` believed, and
+    no other: ``x-forwarded-for`` (its rightmost hop that is not itself a
+    trusted proxy) or ``x-real-ip``; an invalid value is ignored.  Which one
+    a proxy sets is configured (``client_ip_header``), never guessed: a
+    proxy that sets one passes the other on from the client as it came.
+    ``headers`` has lower-case keys; ``trusted_proxies`` holds networks (or
+    strings, parsed as by parse_proxies).  A peer that is not an IP address
+    (e.g. a UNIX socket) is returned as given.
     """
     peer = plain_address(peer_host) if isinstance(peer_host, str) else None
     if peer is None:
@@ -112,12 +119,12 @@ def client_ip(peer_host: str, headers: Mapping[str, str], trusted_proxies) -> st
     networks = tuple(_as_network(value) for value in trusted_proxies)
     if not _trusted(peer, networks):
         return str(peer)
-    forwarded = _forwarded_client(headers.get("x-forwarded-for"), networks)
-    if forwarded is not None:
-        return str(forwarded)
-    real_ip = headers.get("x-real-ip")
-    real = _header_address(real_ip) if isinstance(real_ip, str) else None
-    return str(real if real is not None else peer)
+    value = headers.get(header)
+    if header == "x-forwarded-for":
+        forwarded = _forwarded_client(value, networks)
+    else:
+        forwarded = _header_address(value) if isinstance(value, str) else None
+    return str(forwarded if forwarded is not None else peer)
 
 
 def anonymise_ip(ip: str) -> str:

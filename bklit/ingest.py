@@ -240,7 +240,8 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             self.bad_ids = "Invalid sessionId"
         self.client_origin = request.headers.get("origin")
         peer = self.transport.getPeer()
-        full_ip = enrich.client_ip(getattr(peer, "host", ""), request.headers, self.ingest.trusted_proxies)
+        full_ip = enrich.client_ip(getattr(peer, "host", ""), request.headers, self.ingest.trusted_proxies,
+                                   self.ingest.config.client_ip_header)
         self.ip = enrich.anonymise_ip(full_ip)
         self.place = self.ingest.locator.locate(full_ip)  # looked up once; the full address is not kept
         self.bot = self.ingest.agents.describe(request.headers.get("user-agent", "")).is_bot

@@ -193,7 +193,8 @@ class BklitService(MultiService):
             verifier, self.sessions, reactor, origins=config.dashboard_origins,
             auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped,
             metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies,
-            frame_limits=self.ingest.frame_limits, connects_per_minute=config.dashboard_connects_per_minute)
+            frame_limits=self.ingest.frame_limits, connects_per_minute=config.dashboard_connects_per_minute,
+            client_ip_header=config.client_ip_header)
         self._every(60, self.dashboards.connects.purge)
         if config.dashboard_origins:
             self.log.warn("dashboard_origins: the live streams of {projects} are readable by anyone who sends "

@@ -17,6 +17,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from clickhouse_driver import Client
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory, Protocol
 
 from bklit.config import load_config
 from bklit.tap import BklitService
@@ -121,10 +122,53 @@ class SocketClient(WebSocketClientProtocol):
         return await self.closed.addTimeout(timeout, reactor)
 
 
+class _ProxyHeader(Protocol):
+    """Writes a PROXY protocol line first, then hands the connection to ``inner`` (TLS or plain)."""
+
+    def __init__(self, header: bytes, inner: Any):
+        self.header = header
+        self.inner = inner
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.write(self.header)
+        self.inner.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.inner.connectionLost(reason)
+
+
+class _Wrapping(Factory):
+    """Builds the inner factory's protocols behind a PROXY line."""
+
+    def __init__(self, header: bytes, inner: Any):
+        self.header = header
+        self.inner = inner
+
+    def buildProtocol(self, addr: Any) -> Any:
+        built = self.inner.buildProtocol(addr)
+        return None if built is None else _ProxyHeader(self.header, built)
+
+
+class ProxyHeaderEndpoint:
+    """A client endpoint that starts each connection with a PROXY protocol v1 line, as a TCP balancer does."""
+
+    def __init__(self, endpoint: Any, client: str, client_port: int = 50000):
+        family = "TCP6" if ":" in client else "TCP4"
+        server = "::1" if family == "TCP6" else "127.0.0.1"
+        self.endpoint = endpoint
+        self.header = f"PROXY {family} {client} {server} {client_port} 8080\r\n".encode()
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        return self.endpoint.connect(_Wrapping(self.header, factory)).addCallback(lambda wrapper: wrapper.inner)
+
+
 async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
                   headers: dict | None = None, origin: str | None = None,
                   trust: bytes | None = None, host: str = "localhost",
-                  protocol: type[SocketClient] = SocketClient) -> SocketClient:
+                  protocol: type[SocketClient] = SocketClient, proxied_from: str | None = None) -> SocketClient:
     """An open ``SocketClient`` (or subclass ``protocol``) to ``ws://127.0.0.1:<port><path>``.
 
     With ``trust`` (a PEM CA certificate) it speaks wss and verifies the
@@ -134,6 +178,8 @@ async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
     factory = WebSocketClientFactory(f"{scheme}://{host}:{port}{path}", headers=headers or {}, origin=origin)
     factory.protocol = protocol
     endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
+    if proxied_from is not None:  # a PROXY protocol line first (before TLS), as from a TCP balancer
+        endpoint = ProxyHeaderEndpoint(endpoint, proxied_from)
     if trust is not None:
         from twisted.internet.endpoints import wrapClientTLS
         from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -149,7 +195,8 @@ SPOOLS = tempfile.TemporaryDirectory(prefix="bklit-test-spools-")
 
 def settings(redis_url: str, clickhouse_url: str, **values: str) -> Any:
     """A Config for a test daemon: loopback port 0, fast writer."""
-    flags = {"listen": "tcp:0:interface=127.0.0.1", "redis": redis_url, "clickhouse": clickhouse_url}
+    flags = {"listen": values.pop("listen", "tcp:0:interface=127.0.0.1"), "redis": redis_url,
+             "clickhouse": clickhouse_url}
     env = {"BKLIT_FLUSH_INTERVAL": "0.1", "BKLIT_TOKEN_CACHE_TTL": "0",
            "BKLIT_SPOOL_DIR": tempfile.mkdtemp(dir=SPOOLS.name)}
     env.update({f"BKLIT_{k.upper()}": str(v) for k, v in values.items()})

@@ -565,6 +565,7 @@ SPOOFED = {
     "forwarded_for_from_an_untrusted_peer": ("", {"X-Forwarded-For": "203.0.113.9"}, "127.0.0.0"),
     "real_ip_from_an_untrusted_peer": ("", {"X-Real-IP": "203.0.113.9"}, "127.0.0.0"),
     "fake_hop_before_the_proxy's": ("127.0.0.1", {"X-Forwarded-For": "192.0.2.200, 203.0.113.9"}, "203.0.113.0"),
+    "real_ip_from_a_proxy_that_sets_forwarded_for": ("127.0.0.1", {"X-Real-IP": "203.0.113.9"}, "127.0.0.0"),
     "garbage_last_hop": ("127.0.0.1", {"X-Forwarded-For": "203.0.113.9, <script>", "X-Real-IP": "nope"},
                          "127.0.0.0"),
 }

@@ -11,7 +11,7 @@ import pytest_twisted
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.logger import globalLogPublisher
 
-from harness import connect, eventually, running_daemon, sdk_pageview, settings
+from harness import clickhouse_rows, connect, eventually, running_daemon, sdk_pageview, settings
 from tlscerts import CertificateAuthority, fingerprint, leaf_fingerprint
 
 from bklit.tap import Options
@@ -217,3 +217,26 @@ def test_sighup_without_tls_keeps_the_daemon_running(tmp_path, redis_url, clickh
     finally:
         daemon.terminate()
         daemon.wait(15)
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_protocol_then_tls_gives_the_visitor_address_to_storage_and_limits(
+        ca, pair, redis_url, clickhouse_url):
+    """``--listen haproxy:tcp:PORT`` with TLS: the PROXY line comes first, then the handshake; the
+    visitor's address is stored (anonymised) and per-client limits count by it, not by the balancer."""
+    config = settings(redis_url, clickhouse_url, tls_cert=pair[0], tls_key=pair[1],
+                      listen="haproxy:tcp:0:interface=127.0.0.1", max_connections_per_ip="1")
+    async with running_daemon(config) as daemon:
+        key = await daemon.token("p1")
+        client = await connect(daemon.port, trust=ca.pem(), proxied_from="203.0.113.50")
+        ack = await auth_and_ack(client, key)
+        with pytest.raises(Exception, match="429"):  # the same visitor again: over its limit of 1
+            await connect(daemon.port, trust=ca.pem(), proxied_from="203.0.113.50")
+        other = await connect(daemon.port, trust=ca.pem(), proxied_from="2001:db8:5::7")
+        other_ack = await auth_and_ack(other, key)
+        stored = await eventually(lambda: len(clickhouse_rows(clickhouse_url, "SELECT id, ip FROM page_view_event")) == 2
+                                  and dict(clickhouse_rows(clickhouse_url, "SELECT id, ip FROM page_view_event")))
+        assert stored == {ack["eventId"]: "203.0.113.0", other_ack["eventId"]: "2001:db8:5::"}
+        for c in (client, other):
+            c.sendClose()
+            await c.wait_closed()

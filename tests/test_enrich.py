@@ -111,12 +111,12 @@ class TestClientIp:
 
     def test_mapped_peer(self):
         """An IPv4-mapped peer (dual-stack listener) matches IPv4 proxies and is reported as IPv4."""
-        assert client_ip("::ffff:10.0.0.5", {"x-real-ip": "203.0.113.8"}, PROXIES) == "203.0.113.8"
+        assert client_ip("::ffff:10.0.0.5", {"x-real-ip": "203.0.113.8"}, PROXIES, header="x-real-ip") == "203.0.113.8"
         assert client_ip("::ffff:203.0.113.9", {}, PROXIES) == "203.0.113.9"
 
     def test_string_proxies_accepted(self):
         """Trusted proxies given as strings work too."""
-        assert client_ip("10.0.0.5", {"x-real-ip": "203.0.113.8"}, ["10.0.0.0/8"]) == "203.0.113.8"
+        assert client_ip("10.0.0.5", {"x-forwarded-for": "203.0.113.8"}, ["10.0.0.0/8"]) == "203.0.113.8"
 
     def test_non_ip_peer_returned_as_is(self):
         """A peer that is not an address (UNIX socket) is returned unchanged."""

@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--domains", default="", help="comma-separated Origin hosts allowed, e.g. a.com,*.b.com")
     token.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
     revoke = token.add_parser("revoke", parents=[common], help="revoke a key by its id or the key itself")
-    revoke.add_argument("token", help="token id (from list, 6+ hex digits) or the key")
+    revoke.add_argument("token", help="token id (from list, 6+ hex digits) or the key; - reads it from standard input"
+                                      " (a key on the command line is visible to every user of the machine)")
 
     schema = groups.add_parser("schema", help="ClickHouse schema").add_subparsers(dest="action", required=True, metavar="ACTION")
     schema.add_parser("migrate", parents=[common], help="create or upgrade the database and tables")
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                                           "Sends one real pageview (url --url) to the project.")
     probe.add_argument("url", help="ws:// or wss:// address of the server, e.g. wss://analytics.example.com:8080")
     probe.add_argument("--project", required=True, help="project id the key is valid for")
-    probe.add_argument("--key", help="ingest key (default: env BKLIT_PROBE_KEY)")
+    probe.add_argument("--key", help="ingest key; - reads it from standard input (default: env BKLIT_PROBE_KEY)")
     probe.add_argument("--ca", help="PEM file of the CA to trust instead of the system's")
     probe.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
     probe.add_argument("--url", dest="page_url", default=None, help="url of the probe pageview")
@@ -215,7 +216,18 @@ async def token_list(args: argparse.Namespace, config: Config) -> None:
         print(f"{t.id:12}  {t.scope:6}  {state:8}  {expires:10}  {','.join(t.projects):20}  {t.name}")
 
 
+def from_stdin(value: str | None) -> str | None:
+    """``value``, or the first line of standard input when it is ``-`` (keeps a key out of argv)."""
+    if value != "-":
+        return value
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise UsageProblem("expected the key on standard input")
+    return line
+
+
 async def token_revoke(args: argparse.Namespace, config: Config) -> None:
+    args.token = from_stdin(args.token)
     store = TokenStore(await redis_call(config))
     found = await store.find(args.token)
     if not found:
@@ -256,7 +268,7 @@ async def probe_server(args: argparse.Namespace, config: Config) -> None:
 
     from bklit import probe
 
-    key = args.key or os.environ.get("BKLIT_PROBE_KEY")
+    key = from_stdin(args.key) or os.environ.get("BKLIT_PROBE_KEY")
     if not key:
         raise UsageProblem("--key (or BKLIT_PROBE_KEY) is required")
     if not PROJECT.fullmatch(args.project):

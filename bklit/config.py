@@ -393,6 +393,13 @@ def read_ini(path: str) -> dict[str, str]:
     return dict(parser.items("bklit"))
 
 
+def _has_password(url: str) -> bool:
+    try:
+        return bool(urlsplit(url.strip()).password)
+    except ValueError:  # not a URL: its own check says so
+        return False
+
+
 def load_config(
     ini_path: str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -426,8 +433,13 @@ def load_config(
         elif name != "config":
             errors.append((env_name, "unknown setting"))
     for name, value in (flags or {}).items():
-        if value is not None:
-            raw[name] = (value, f"--{name}")
+        if value is None:
+            continue
+        if name in ("redis", "clickhouse") and _has_password(value):
+            errors.append((name, f"--{name} carries a password, which every user of this machine can read"
+                                 f" (ps, /proc); put the URL in BKLIT_{name.upper()} or the ini file instead"))
+            continue
+        raw[name] = (value, f"--{name}")
     values: dict[str, object] = {}
     for name, (value, source) in raw.items():
         try:

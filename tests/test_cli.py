@@ -21,11 +21,12 @@ BKLIT = os.path.join(os.path.dirname(sys.executable), "bklit")
 KEY = re.compile(r"bk_[A-Za-z0-9_-]{40}")
 
 
-def bklit(*args, env=None, timeout=30):
+def bklit(*args, env=None, timeout=30, stdin=None):
     """Run ``bklit ARGS`` with no BKLIT_* settings from the outside; the CompletedProcess."""
     environ = {name: value for name, value in os.environ.items() if not name.startswith("BKLIT_")}
     environ.update(env or {})
-    return subprocess.run([BKLIT, *args], capture_output=True, text=True, timeout=timeout, env=environ)
+    return subprocess.run([BKLIT, *args], capture_output=True, text=True, timeout=timeout, env=environ,
+                          input=stdin)
 
 
 def create(redis_url, *args):
@@ -306,3 +307,14 @@ class TestSchemaMigrate:
         done = bklit("schema", "migrate", "--clickhouse", "clickhouse://127.0.0.1/bad-name")
         assert done.returncode == 2
         assert "bklit: config error: clickhouse: " in done.stderr
+
+
+def test_revoke_reads_the_key_from_standard_input(redis_url, redis_server):
+    """``bklit token revoke -`` takes the key from standard input, so it is not in argv; empty input is a
+    usage error."""
+    key = create(redis_url, "--project", "p1")
+    done = bklit("token", "revoke", "-", "--redis", redis_url, stdin=key + "\n")
+    assert done.returncode == 0, done.stderr
+    assert redis_server.execute("HGET", token_key(key_digest(key)), "revoked") == b"1"
+    empty = bklit("token", "revoke", "-", "--redis", redis_url, stdin="")
+    assert empty.returncode == 2 and "expected the key on standard input" in empty.stderr

@@ -256,8 +256,8 @@ class TestRedisAddress:
 
     def test_config_repr_hides_passwords(self):
         """Nor do the Redis and ClickHouse passwords appear in repr(Config)."""
-        config = load_config(None, {}, {"redis": "redis://:s3cret@cache:6379/0",
-                                        "clickhouse": "clickhouse://bklit:t0psecret@ch:9000/bklit"})
+        config = load_config(None, {"BKLIT_REDIS": "redis://:s3cret@cache:6379/0",
+                                    "BKLIT_CLICKHOUSE": "clickhouse://bklit:t0psecret@ch:9000/bklit"}, {})
         text = repr(config)
         assert "s3cret" not in text and "t0psecret" not in text
         assert "cache:6379" in text and "ch:9000" in text
@@ -312,3 +312,15 @@ def test_dashboard_origins_bind_origins_to_projects(value, error):
         load_config(None, {"BKLIT_DASHBOARD_ORIGINS": value}, {})
     config = load_config(None, {"BKLIT_DASHBOARD_ORIGINS": "p1=https://a.example.com/, p2=http://b.example:8080"}, {})
     assert config.dashboard_origins == (("p1", "https://a.example.com"), ("p2", "http://b.example:8080"))
+
+
+@pytest.mark.parametrize("flag,url", [("redis", "redis://:hunter2@127.0.0.1:6379/0"),
+                                      ("clickhouse", "clickhouse://default:hunter2@127.0.0.1:9000/bklit")])
+def test_a_password_on_the_command_line_is_refused_with_a_hint(flag, url):
+    """--redis / --clickhouse with a password: a config error pointing to the environment or the ini file,
+    never echoing the password; the same URL from the environment is fine."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {}, {flag: url})
+    assert f"put the URL in BKLIT_{flag.upper()} or the ini file" in str(e.value)
+    assert "hunter2" not in str(e.value)
+    assert load_config(None, {f"BKLIT_{flag.upper()}": url}, {})

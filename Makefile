@@ -28,7 +28,7 @@ packages:
 # The tests also drive Debian's chromium (trusting a test CA through
 # certutil) and check the systemd units with systemd-analyze.
 test-packages:
-	scripts/ensure-packages redis-server clickhouse-server chromium libnss3-tools systemd
+	scripts/ensure-packages redis-server clickhouse-server chromium libnss3-tools systemd openssl
 
 venv $(VENV): $(STAMP)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from servers import free_port
+from tlscerts import CertificateAuthority
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = ["bklit.service", "bklit-ingest.service", "bklit-ingest@.service", "bklit-writer.service", "bklit.socket"]
@@ -237,11 +238,17 @@ class TestDeployHook:
 
     @pytest.fixture
     def lineage(self, tmp_path):
-        """A fake /etc/letsencrypt/live/NAME with a chain and a key."""
-        live = tmp_path / "live" / "analytics.example.com"
+        """A /etc/letsencrypt/live/NAME of the test: a current chain and its key."""
+        return self.make_lineage(tmp_path)
+
+    @staticmethod
+    def make_lineage(tmp_path, days=90, name="live", other_key=False):
+        live = tmp_path / name / "analytics.example.com"
         live.mkdir(parents=True)
-        (live / "fullchain.pem").write_text("-----BEGIN CERTIFICATE-----\nnew chain\n-----END CERTIFICATE-----\n")
-        (live / "privkey.pem").write_text("-----BEGIN PRIVATE KEY-----\nnew key\n-----END PRIVATE KEY-----\n")
+        ca = CertificateAuthority()
+        chain, key = ca.server(tmp_path, days=days, not_before_days=min(-1, days - 1), name=name)
+        shutil.copy(chain, live / "fullchain.pem")
+        shutil.copy(ca.server(tmp_path, name=name + "-other")[1] if other_key else key, live / "privkey.pem")
         return live
 
     def run_hook(self, tmp_path, **env):
@@ -312,6 +319,46 @@ class TestDeployHook:
         assert "group no-such-group-bklit does not exist" in done.stderr
         assert not (tmp_path / "tls").exists()
         assert not (tmp_path / "reloaded").exists()
+
+    @pytest.mark.parametrize("problem,message", [
+        ("expired", "has expired; kept the installed pair"),
+        ("other_key", "does not match"),
+        ("not_pem", "is not a PEM certificate; kept the installed pair"),
+    ])
+    def test_a_bad_pair_is_not_installed(self, tmp_path, problem, message):
+        """An expired chain, a key of another certificate or a broken file: exit 1 saying why, the installed
+        pair kept, no reload."""
+        live = self.make_lineage(tmp_path, days=-1 if problem == "expired" else 90, other_key=problem == "other_key")
+        if problem == "not_pem":
+            (live / "fullchain.pem").write_text("not a certificate")
+        tls = tmp_path / "tls"
+        tls.mkdir(mode=0o750)
+        (tls / "fullchain.pem").write_text("old chain")
+        (tls / "privkey.pem").write_text("old key")
+        done = self.run_hook(tmp_path, RENEWED_LINEAGE=str(live))
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert [(tls / n).read_text() for n in ("fullchain.pem", "privkey.pem")] == ["old chain", "old key"]
+        assert sorted(p.name for p in tls.iterdir()) == ["fullchain.pem", "privkey.pem"]
+        assert not (tmp_path / "reloaded").exists()
+
+    @pytest.mark.parametrize("problem", ["symlink", "group_writable", "others_writable"])
+    def test_an_unsafe_tls_folder_is_refused(self, tmp_path, lineage, problem):
+        """A TLS folder that is a symlink or writable by group or others: exit 1, nothing installed."""
+        real = tmp_path / "real-tls"
+        real.mkdir(mode=0o750)
+        tls = tmp_path / "tls"
+        if problem == "symlink":
+            tls.symlink_to(real)
+        else:
+            tls.mkdir()
+            tls.chmod(0o770 if problem == "group_writable" else 0o757)
+        done = self.run_hook(tmp_path, RENEWED_LINEAGE=str(lineage))
+        assert done.returncode == 1
+        expected = "is a symbolic link" if problem == "symlink" else "is writable by group or others"
+        assert expected in done.stderr, done.stderr
+        assert list(real.iterdir()) == [] and not (tmp_path / "reloaded").exists()
+        if problem != "symlink":
+            assert list(tls.iterdir()) == []
 
     def test_is_posix_sh(self):
         """The hook is executable and starts with #!/bin/sh (dash on Debian)."""

@@ -33,15 +33,16 @@ PAUSE = (0.2, 1.0)  # seconds between a slot's connections
 SHARED_ADDRESS = "203.0.113.254"
 
 
-def frame(opcode: int, payload: bytes = b"") -> bytes:
+def frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
     """A masked client frame."""
     size = len(payload)
+    first = (0x80 if fin else 0) | opcode
     if size < 126:
-        head = bytes([0x80 | opcode, 0x80 | size])
+        head = bytes([first, 0x80 | size])
     elif size < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack("!H", size)
+        head = bytes([first, 0x80 | 126]) + struct.pack("!H", size)
     else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", size)
+        head = bytes([first, 0x80 | 127]) + struct.pack("!Q", size)
     mask = os.urandom(4)
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
@@ -61,6 +62,10 @@ BEHAVIOURS = {
     "ping_flood": lambda: frame(9, b"ping") * 1000,
     "binary": lambda: frame(2, b"\x00" * 64),
     "bad_utf8": lambda: frame(1, b'{"type":"auth","apiKey":"\xff"}'),
+    "pong_flood": lambda: frame(10) * 20_000,  # unasked-for empty pongs, 6 bytes each
+    "continuation_flood": lambda: frame(1, b"{", fin=False) + frame(0, fin=False) * 20_000,
+    "dashboard_auth": "dashboard",  # a dashboard sending auth frames with guessed keys
+    "head": "head",  # plain HTTP: HEAD /healthz, pipelined, on keep-alive connections
     "slow_handshake": "slow",  # a header line every 2 s, never finished
     "crowd": None,  # one address for all these slots: past 64 sockets, 429
 }
@@ -93,7 +98,12 @@ class Abuser(protocol.Protocol):
     def connectionMade(self) -> None:
         open_sockets.add(self)
         forwarded = SHARED_ADDRESS if self.behaviour == "crowd" else address(self.slot)
-        request = (f"GET /?projectId=bench&sessionId=abuse-{self.slot} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        if BEHAVIOURS[self.behaviour] == "head":
+            self.transport.write(b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 200)
+            return
+        path = "/dashboard?projectId=bench" if BEHAVIOURS[self.behaviour] == "dashboard" else \
+            f"/?projectId=bench&sessionId=abuse-{self.slot}"
+        request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                    f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                    f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
                    f"X-Forwarded-For: {forwarded}\r\n")
@@ -109,6 +119,13 @@ class Abuser(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
+        if BEHAVIOURS[self.behaviour] == "head":  # responses without bodies: count, and ask again
+            answers = self.buffer.count(b"HTTP/1.1 ")
+            if answers:
+                self.status = self.status or self.buffer.split(b" ", 2)[1]
+                self.buffer = b""
+                self.transport.write(b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * answers)
+            return
         if self.status is None:
             head, found, self.buffer = self.buffer.partition(b"\r\n\r\n")
             if not found:
@@ -121,6 +138,9 @@ class Abuser(protocol.Protocol):
                     self.transport.write(action())
                 elif action == "after_auth":
                     self.transport.write(text({"type": "auth", "apiKey": KEY}))
+                elif action == "dashboard":
+                    self.transport.write(b"".join(text({"type": "auth", "apiKey": "bk_" + os.urandom(24).hex()})
+                                                  for _ in range(200)))
         while len(self.buffer) >= 2:
             size, start = self.buffer[1] & 0x7F, 2
             if size >= 126:

@@ -1,6 +1,7 @@
 """What a flood of abusive connections does to a well-behaved client's acks.
 
     python bench/flood.py [--abusers 2000] [--before 10] [--during 20] [--after 5] [--behaviours a,b]
+    python bench/flood.py --each [KINDS] [--abusers 8] [--during 8]   # a row per kind of flood
 
 Starts a throwaway stack (bench/_stack.py) whose daemon keeps its default
 limits, except that it trusts 127.0.0.1 as a proxy: every client then
@@ -114,6 +115,43 @@ def summary(client: GoodClient, start: float, end: float) -> dict:
             "max": ms[-1] if ms else float("nan"), "rate": len(ms) / (end - start)}
 
 
+EACH = "pong_flood,continuation_flood,ping_flood,dashboard_auth,head"
+
+
+async def each_kind(_: object, args: argparse.Namespace) -> None:
+    """One table: the good client's ack latency alone, then during each kind of flood in turn."""
+    with Stack(**DEFAULT_LIMITS) as stack:
+        await task.deferLater(reactor, 1.0, lambda: None)
+        client = await good_client(stack.port, stack.key)
+        rows = []
+        start = time.perf_counter()
+        await task.deferLater(reactor, args.before, lambda: None)
+        rows.append(("alone", start, time.perf_counter(), None))
+        for kind in args.each.split(","):
+            start = time.perf_counter()
+            flooder = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("_flooder.py")), str(stack.port), stack.key,
+                 str(args.abusers), str(args.during), kind], stdout=subprocess.PIPE, text=True)
+            while flooder.poll() is None:
+                await task.deferLater(reactor, 0.1, lambda: None)
+            rows.append((kind, start, time.perf_counter(), json.loads(flooder.stdout.read())))
+            await task.deferLater(reactor, 1.0, lambda: None)  # what is left drains
+        client.running = False
+        client.sendClose()
+    print(f"{args.abusers} flooding connections per kind, {args.during:g} s each; the good client sends a"
+          f" pageview every {INTERVAL * 1000:.0f} ms, the next after the ack")
+    print(f"{'flood':20} {'acks':>5} {'timeouts':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}   how the flooding ended")
+    for kind, begin, end, flood in rows:
+        s = summary(client, begin, end)
+        ended = "" if flood is None else ", ".join(
+            f"{count} {outcome}" for outcome, count in sorted(flood["outcomes"].get(kind, {}).items(),
+                                                               key=lambda item: -item[1])[:2])
+        print(f"{kind:20} {s['acks']:5d} {s['timeouts']:8d} {s['p50']:7.1f} {s['p99']:7.1f} {s['max']:7.1f}   {ended}")
+    errors = {f"{e['code']}: {e['message']}" for e in client.errors}
+    print(f"good client: {len(client.errors)} errors {sorted(errors)}, socket "
+          f"{'closed early ' + str(client.closed_with) if client.closed_with else 'open throughout'}")
+
+
 async def main(_: object, args: argparse.Namespace) -> None:
     with Stack(**DEFAULT_LIMITS) as stack:
         await task.deferLater(reactor, 1.0, lambda: None)
@@ -181,5 +219,8 @@ if __name__ == "__main__":
     parser.add_argument("--during", type=float, default=20)
     parser.add_argument("--after", type=float, default=5)
     parser.add_argument("--behaviours", default="all", help="comma-separated, from bench/_flooder.py (default: all)")
+    parser.add_argument("--each", nargs="?", const=EACH, default=None,
+                        help="instead: one flood kind after the other, a row each (default kinds: %s)" % EACH)
     arguments = parser.parse_args()
-    task.react(lambda r: defer.ensureDeferred(main(r, arguments)))
+    run = main if arguments.each is None else each_kind
+    task.react(lambda r: defer.ensureDeferred(run(r, arguments)))

@@ -491,7 +491,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
     def close(self, code: int, reason: str) -> None:
         """Send a close frame with any protocol close code, then close the connection.
 
-        (Autobahn's ``sendClose`` only takes 1000 and 3000-4999; PROTOCOL.md
+        (Autobahn's ``sendClose`` only takes 1000 and 3000-4999; the README's Protocol section
         uses 1001, 1003, 1008 and 1011 as RFC 6455 defines them.)  Nothing
         the client sends after our close frame is handled, so the closing
         handshake is not waited for: a client flooding frames would have

@@ -48,7 +48,7 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Size limits applied by parse_message (defaults follow PROTOCOL.md)."""
+    """Size limits applied by parse_message (defaults as the README's Protocol section lists them)."""
 
     max_message_bytes: int = 16384
     max_url_length: int = 2048

@@ -138,7 +138,9 @@ class HealthCheck(Service):
         if name != self.persistence:
             self.persistence = name
             if risk:
-                log.warn("Redis persistence is {name}: {risk}", name=name, risk=risk)
+                log.warn("Redis persistence is {name}: {risk} (to change it without losing data: "
+                         "CONFIG SET appendonly yes, wait for the rewrite, CONFIG SET appendfsync always, "
+                         "CONFIG REWRITE; see the README)", name=name, risk=risk)
             else:
                 log.info("Redis persistence is {name}: acked events survive a Redis crash", name=name)
         return {"persistence": name, "persistence_warning": risk} if risk else {"persistence": name}

@@ -62,9 +62,11 @@ class FrameBudget:
         self.max_fragments = limits.max_fragments
 
     def widen_frame_budget(self) -> None:
-        """The budget of an authenticated socket (tokens saved so far are kept)."""
-        if self.frame_bucket is not None:
-            self.frame_bucket.rate, self.frame_bucket.burst = self.frame_limits.rate, self.frame_limits.burst
+        """The budget of an authenticated socket, its burst available at once."""
+        bucket = self.frame_bucket
+        if bucket is not None:
+            bucket.rate, bucket.burst = self.frame_limits.rate, self.frame_limits.burst
+            bucket.tokens = bucket.burst
 
     def onFrameBegin(self) -> None:
         opcode = self.current_frame.opcode

@@ -42,6 +42,7 @@ from bklit.notify import notify, reloading
 from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
+from bklit.revocation import OpenKeys
 from bklit.spool import Spool, SpoolError
 from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSError, TLSServerEndpoint, load_pair
 from bklit.tokens import TokenStore, TokenVerifier
@@ -184,15 +185,17 @@ class BklitService(MultiService):
             reactor, max_total=config.max_connections, max_per_client=config.max_connections_per_ip,
             max_auth_failures=config.auth_failures_max, failure_window=config.auth_failure_window,
             lockout=config.auth_lockout)
+        open_keys = OpenKeys(verifier, reactor)  # the SDK's and the dashboards' sockets alike
         self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node, self.metrics,
-                             self.admission)
+                             self.admission, open_keys)
         self.metrics.watch_connections("sdk", lambda: len(self.ingest.connections))
         self.dashboards = Dashboards(
             verifier, self.sessions, reactor, origins=config.dashboard_origins,
             auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped,
-            metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies)
+            metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies,
+            open_keys=open_keys)
         dashboard_factory = DashboardFactory(self.dashboards, config)
-        self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
+        self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory, open_keys)
         api = Resource()
         api.putChild(b"live", LiveCount(verifier, self.sessions))
         site = self.site = make_site(SdkFactory(self.ingest), config.handshake_timeout, {

@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
+from bklit.tokens import TokenStore
 from harness import connect, eventually, running_daemon, sdk_pageview, settings
 from test_live import open_dashboard, sdk_client
 
@@ -119,3 +120,53 @@ async def test_a_dashboard_that_never_reads_is_dropped_and_never_delays_acks(red
             await client.next_of("ack")
         stuck.close()
         assert acked < 300
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("ingest_key", "API key is not valid for read"),
+    ("other_project", "API key is not valid for this project"),
+    ("unknown_key", "invalid API key"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_auth_after_authorization_refuses_the_dashboard(case, reason, redis_url, clickhouse_url):
+    """An ``auth`` on an authorized dashboard is checked like the first: a key that may not read the project
+    gets ``unauthorized`` with its reason and close 1008."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        key = {"ingest_key": await daemon.token("p1"), "other_project": await daemon.token("p2", scope="read"),
+               "unknown_key": "bk_" + "0" * 43}[case]
+        dash, _ = await open_dashboard(daemon.port, read)
+        dash.send({"type": "auth", "apiKey": key})
+        assert await dash.next() == {"type": "error", "code": "unauthorized", "message": reason}
+        assert (await dash.wait_closed())[0] == 1008
+        await eventually(lambda: daemon.service.dashboards.connected == set())
+
+
+@pytest_twisted.ensureDeferred
+async def test_good_auth_after_authorization_binds_that_key_too(redis_url, clickhouse_url):
+    """The same key again or another read key of the project: nothing is sent, events keep coming, and the
+    dashboard closes ("API key revoked", 1008) when the key it was opened with or the later one is revoked."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key, first, second = (await daemon.token("p1"), await daemon.token("p1", scope="read"),
+                              await daemon.token("p1", scope="read"))
+        keeps_first, adds_second = [(await open_dashboard(daemon.port, first))[0] for _ in range(2)]
+        keeps_first.send({"type": "auth", "apiKey": first})
+        adds_second.send({"type": "auth", "apiKey": second})
+        keeps_first.send({"type": "something else"})  # ignored once authorized, as before
+        client = await sdk_client(daemon.port, key)
+        client.send(sdk_pageview("p1", key=key))
+        ack = await client.next_of("ack")
+        for dash in (keeps_first, adds_second):
+            assert (await dash.next())["data"]["eventId"] == ack["eventId"]
+        store = TokenStore(daemon.service.redis.call)
+        [token] = await store.find(second)
+        await store.revoke(token)
+        assert await adds_second.next() == {"type": "error", "code": "unauthorized", "message": "API key revoked"}
+        assert (await adds_second.wait_closed())[0] == 1008
+        client.send(sdk_pageview("p1", key=key))
+        ack = await client.next_of("ack")
+        assert (await keeps_first.next())["data"]["eventId"] == ack["eventId"]
+        [token] = await store.find(first)
+        await store.revoke(token)
+        assert await keeps_first.next() == {"type": "error", "code": "unauthorized", "message": "API key revoked"}
+        assert (await keeps_first.wait_closed())[0] == 1008

@@ -8,7 +8,11 @@ page, never counts as listed).  Until then it gets nothing but ``connected``.
 Then a ``snapshot``, then every pageview, event and session end of the
 project.  The socket joins the project's stream before the snapshot is read,
 and the events that come while it is read are held and sent right after it:
-none before the snapshot, none lost, none twice.
+none before the snapshot, none lost, none twice.  An ``auth`` after that is checked like the first: a key that is
+not good for reading the project refuses the socket (1008); a good one is
+bound to it too, and nothing is sent.  The socket is refused ("API key
+revoked" / "API key expired", 1008) when a key it was authorized with is
+revoked or expires (``bklit.revocation``).
 
 ``Broadcaster`` holds one Redis pub/sub connection per node, subscribed to
 the channels of the projects that have a dashboard here.  Each published
@@ -18,7 +22,10 @@ dashboard of the project.  A dashboard that does not read is never waited
 for: once its socket buffer is full (Twisted pauses it as a producer) further
 messages are counted instead of queued, and past ``dashboard_max_skipped`` it
 is disconnected.  A dashboard whose snapshot read would leave more than
-``dashboard_max_skipped`` events held is disconnected the same way.
+``dashboard_max_skipped`` events held is disconnected the same way.  The
+same connection is subscribed to
+``keys.REVOKED_CHANNEL`` and hands its messages to the node's ``OpenKeys``,
+which after each (re)subscribe checks the keys of open sockets again.
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ from bklit.frames import FrameBudget, FrameLimits
 from bklit.ingest import CLOSE_INTERNAL, close_and_wait, socket_options
 from bklit.limits import Admission, ConnectRate, Denied, client_key
 from bklit.live import snapshot_message
-from bklit.keys import channel_project, live_channel
+from bklit.keys import REVOKED_CHANNEL, channel_project, live_channel
+from bklit.revocation import OpenKeys
 from bklit.sessions import LiveSessions
-from bklit.tokens import TokenVerifier, null_origin
+from bklit.tokens import TokenVerifier, key_digest, null_origin
 
 CLOSE_POLICY = 1008
 log = Logger()
@@ -77,9 +85,10 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 class Broadcaster:
     """Per-node fan-out of Redis pub/sub messages to local dashboards."""
 
-    def __init__(self, address: RedisAddress, factory: WebSocketServerFactory):
+    def __init__(self, address: RedisAddress, factory: WebSocketServerFactory, open_keys: OpenKeys):
         self.address = address
         self.ws_factory = factory
+        self.open_keys = open_keys
         self.dashboards: dict[str, set[DashboardProtocol]] = {}
         self.connection: _Subscriber | None = None
         self.redis_factory: Any = None
@@ -104,9 +113,11 @@ class Broadcaster:
         return defer.maybeDeferred(self.redis_factory.disconnect).addErrback(lambda _: None)
 
     def subscribed(self, connection: _Subscriber) -> None:
+        """(Re)connected: subscribe; once Redis confirmed, check the open sockets' keys again."""
         self.connection = connection
-        if self.dashboards:
-            connection.subscribe([live_channel(p) for p in self.dashboards])
+        d = connection.subscribe([REVOKED_CHANNEL, *(live_channel(p) for p in self.dashboards)])
+        # A failed subscribe means the connection is gone: the next one subscribes and checks.
+        d.addCallbacks(lambda _: self.open_keys.recheck(), lambda _: None)
 
     def add(self, dashboard: "DashboardProtocol") -> None:
         """Start sending the project's live events to ``dashboard``."""
@@ -128,6 +139,9 @@ class Broadcaster:
 
     def deliver(self, name: str, message: str) -> None:
         """Frame a published message once and write it to each local dashboard."""
+        if name == REVOKED_CHANNEL:
+            self.open_keys.revoked(message)
+            return
         local = self.dashboards.get(channel_project(name))
         if not local:
             return
@@ -196,24 +210,27 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         # Our own flow control: written-but-unsent bytes pause us, not reads.
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
+        key, self.presented_key = self.presented_key, None  # only its digest is kept
         if self.allowed_origin:
             self.authorize()
-        elif self.presented_key:
-            self.check(self.presented_key)
+        elif key:
+            self.check(key)
         else:
             self.auth_timer = self.dash.clock.callLater(self.dash.auth_timeout, self.refuse, "No auth in time")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.authorized or self.gone:
+        if self.gone:
             return
         try:
             message = json.loads(payload)
         except ValueError:
             message = None
         if not isinstance(message, dict) or message.get("type") != "auth" or not isinstance(message.get("apiKey"), str):
-            self.refuse("Expected auth with a read key")
+            if not self.authorized:  # once authorized, anything but auth is ignored
+                self.refuse("Expected auth with a read key")
             return
-        self.check(message["apiKey"])
+        if not self.dash.open_keys.holds(self, key_digest(message["apiKey"])):
+            self.check(message["apiKey"])
 
     def over_frame_budget(self, reason: str) -> None:
         self.dash.metrics.frame_budget_closes.labels("dashboard").inc()
@@ -226,6 +243,8 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()
         self.held = None
+        if hasattr(self, "dash"):
+            self.dash.open_keys.remove(self)
         if self.authorized:
             self.dash.broadcaster.remove(self)
             self.dash.connected.discard(self)
@@ -236,7 +255,10 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         d.addCallbacks(self.verdict, lambda f: self.refuse("Cannot check the key now"))
 
     def verdict(self, verdict: Any) -> None:
+        if self.gone:
+            return
         if verdict.ok:
+            self.dash.open_keys.add(self, verdict.token)
             self.authorize()
         else:
             self.dash.admission.auth_failed(self.client)
@@ -340,9 +362,10 @@ class Dashboards:
 
     def __init__(self, verifier: TokenVerifier, sessions: LiveSessions, clock: Any, *,
                  origins: tuple[tuple[str, str], ...], auth_timeout: float, max_skipped: int, metrics: Any,
-                 admission: Admission, trusted_proxies: Any, frame_limits: FrameLimits,
+                 admission: Admission, trusted_proxies: Any, frame_limits: FrameLimits, open_keys: OpenKeys,
                  connects_per_minute: int = 30, client_ip_header: str = "x-forwarded-for"):
         self.verifier = verifier
+        self.open_keys = open_keys
         self.sessions = sessions
         self.clock = clock
         self.origins = frozenset(origins)

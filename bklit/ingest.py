@@ -8,8 +8,14 @@ to ``handle_<type>``; what an accepted event becomes and where it goes is
   the ``apiKey`` of a pageview/event) starts a check;
 - ``checking``: messages that arrive meanwhile wait, in order, and are
   handled once the verdict is in;
-- ``open``: the key was good; events are accepted;
+- ``open``: the key was good; events are accepted.  A message carrying a
+  key the socket has not presented before (compared by SHA-256) is checked
+  like the first, back in ``checking``; the same key again is not looked up;
 - ``refused``: an ``unauthorized`` error was sent and the socket closes 1008.
+
+The digests of the socket's good keys are indexed in the node's
+``OpenKeys`` (``bklit.revocation``): when any of them is revoked or
+expires, the socket is refused.
 
 An event is acked (``{"type":"ack"}``) only when Redis has stored it.
 
@@ -44,8 +50,9 @@ from bklit.ids import EventIds
 from bklit.limits import Admission, Denied, ProjectBudgets, TokenBucket, client_key
 from bklit.metrics import Metrics
 from bklit.queue import OperationRefused, StreamProducer
+from bklit.revocation import OpenKeys
 from bklit.sessions import LiveSessions
-from bklit.tokens import TokenVerifier
+from bklit.tokens import TokenVerifier, key_digest
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -63,11 +70,13 @@ class Ingest:
     """What happens to accepted events, shared by all SDK connections."""
 
     def __init__(self, config: Config, verifier: TokenVerifier, producer: StreamProducer,
-                 sessions: LiveSessions, clock: Any, node: str, metrics: Metrics, admission: Admission):
+                 sessions: LiveSessions, clock: Any, node: str, metrics: Metrics, admission: Admission,
+                 open_keys: OpenKeys):
         self.config = config
         self.admission = admission
         self.metrics = metrics
         self.verifier = verifier
+        self.open_keys = open_keys
         self.producer = producer
         self.sessions = sessions
         self.clock = clock
@@ -156,6 +165,7 @@ class Ingest:
         if conn.in_project:
             conn.in_project = False
             self.projects.close(conn.project_id)
+        self.open_keys.remove(conn)
         if conn.joined:
             conn.joined = False
             d = self.sessions.detach(conn.project_id, conn.session_id, conn.socket_id)
@@ -205,7 +215,6 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         self.client_origin: str | None = None
         self.ip = ""
         self.gate = "new"
-        self.api_key: str | None = None
         self.waiting: list[wire.Auth | wire.PageView | wire.Event] = []
         self.errors = 0
         self.closed = False
@@ -334,20 +343,20 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
                 return
             self.waiting.append(message)
             return
-        if self.gate == "new":
-            key = message.api_key
-            if not key:
-                self.refuse("An API key is required: send auth first")
-                return
+        key = message.api_key
+        if self.gate == "new" and not key:
+            self.refuse("An API key is required: send auth first")
+            return
+        if key and not self.ingest.open_keys.holds(self, key_digest(key)):
             self.gate = "checking"
             self.waiting.append(message)
             d = self.ingest.verifier.verify(key, self.project_id, "ingest", self.client_origin)
-            d.addCallbacks(self.verified, self.verify_failed, callbackArgs=(key,))
+            d.addCallbacks(self.verified, self.verify_failed)
             return
         getattr(self, "handle_" + type(message).__name__.lower())(message)
 
-    def verified(self, verdict: Any, key: str) -> None:
-        """The key's verdict is in: open the gate or refuse the connection.
+    def verified(self, verdict: Any) -> None:
+        """The key's verdict is in: open the gate and handle what waited, or refuse the connection.
 
         A good key's waiting messages are handled even when the connection
         dropped meanwhile (their acks cannot be sent, but they are stored),
@@ -360,7 +369,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
                 log.info("locked out a client after repeated authentication failures")
             self.refuse(verdict.reason)
             return
-        refusal = self.ingest.open_in_project(self)
+        refusal = None if self.in_project else self.ingest.open_in_project(self)  # at the first key
         if refusal:
             self.ingest.metrics.messages.labels("auth", "project_limit").inc()
             self.gate = "refused"
@@ -371,14 +380,14 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             return
         self.gate = "open"
         self.widen_frame_budget()
-        self.api_key = key
+        self.ingest.open_keys.add(self, verdict.token)
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()
         waiting, self.waiting = self.waiting, []
-        for message in waiting:
-            if self.ours or self.gate != "open":
+        for message in waiting:  # one with yet another key starts its check; the rest wait again
+            if self.ours or self.gate == "refused":
                 break
-            getattr(self, "handle_" + type(message).__name__.lower())(message)
+            self.receive(message)
         if self.closed:
             self.ingest.closed(self)
         self.settle()
@@ -409,7 +418,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
     # Message handlers (connection is open) -------------------------------
 
     def handle_auth(self, message: wire.Auth) -> None:
-        """A repeated ``auth``: confirm again (later keys are not needed)."""
+        """An ``auth`` whose key was good (checked now or before on this socket)."""
         self.send(wire.auth_success())
 
     def handle_pageview(self, message: wire.PageView) -> None:

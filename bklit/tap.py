@@ -42,6 +42,7 @@ from bklit.notify import notify, reloading
 from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
+from bklit.revocation import OpenKeys
 from bklit.spool import Spool, SpoolError
 from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSError, TLSServerEndpoint, load_pair
 from bklit.tokens import TokenStore, TokenVerifier
@@ -185,8 +186,9 @@ class BklitService(MultiService):
             max_auth_failures=config.auth_failures_max, failure_window=config.auth_failure_window,
             lockout=config.auth_lockout, max_per_network=config.max_connections_per_network)
         self._every(config.auth_failure_window, self.admission.purge)
+        open_keys = OpenKeys(verifier, reactor)  # the SDK's and the dashboards' sockets alike
         self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node, self.metrics,
-                             self.admission)
+                             self.admission, open_keys)
         self.metrics.watch_connections("sdk", lambda: len(self.ingest.connections))
         self._every(60, self.ingest.projects.purge)
         self.dashboards = Dashboards(
@@ -194,14 +196,14 @@ class BklitService(MultiService):
             auth_timeout=config.dashboard_auth_timeout, max_skipped=config.dashboard_max_skipped,
             metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies,
             frame_limits=self.ingest.frame_limits, connects_per_minute=config.dashboard_connects_per_minute,
-            client_ip_header=config.client_ip_header)
+            client_ip_header=config.client_ip_header, open_keys=open_keys)
         self._every(60, self.dashboards.connects.purge)
         if config.dashboard_origins:
             self.log.warn("dashboard_origins: the live streams of {projects} are readable by anyone who sends "
                           "the Origin listed for them (any client outside a browser can)",
                           projects=", ".join(sorted({p for p, _ in config.dashboard_origins})))
         dashboard_factory = DashboardFactory(self.dashboards, config)
-        self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory)
+        self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory, open_keys)
         api = Resource()
         api.putChild(b"live", LiveCount(verifier, self.sessions))
         site = self.site = make_site(SdkFactory(self.ingest), config.handshake_timeout, {

@@ -197,8 +197,14 @@ class TokenStore:
         return [t for t in await self.list() if t.digest.startswith(prefix)]
 
     async def revoke(self, token: Token) -> None:
-        """Mark a token revoked (kept, so listings show it)."""
+        """Mark a token revoked (kept, so listings show it), then tell every node.
+
+        The SHA-256 is published on ``keys.REVOKED_CHANNEL`` after the
+        revocation is stored, so a node that hears it and looks the token up
+        again reads it revoked (``bklit.revocation``).
+        """
         await self.call("HSET", token_key(token.digest), "revoked", "1")
+        await self.call("PUBLISH", keys.REVOKED_CHANNEL, token.digest)
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,11 @@ class TokenVerifier:
     seconds is judged as it was then (so new tabs keep working through an
     outage, their events going to the spool); an unknown key is refused.
     The caches are bounded: when full they are cleared.
+
+    ``forget`` (a revocation was heard) and ``reset`` (revocations may have
+    been missed) drop cached lookups; a lookup in flight at that moment may
+    have read the token before the change, so it is read once more before
+    its waiters get an answer.
     """
 
     max_entries = 100_000
@@ -231,10 +242,14 @@ class TokenVerifier:
         self._cache: dict[str, tuple[float, Token | None]] = {}
         self._known: dict[str, tuple[float, Token]] = {}
         self._inflight: dict[str, list[defer.Deferred]] = {}
+        self._reread: set[str] = set()
 
     def lookup(self, key: str) -> defer.Deferred:
         """The stored token for ``key`` (or None), from cache when fresh."""
-        digest = key_digest(key)
+        return self.lookup_digest(key_digest(key))
+
+    def lookup_digest(self, digest: str) -> defer.Deferred:
+        """The stored token whose SHA-256 is ``digest`` (or None), from cache when fresh."""
         now = self.clock.seconds()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
@@ -245,11 +260,30 @@ class TokenVerifier:
             waiters.append(result)
             return result
         self._inflight[digest] = [result]
-        # May settle at once (Redis down): the waiter is registered first.
-        defer.ensureDeferred(self.store.get(digest)).addBoth(self._settle, digest)
+        self._read(digest)
         return result
 
+    def _read(self, digest: str) -> None:
+        # May settle at once (Redis down): the waiter is registered first.
+        defer.ensureDeferred(self.store.get(digest)).addBoth(self._settle, digest)
+
+    def forget(self, digest: str) -> None:
+        """Drop all that is known of ``digest`` (it was revoked): the next check reads Redis."""
+        self._cache.pop(digest, None)
+        self._known.pop(digest, None)
+        if digest in self._inflight:
+            self._reread.add(digest)
+
+    def reset(self) -> None:
+        """Drop every cached lookup (what was last seen while Redis answered stays)."""
+        self._cache.clear()
+        self._reread.update(self._inflight)
+
     def _settle(self, outcome: Any, digest: str) -> None:
+        if digest in self._reread:
+            self._reread.discard(digest)
+            self._read(digest)
+            return
         waiters = self._inflight.pop(digest)
         failed = isinstance(outcome, Failure)
         if failed:
@@ -280,14 +314,21 @@ class TokenVerifier:
         d.addCallback(self.judge, project_id, scope, origin)
         return d
 
+    def standing(self, token: Token | None) -> str:
+        """Why a looked-up token is no good for anything now ("" when it may be)."""
+        if token is None:
+            return "invalid API key"
+        if token.revoked:
+            return "API key revoked"
+        if token.expired(self.clock.seconds()):
+            return "API key expired"
+        return ""
+
     def judge(self, token: Token | None, project_id: str, scope: str, origin: str | None) -> Verdict:
         """The verdict for a looked-up token (pure)."""
-        if token is None:
-            return Verdict(False, "invalid API key")
-        if token.revoked:
-            return Verdict(False, "API key revoked")
-        if token.expired(self.clock.seconds()):
-            return Verdict(False, "API key expired")
+        reason = self.standing(token)
+        if reason:
+            return Verdict(False, reason)
         if token.scope != scope:
             return Verdict(False, f"API key is not valid for {scope}")
         if project_id not in token.projects:

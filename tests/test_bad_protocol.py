@@ -22,7 +22,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent, globalLogPublisher
 
 from bklit import keys
-from bklit.tokens import TokenStore
+from bklit.tokens import TokenStore, key_digest
 from harness import clickhouse_rows, connect, eventually, running_daemon, sdk_pageview, settings
 from test_bad_input import (AFTER_URL, BAD_ADDRESS, BAD_SESSION, acked, close, frame, pageview, scenario, sleep,
                             text_frames)
@@ -174,50 +174,97 @@ REFUSED_KEYS = {
 }
 
 
+@pytest.mark.parametrize("later", [False, True], ids=["first_key", "after_a_good_key"])
 @pytest.mark.parametrize("case", list(REFUSED_KEYS))
 @pytest_twisted.ensureDeferred
-async def test_refused_key(case, redis_server, redis_url, clickhouse_url):
-    """A bad key gets ``unauthorized`` with its reason and the socket closes 1008; nothing is stored."""
+async def test_refused_key(case, later, redis_server, redis_url, clickhouse_url):
+    """A bad key gets ``unauthorized`` with its reason and the socket closes 1008; nothing is stored.
+    Sent after a good key on an open socket it is checked alike and refuses the socket alike."""
     kind, how, reason = REFUSED_KEYS[case]
     async with scenario(redis_server, redis_url, clickhouse_url) as s:
         key, origin = await bad_key(s, kind)
         bad = await connect(s.port, path=f"/?projectId=p1&sessionId={BAD_SESSION}", headers=BAD_ADDRESS,
                             origin=origin)
         assert (await bad.next())["type"] == "connected"
+        if later:
+            bad.send({"type": "auth", "apiKey": s.key})
+            assert await bad.next() == {"type": "auth_success"}
+            bad.send(pageview(s.key, url=AFTER_URL))
+            s.pageviews.append((BAD_SESSION, await acked(bad), AFTER_URL))
         bad.send({"type": "auth", "apiKey": key} if how == "auth" else pageview(key))
-        bad.send(pageview(key))  # waits for the verdict, then is dropped with it
+        bad.send(pageview(s.key if later else key))  # waits for the verdict, then is dropped with it
         assert await bad.next() == {"type": "error", "code": "unauthorized", "message": reason}
         assert await bad.wait_closed() == (1008, "Unauthorized")
         assert bad.inbox.pending == []
 
 
+REVOKED = {"type": "error", "code": "unauthorized", "message": "API key revoked"}
+
+
 @pytest_twisted.ensureDeferred
 async def test_key_replayed_after_revocation(redis_server, redis_url, clickhouse_url):
-    """A key revoked while a socket used it is refused on new sockets; the socket it opened keeps its session."""
-    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+    """Revoking a key closes the socket it opened, at once ("API key revoked", 1008), and refuses it on new
+    sockets at once too, though token_cache_ttl (5 s, the default) would have kept its good verdict."""
+    async with scenario(redis_server, redis_url, clickhouse_url, token_cache_ttl="5") as s:
         key = await s.daemon.token("p1")
         first = await s.bad(key)
+        first.send(pageview(key, url=AFTER_URL))
+        s.pageviews.append((BAD_SESSION, await acked(first), AFTER_URL))
+        started = time.monotonic()
         await revoked(s.daemon, key)
+        assert await first.next() == REVOKED
+        assert await first.wait_closed() == (1008, "Unauthorized")
+        assert time.monotonic() - started < 0.5
         replay = await s.bad(session="1732608000000-replay", headers={"X-Forwarded-For": "203.0.113.67"})
         replay.send({"type": "auth", "apiKey": key})
-        assert await replay.next() == {"type": "error", "code": "unauthorized", "message": "API key revoked"}
+        assert await replay.next() == REVOKED
         assert await replay.wait_closed() == (1008, "Unauthorized")
-        first.send(pageview(key, url=AFTER_URL))  # authentication is per connection, checked once
-        s.pageviews.append((BAD_SESSION, await acked(first), AFTER_URL))
-        await close(first)
 
 
 @pytest_twisted.ensureDeferred
 async def test_auth_repeated_on_an_open_socket(redis_server, redis_url, clickhouse_url):
-    """A second ``auth``, whatever its key, is answered ``auth_success`` and changes nothing."""
+    """The same key again is answered ``auth_success`` without a lookup; a second good ingest key of the
+    project is looked up once and answered ``auth_success``, what follows it waiting in order; the socket
+    then closes when either key is revoked."""
     async with scenario(redis_server, redis_url, clickhouse_url) as s:
-        bad = await s.bad(s.key)
-        for key in (s.key, "bk_" + "1" * 43):
-            bad.send({"type": "auth", "apiKey": key})
+        first, second = await s.daemon.token("p1"), await s.daemon.token("p1")
+        bad = await s.bad(first)
+        store = s.daemon.service.ingest.verifier.store
+        reads, read = [], store.get
+        store.get = lambda digest: reads.append(digest) or read(digest)
+        for _ in range(3):
+            bad.send({"type": "auth", "apiKey": first})
             assert await bad.next() == {"type": "auth_success"}
-        bad.send(pageview("bk_" + "2" * 43, url=AFTER_URL))  # a later apiKey is not looked at
+        bad.send(pageview(first, url=AFTER_URL))
         s.pageviews.append((BAD_SESSION, await acked(bad), AFTER_URL))
-        await close(bad)
+        assert reads == []
+        urls = [f"{AFTER_URL}/{n}" for n in range(3)]
+        bad.send({"type": "auth", "apiKey": second})
+        bad.send(pageview(None, url=urls[0]))
+        bad.send(pageview(second, url=urls[1]))
+        bad.send(pageview(first, url=urls[2]))
+        assert await bad.next() == {"type": "auth_success"}
+        for url in urls:
+            s.pageviews.append((BAD_SESSION, await acked(bad), url))
+        assert reads == [key_digest(second)]
+        await revoked(s.daemon, second)
+        assert await bad.next() == REVOKED
+        assert await bad.wait_closed() == (1008, "Unauthorized")
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_expiring_on_an_open_socket(redis_server, redis_url, clickhouse_url):
+    """A key that expires while its socket is open closes it at the expiry: "API key expired", 1008."""
+    async with scenario(redis_server, redis_url, clickhouse_url) as s:
+        expires_at = time.time() + 1.5
+        key = await s.daemon.token("p1", expires_at=expires_at)
+        bad = await s.bad(key)
+        bad.send(pageview(key, url=AFTER_URL))
+        s.pageviews.append((BAD_SESSION, await acked(bad), AFTER_URL))
+        assert await bad.next() == {"type": "error", "code": "unauthorized", "message": "API key expired"}
+        late = time.time() - expires_at
+        assert await bad.wait_closed() == (1008, "Unauthorized")
+        assert -0.01 < late < 0.5, late
 
 
 def close_frame(code, reason=b""):

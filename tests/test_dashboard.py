@@ -16,6 +16,8 @@ from twisted.internet.threads import deferToThread
 from bklit.dashboard import Broadcaster, DashboardProtocol, Dashboards
 from bklit.frames import FrameLimits
 from bklit.metrics import Metrics
+from bklit.revocation import OpenKeys
+from bklit.tokens import TokenStore
 from harness import SocketClient, connect, eventually, running_daemon, sdk_event, sdk_pageview, settings
 from test_live import open_dashboard, sdk_client
 
@@ -169,7 +171,7 @@ def _waiting_for_snapshot(*, max_skipped: int = 100, count: int = 1):
 
     dash = Dashboards(None, SimpleNamespace(snapshot=snapshot), task.Clock(), origins=(), auth_timeout=5,
                       max_skipped=max_skipped, metrics=Metrics(), admission=None, trusted_proxies=(),
-                      frame_limits=FrameLimits(10, 100, 100, 400, 64))
+                      frame_limits=FrameLimits(10, 100, 100, 400, 64), open_keys=OpenKeys(None, task.Clock()))
     factory = WebSocketServerFactory()
     factory.prepared = 0
     prepare = factory.prepareMessage
@@ -179,7 +181,7 @@ def _waiting_for_snapshot(*, max_skipped: int = 100, count: int = 1):
         return prepare(payload, *args)
 
     factory.prepareMessage = counted_prepare
-    dash.broadcaster = Broadcaster(None, factory)
+    dash.broadcaster = Broadcaster(None, factory, dash.open_keys)
     dashboards = []
     for _ in range(count):
         protocol, sent = DashboardProtocol(), []
@@ -369,3 +371,51 @@ async def test_the_origin_mode_says_at_start_which_streams_it_makes_public(redis
     finally:
         globalLogPublisher.removeObserver(observer)
     assert [line for line in lines if line.startswith("dashboard_origins: the live streams of blog, shop are")]
+@pytest.mark.parametrize("case,reason", [
+    ("ingest_key", "API key is not valid for read"),
+    ("other_project", "API key is not valid for this project"),
+    ("unknown_key", "invalid API key"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_auth_after_authorization_refuses_the_dashboard(case, reason, redis_url, clickhouse_url):
+    """An ``auth`` on an authorized dashboard is checked like the first: a key that may not read the project
+    gets ``unauthorized`` with its reason and close 1008."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        key = {"ingest_key": await daemon.token("p1"), "other_project": await daemon.token("p2", scope="read"),
+               "unknown_key": "bk_" + "0" * 43}[case]
+        dash, _ = await open_dashboard(daemon.port, read)
+        dash.send({"type": "auth", "apiKey": key})
+        assert await dash.next() == {"type": "error", "code": "unauthorized", "message": reason}
+        assert (await dash.wait_closed())[0] == 1008
+        await eventually(lambda: daemon.service.dashboards.connected == set())
+
+
+@pytest_twisted.ensureDeferred
+async def test_good_auth_after_authorization_binds_that_key_too(redis_url, clickhouse_url):
+    """The same key again or another read key of the project: nothing is sent, events keep coming, and the
+    dashboard closes ("API key revoked", 1008) when the key it was opened with or the later one is revoked."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        key, first, second = (await daemon.token("p1"), await daemon.token("p1", scope="read"),
+                              await daemon.token("p1", scope="read"))
+        keeps_first, adds_second = [(await open_dashboard(daemon.port, first))[0] for _ in range(2)]
+        keeps_first.send({"type": "auth", "apiKey": first})
+        adds_second.send({"type": "auth", "apiKey": second})
+        keeps_first.send({"type": "something else"})  # ignored once authorized, as before
+        client = await sdk_client(daemon.port, key)
+        client.send(sdk_pageview("p1", key=key))
+        ack = await client.next_of("ack")
+        for dash in (keeps_first, adds_second):
+            assert (await dash.next())["data"]["eventId"] == ack["eventId"]
+        store = TokenStore(daemon.service.redis.call)
+        [token] = await store.find(second)
+        await store.revoke(token)
+        assert await adds_second.next() == {"type": "error", "code": "unauthorized", "message": "API key revoked"}
+        assert (await adds_second.wait_closed())[0] == 1008
+        client.send(sdk_pageview("p1", key=key))
+        ack = await client.next_of("ack")
+        assert (await keeps_first.next())["data"]["eventId"] == ack["eventId"]
+        [token] = await store.find(first)
+        await store.revoke(token)
+        assert await keeps_first.next() == {"type": "error", "code": "unauthorized", "message": "API key revoked"}
+        assert (await keeps_first.wait_closed())[0] == 1008

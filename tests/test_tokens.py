@@ -12,13 +12,14 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from bklit.keys import REVOKED_CHANNEL
 from bklit.redis_client import RedisUnavailable
 from bklit.tokens import (INDEX_KEY, TokenStore, TokenVerifier, domain_allows, key_digest,
                           new_key, token_key)
 
 
 class FakeRedis:
-    """In-memory HSET/HGETALL/SADD/SMEMBERS with a call log, answering as Redis does.
+    """In-memory HSET/HGETALL/SADD/SMEMBERS (and PUBLISH, to nobody) with a call log, answering as Redis does.
 
     Like ``RedisService.call``, a reply comes on a later turn of the reactor
     (here ``clock.advance(0)``), and when Redis is ``down`` the call fails at
@@ -85,6 +86,9 @@ class FakeRedis:
 
     def _smembers(self, key):
         return list(self.sets.get(key, set()))
+
+    def _publish(self, channel, message):
+        return 0  # subscribers receive nothing here
 
 
 @pytest.mark.parametrize("domains,origin,allowed", [
@@ -200,6 +204,14 @@ class TokenStoreTests(SynchronousTestCase):
         self.result(self.store.revoke(token))
         [listed] = self.result(self.store.list())
         assert listed.revoked and listed.digest == token.digest
+
+    def test_revoke_publishes_the_hash_after_storing(self):
+        """Revoking publishes the token's SHA-256 on the revocation channel, after the revocation is stored."""
+        _, token = self.create()
+        del self.redis.calls[:]
+        self.result(self.store.revoke(token))
+        assert self.redis.calls == [("HSET", token_key(token.digest), "revoked", "1"),
+                                    ("PUBLISH", REVOKED_CHANNEL, token.digest)]
 
     def test_as_dict_never_holds_the_key(self):
         """The JSON description shows the id, not the key or its full hash."""
@@ -408,6 +420,63 @@ class VerifierTests(SynchronousTestCase):
         self.redis.down = True
         self.clock.advance(self.ttl + 1)
         self.failureResultOf(self.verifier.verify(key, "p1", "ingest"), RedisUnavailable)
+
+    # -- forgetting
+
+    def test_forget_drops_the_cached_and_the_last_seen_lookup(self):
+        """After ``forget`` the next check reads Redis, and an outage no longer passes the key as last seen."""
+        self.verifier = TokenVerifier(self.store, self.clock, self.ttl, stale=60)
+        key, token = self.create()
+        assert self.verdict(key).ok
+        self.revoke(token)
+        self.verifier.forget(token.digest)
+        assert self.verdict(key).reason == "API key revoked"
+        assert self.lookups() == 2
+        self.verifier.forget(token.digest)
+        self.redis.down = True
+        self.failureResultOf(self.verifier.verify(key, "p1", "ingest"), RedisUnavailable)
+
+    def test_a_lookup_in_flight_when_forgotten_is_read_again(self):
+        """A revocation heard while the key's lookup is under way: the waiters get the second read."""
+        key, token = self.create()
+        self.redis.hold()
+        pending = self.verifier.verify(key, "p1", "ingest")  # its reply, read now, says good
+        self.redis.hashes[token_key(token.digest)]["revoked"] = "1"
+        self.verifier.forget(token.digest)
+        self.redis.release()
+        self.clock.advance(0)
+        assert self.successResultOf(pending).reason == "API key revoked"
+        assert self.lookups() == 2
+
+    def test_reset_drops_every_cached_lookup_and_rereads_those_in_flight(self):
+        """``reset``: every key is read again, a lookup under way too; what was last seen stays."""
+        self.verifier = TokenVerifier(self.store, self.clock, self.ttl, stale=60)
+        first, _ = self.create()
+        second, token = self.create()
+        assert self.verdict(first).ok
+        self.redis.hold()
+        pending = self.verifier.verify(second, "p1", "ingest")
+        self.redis.hashes[token_key(token.digest)]["revoked"] = "1"
+        self.verifier.reset()
+        self.redis.release()
+        self.clock.advance(0)
+        assert self.successResultOf(pending).reason == "API key revoked"
+        assert self.verdict(first).ok
+        assert self.lookups() == 4
+        self.redis.down = True
+        self.clock.advance(self.ttl)
+        assert self.verdict(first).ok  # judged as last seen
+
+    def test_standing(self):
+        """``standing`` says why a token is no good for anything, or "" when it may be."""
+        _, token = self.create(expires_at=1010.0)
+        assert self.verifier.standing(token) == ""
+        assert self.verifier.standing(None) == "invalid API key"
+        self.clock.advance(10)
+        assert self.verifier.standing(token) == "API key expired"
+        self.revoke(token)
+        assert self.verifier.standing(self.successResultOf(self.settled(
+            defer.ensureDeferred(self.store.get(token.digest))))) == "API key revoked"
 
     def test_lookup_failing_at_once_fails_the_check(self):
         """With Redis down, ``call`` fails at once: the check fails too, it does not hang."""

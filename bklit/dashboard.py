@@ -169,6 +169,7 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         self.presented_key: str | None = None
         self.allowed_origin = False
         self.authorized = False
+        self.checking = False
         self.gone = False
         self.paused = False
         self.skipped = 0
@@ -229,6 +230,9 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
             if not self.authorized:  # once authorized, anything but auth is ignored
                 self.refuse("Expected auth with a read key")
             return
+        if self.checking:  # one key check at a time: each costs a hash and a Redis read
+            self.refuse("One auth at a time: wait for the answer")
+            return
         if not self.dash.open_keys.holds(self, key_digest(message["apiKey"])):
             self.check(message["apiKey"])
 
@@ -251,10 +255,16 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
 
     def check(self, key: str) -> None:
         """Verify a read key for this project."""
+        self.checking = True
         d = self.dash.verifier.verify(key, self.project_id, "read")
-        d.addCallbacks(self.verdict, lambda f: self.refuse("Cannot check the key now"))
+        d.addCallbacks(self.verdict, self.check_failed)
+
+    def check_failed(self, failure: Any) -> None:
+        self.checking = False
+        self.refuse("Cannot check the key now")
 
     def verdict(self, verdict: Any) -> None:
+        self.checking = False
         if self.gone:
             return
         if verdict.ok:

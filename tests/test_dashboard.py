@@ -419,3 +419,17 @@ async def test_good_auth_after_authorization_binds_that_key_too(redis_url, click
         await store.revoke(token)
         assert await keeps_first.next() == {"type": "error", "code": "unauthorized", "message": "API key revoked"}
         assert (await keeps_first.wait_closed())[0] == 1008
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_key_check_at_a_time(redis_url, clickhouse_url):
+    """A second auth sent before the first was answered refuses the dashboard: a socket cannot keep many
+    key checks (a hash and a Redis read each) in flight."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        dash = await connect(daemon.port, path="/dashboard?projectId=p1")
+        assert (await dash.next())["type"] == "connected"
+        for n in range(5):
+            dash.send({"type": "auth", "apiKey": f"bk_{n:043d}"})
+        assert await dash.next() == {"type": "error", "code": "unauthorized",
+                                     "message": "One auth at a time: wait for the answer"}
+        assert (await dash.wait_closed())[0] == 1008

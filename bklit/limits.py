@@ -154,6 +154,11 @@ class Admission:
         for net, _ in nets:
             self.per_network[net] = self.per_network.get(net, 0) + 1
 
+    def locked_out(self, key: str) -> bool:
+        """Whether ``key`` is locked out now (for endpoints that are not sockets)."""
+        until = self.locked.get(key)
+        return until is not None and until > self.clock.seconds()
+
     def release(self, key: str) -> None:
         """A socket counted by ``admit`` closed."""
         self.total -= 1

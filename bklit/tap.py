@@ -46,7 +46,7 @@ from bklit.revocation import OpenKeys
 from bklit.spool import Spool, SpoolError
 from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSError, TLSServerEndpoint, load_pair
 from bklit.tokens import TokenStore, TokenVerifier
-from bklit.web import LiveCount, UpgradeResource, make_site
+from bklit.web import LiveCount, Lockout, UpgradeResource, make_site
 from bklit.writer import WriterService, consumer_name
 
 
@@ -205,7 +205,8 @@ class BklitService(MultiService):
         dashboard_factory = DashboardFactory(self.dashboards, config)
         self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory, open_keys)
         api = Resource()
-        api.putChild(b"live", LiveCount(verifier, self.sessions))
+        lockout = Lockout(self.admission, self.ingest.trusted_proxies, config.client_ip_header)
+        api.putChild(b"live", LiveCount(verifier, self.sessions, lockout))
         site = self.site = make_site(SdkFactory(self.ingest), config.handshake_timeout, {
             b"dashboard": UpgradeResource(dashboard_factory),
             b"api": api,

@@ -15,10 +15,11 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from bklit import wire
+from bklit import enrich, wire
 from bklit.dashboard import bearer
 
 from bklit.ingest import SdkFactory
+from bklit.limits import client_key
 
 
 class Root(Resource):
@@ -40,17 +41,41 @@ def _json(request: Any, status: int, body: dict) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+class Lockout:
+    """The WebSocket endpoints' authentication lockout, for plain HTTP read endpoints too.
+
+    A refused key counts toward the client's lockout, and a locked-out
+    client gets 429, whichever endpoint it tries keys on.
+    """
+
+    def __init__(self, admission: Any, trusted_proxies: Any, header: str):
+        self.admission = admission
+        self.trusted_proxies = trusted_proxies
+        self.header = header
+
+    def client(self, request: Any) -> str:
+        """What limits count the request's client by."""
+        headers = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+                   for name, values in request.requestHeaders.getAllRawHeaders()}
+        peer = getattr(request.getClientAddress(), "host", "")
+        return client_key(enrich.client_ip(peer, headers, self.trusted_proxies, self.header))
+
+
 class LiveCount(Resource):
     """``GET /api/live?projectId=P`` with a read key: how many sessions are live."""
 
     isLeaf = True
 
-    def __init__(self, verifier: Any, sessions: Any):
+    def __init__(self, verifier: Any, sessions: Any, lockout: "Lockout | None" = None):
         super().__init__()
         self.verifier = verifier
         self.sessions = sessions
+        self.lockout = lockout
 
     def render_GET(self, request: Any) -> Any:
+        client = self.lockout.client(request) if self.lockout is not None else ""
+        if self.lockout is not None and self.lockout.admission.locked_out(client):
+            return _json(request, 429, {"error": "locked_out", "message": "too many refused keys; try again later"})
         project = (request.args.get(b"projectId") or [b""])[0].decode("utf-8", "replace")
         if not wire.valid_project_id(project):
             return _json(request, 400, {"error": "bad_request", "message": "projectId is missing or invalid"})
@@ -59,13 +84,15 @@ class LiveCount(Resource):
         if not key:
             request.setHeader(b"www-authenticate", b"Bearer")
             return _json(request, 401, {"error": "unauthorized", "message": "a read key is required (Authorization: Bearer)"})
-        d = defer.ensureDeferred(self._answer(request, project, key))
+        d = defer.ensureDeferred(self._answer(request, project, key, client))
         d.addErrback(lambda f: self._finish(request, 503, {"error": "unavailable", "message": "cannot read live sessions now"}))
         return NOT_DONE_YET
 
-    async def _answer(self, request: Any, project: str, key: str) -> None:
+    async def _answer(self, request: Any, project: str, key: str, client: str) -> None:
         verdict = await self.verifier.verify(key, project, "read")
         if not verdict.ok:
+            if self.lockout is not None:
+                self.lockout.admission.auth_failed(client)
             self._finish(request, 403, {"error": "forbidden", "message": verdict.reason})
             return
         live = await self.sessions.live_count(project)

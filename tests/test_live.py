@@ -51,9 +51,11 @@ def redis_int(daemon, *command):
     return daemon.service.redis.call(*command).addCallback(int)
 
 
-async def http_get(port, path, key=None):
-    """Status and JSON body of a GET, with a Bearer key when given."""
+async def http_get(port, path, key=None, extra=None):
+    """Status and JSON body of a GET, with a Bearer key when given (and ``extra`` headers)."""
     headers = Headers({b"authorization": [f"Bearer {key}".encode()]} if key else {})
+    for name, value in (extra or {}).items():
+        headers.addRawHeader(name.encode(), value.encode())
     response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), headers)
     return response.code, json.loads(await readBody(response))
 
@@ -141,6 +143,28 @@ async def test_api_live_refuses_missing_ingest_and_other_project_keys(redis_url,
         assert code == 403 and ingest not in json.dumps(body)
         assert (await http_get(daemon.port, "/api/live?projectId=p1", other))[0] == 403
         assert (await http_get(daemon.port, "/api/live?projectId=", other))[0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_live_counts_refused_keys_toward_the_lockout(redis_url, clickhouse_url):
+    """Refused keys on /api/live lock the client out like those on sockets: then 429 there, and its
+    WebSocket upgrades get 429 too; another client is served."""
+    values = {"auth_failures_max": "3", "trusted_proxies": "127.0.0.1"}
+    async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        guesser = {"X-Forwarded-For": "203.0.113.9"}
+        for n in range(3):
+            assert (await http_get(daemon.port, "/api/live?projectId=p1", f"bk_{n:043d}", guesser))[0] == 403
+        code, body = await http_get(daemon.port, "/api/live?projectId=p1", read, guesser)
+        assert (code, body["error"]) == (429, "locked_out")
+        try:
+            await connect(daemon.port, path="/dashboard?projectId=p1", headers=guesser)
+        except ConnectionError as e:
+            assert "429" in str(e)
+        else:
+            raise AssertionError("a locked-out client opened a dashboard")
+        assert await http_get(daemon.port, "/api/live?projectId=p1", read, {"X-Forwarded-For": "203.0.113.10"}) == (
+            200, {"projectId": "p1", "live": 0, "bots": 0})
 
 
 @pytest_twisted.ensureDeferred

@@ -72,7 +72,8 @@ STATS_QUERIES = {
                 " quantileExactIf(0.5)(duration, ended_at IS NOT NULL)"
                 " FROM tracked_session FINAL WHERE project_id = %(project)s"
                 " AND started_at >= toDateTime(%(since)s) AND is_bot = 0",
-    "pages": "SELECT cutQueryStringAndFragment(url) AS page, uniqExact(id) AS n " + _PAGEVIEWS +
+    # (18.16's cutQueryStringAndFragment keeps a fragment when there is no query)
+    "pages": "SELECT cutFragment(cutQueryString(url)) AS page, uniqExact(id) AS n " + _PAGEVIEWS +
              " GROUP BY page ORDER BY n DESC, page LIMIT %(top)s",
     "referrers": "SELECT referrer_hostname, uniqExact(session_id) AS n " + _PAGEVIEWS +
                  " AND referrer_hostname != '' AND referrer_type != 'internal'"
@@ -288,6 +289,12 @@ class ApiPage(Resource):
     async def answer(self, project: str, **parameters: Any) -> dict:
         raise NotImplementedError
 
+    def render(self, request: Any) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _json(request, 405, {"error": "method_not_allowed", "message": "only GET (and HEAD) here"})
+        return super().render(request)
+
     def render_GET(self, request: Any) -> Any:
         project = _argument(request, "projectId")
         try:
@@ -345,7 +352,9 @@ class StatsPage(ApiPage):
     """``GET /api/stats?projectId=P&range=30m|24h|7d`` (range defaults to 24h)."""
 
     def parameters(self, request: Any) -> dict:
-        range_name = _argument(request, "range") or "24h"
+        range_name = _argument(request, "range")
+        if range_name is None:
+            range_name = "24h"
         if range_name not in RANGES:
             raise BadRequest(f"range must be one of {', '.join(RANGES)}")
         return {"range_name": range_name}

@@ -11,6 +11,7 @@ import { LiveState } from "./state.js";
 const STORED_PROJECT = "bklit.live.project";
 const STORED_KEY = "bklit.live.key";
 const SESSION_ROWS = 100; // live sessions shown, most recently active first
+const OPEN_PAGES = 6;
 const DRAW_EVERY = 250; // ms: at most four redraws a second, however busy the project
 const STATS_EVERY = 60_000;
 const SERIES_EVERY = 60_000;
@@ -149,7 +150,8 @@ class View {
         this.retries = 0;
         setStatus("live", "Live");
         this.refreshSessions();
-        break;
+        this.draw(); // at once: the count and the status change together
+        return;
       case "pageview":
         state.pageview(message.data);
         break;
@@ -268,6 +270,14 @@ class View {
     $("live-count").textContent = state.live === null ? "–" : format.count(state.live);
     $("live-note").textContent = state.live === null ? "" : `as of ${format.clock(Date.now())}`;
     this.chart.update(state.points());
+    const open = state.openPages(OPEN_PAGES).map(([url, n]) => {
+      const li = document.createElement("li");
+      li.title = url;
+      li.append(text("span", format.page(url), "label"), text("span", format.count(n), "n"));
+      return li;
+    });
+    $("open-pages").replaceChildren(...open);
+    $("open-title").hidden = !open.length;
     this.drawSessions();
     this.drawFeed();
   }
@@ -361,7 +371,7 @@ function feedText(item) {
       .join(", ");
     return `${item.trackingId} ${item.eventType}${details ? ` (${details})` : ""} — session …${who}`;
   }
-  const pages = item.pageviews ? `, ${format.count(item.pageviews)} pages` : "";
+  const pages = item.pageviews ? `, ${format.counted(item.pageviews, "page")}` : "";
   const stay = item.seconds !== null ? `, ${format.duration(item.seconds)}` : "";
   return `session …${who} ended (${item.reason}${pages}${stay})`;
 }

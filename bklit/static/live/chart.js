@@ -22,11 +22,11 @@ function element(name, attributes = {}, parent = null) {
   return node;
 }
 
-// A round upper bound for the y axis: 1, 2, 5, 10, 20, 50 ... at least 4 so the grid has whole steps.
+// A round upper bound for the y axis (4, 8, 20, 40, 60, 80, 200 ...) whose grid lines are whole numbers.
 function niceMax(value) {
   const floor = Math.max(GRID_LINES, value);
   const magnitude = 10 ** Math.floor(Math.log10(floor));
-  for (const step of [1, 2, 2.5, 5, 10]) {
+  for (const step of [1, 2, 4, 6, 8, 10]) {
     const candidate = step * magnitude;
     if (candidate >= floor && Number.isInteger(candidate / GRID_LINES)) {
       return candidate;
@@ -79,7 +79,7 @@ export class Chart {
       bar.rect.setAttribute("y", String(HEIGHT - BOTTOM - height));
       bar.rect.setAttribute("height", String(height));
       bar.rect.classList.toggle("now", i === points.length - 1);
-      bar.title.textContent = `${format.minute(point.minute)}: ${format.count(point.pageviews)} pageviews`;
+      bar.title.textContent = `${format.minute(point.minute)}: ${format.counted(point.pageviews, "pageview")}`;
     });
     for (const { label, fraction } of this.gridLines) {
       label.textContent = format.count(max * fraction);
@@ -91,7 +91,7 @@ export class Chart {
     const total = points.reduce((sum, p) => sum + p.pageviews, 0);
     const peak = points.reduce((best, p) => (p.pageviews > best.pageviews ? p : best), points[0] || { pageviews: 0 });
     this.summary.textContent = total
-      ? `${format.count(total)} pageviews in the last ${points.length} minutes; the busiest minute, ${format.minute(peak.minute)}, had ${format.count(peak.pageviews)}.`
+      ? `${format.counted(total, "pageview")} in the last ${points.length} minutes; the busiest minute, ${format.minute(peak.minute)}, had ${format.count(peak.pageviews)}.`
       : `No pageviews in the last ${points.length} minutes.`;
   }
 }

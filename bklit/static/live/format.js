@@ -18,6 +18,11 @@ export function count(n) {
   return n === null || n === undefined ? "–" : numbers.format(n);
 }
 
+// "1 pageview", "2 pageviews"
+export function counted(n, noun) {
+  return `${count(n)} ${n === 1 ? noun : `${noun}s`}`;
+}
+
 export function percent(fraction) {
   return fraction === null || fraction === undefined ? "–" : percents.format(fraction);
 }

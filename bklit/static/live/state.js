@@ -187,6 +187,17 @@ export class LiveState {
     });
   }
 
+  // The pages live sessions are on, most first: [[url, sessions]].
+  openPages(limit) {
+    const counts = new Map();
+    for (const s of this.sessions.values()) {
+      if (s.currentPage) {
+        counts.set(s.currentPage, (counts.get(s.currentPage) || 0) + 1);
+      }
+    }
+    return [...counts].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1)).slice(0, limit);
+  }
+
   // Live sessions, most recently active first.
   active(limit) {
     return [...this.sessions.values()].sort((a, b) => b.lastSeen - a.lastSeen).slice(0, limit);

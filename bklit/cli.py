@@ -93,6 +93,20 @@ def parser() -> argparse.ArgumentParser:
     end.add_argument("--project", type=project_id, required=True, help="project id")
     end.add_argument("--session", help="end only this session (default: all live sessions of the project)")
 
+    demo = groups.add_parser("demo", help="play simulated visitors against a running server, to fill /live",
+                             description="Play simulated visitors against a running server through its SDK "
+                                         "endpoint, as @bklit/sdk speaks to it: sessions of several pages "
+                                         "(pushState and full page loads), referrers, campaigns, custom events, "
+                                         "browsers and devices. They are stored like real traffic: use a "
+                                         "project of their own.")
+    demo.add_argument("--project", type=project_id, required=True, help="project id the key is valid for")
+    demo.add_argument("--key", required=True, help="ingest key; - reads it from standard input")
+    demo.add_argument("--url", default="ws://localhost:8080", help="the server (default ws://localhost:8080)")
+    demo.add_argument("--visitors", type=positive_int, default=10, help="visitors at a time (default 10)")
+    demo.add_argument("--minutes", type=positive_number, default=5.0, help="how long to play (default 5)")
+    demo.add_argument("--seed", type=int, help="seed of the random choices, to play the same visits again")
+    demo.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     stats = groups.add_parser("stats", parents=[common], help="pageviews, sessions, live count and top pages",
                               description="Counts of a project from ClickHouse (exact, duplicates removed) "
                                           "and its live sessions from Redis.")
@@ -116,6 +130,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, not {text!r}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A number above 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, not {text!r}")
     return value
 
 
@@ -292,6 +317,14 @@ async def probe_server(args: argparse.Namespace, config: Config) -> None:
     print(json.dumps({"ok": True, **report.as_dict()}) if args.json else probe.render(report))
 
 
+async def play_demo(args: argparse.Namespace, config: Config) -> None:
+    from twisted.internet import reactor
+
+    from bklit import demo
+
+    await demo.run(args, reactor, from_stdin(args.key))
+
+
 class UsageProblem(Exception):
     """A bad argument value (exit 2)."""
 
@@ -308,6 +341,7 @@ def operating(name: str) -> Any:
 
 COMMANDS = {
     ("probe", None): probe_server,
+    ("demo", None): play_demo,
     ("token", "create"): token_create,
     ("token", "list"): token_list,
     ("token", "revoke"): token_revoke,

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
+from bklit.api import Api
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit.config import ConfigError, load_config
 from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
@@ -37,6 +38,7 @@ from bklit.geo import GeoError, load_city_db
 from bklit.health import HealthCheck, HealthPage
 from bklit.ingest import Ingest, SdkFactory
 from bklit.limits import Admission
+from bklit.livepage import LivePage
 from bklit.metrics import Metrics, MetricsPage
 from bklit.notify import notify, reloading
 from bklit.sessions import LiveSessions
@@ -145,6 +147,7 @@ class BklitService(MultiService):
         self.ingest: Ingest | None = None
         self.dashboards: Dashboards | None = None
         self.sessions: LiveSessions | None = None
+        self.api: Api | None = None
         self.listener: Any = None
         self.site: Any = None
         self.writer: WriterService | None = None
@@ -207,9 +210,13 @@ class BklitService(MultiService):
         api = Resource()
         lockout = Lockout(self.admission, self.ingest.trusted_proxies, config.client_ip_header)
         api.putChild(b"live", LiveCount(verifier, self.sessions, lockout))
+        self.api = Api(config.clickhouse, verifier, self.redis.call, reactor)  # /api/stats, ... for /live
+        self.api.setServiceParent(self)
+        self.api.mount(api)
         site = self.site = make_site(SdkFactory(self.ingest), config.handshake_timeout, {
             b"dashboard": UpgradeResource(dashboard_factory),
             b"api": api,
+            b"live": LivePage(),
         })
         endpoint = endpoints.serverFromString(reactor, config.listen)
         if self.tls is not None:
@@ -292,6 +299,7 @@ class BklitService(MultiService):
             ("stop listening", self.listener and self.listener.stopService),
             ("close SDK sockets", self.ingest and self.ingest.close_all),
             ("close dashboards", self.dashboards and self.dashboards.close_all),
+            ("stop the API's ClickHouse threads", self.api and self.api.stopService),
             ("stop the session loops", self.sessions and self.sessions.stopService),
             ("store or spool what was accepted", self.producer.drain),
             ("stop the writer", self.writer and self.writer.stopService),

@@ -1,0 +1,388 @@
+"""The JSON API the live page reads, on the daemon's port under ``/api/``.
+
+Every endpoint takes ``projectId`` and a read key as ``Authorization:
+Bearer``, answers JSON, and is never cached:
+
+- ``GET /api/stats?projectId=P&range=30m|24h|7d``: pageviews, sessions,
+  custom events, bounce rate, median session length and the top pages,
+  referrers, campaigns, countries, browsers and devices of the range, from
+  ClickHouse;
+- ``GET /api/timeseries?projectId=P``: pageviews per minute of the last 60
+  minutes (the current one included), from ClickHouse;
+- ``GET /api/sessions?projectId=P[&limit=N]``: the live sessions of people,
+  most recently active first, with their current page, country, browser and
+  device, from Redis (``/api/live``, the count alone, is ``bklit.web``'s).
+
+Errors are JSON too, ``{"error": code, "message": text}``: 400
+``bad_request`` for a bad parameter, 401 ``unauthorized`` for a missing,
+unknown, revoked or expired key, 403 ``forbidden`` for a key that may not
+read this project (an ingest key, or a key of other projects: as
+``/api/live`` answers), 503 ``unavailable`` when Redis or ClickHouse does
+not answer.
+
+ClickHouse is asked with parameterised queries only (clickhouse-driver's
+``%(name)s``), from a small thread pool of this service's own (the writer's
+pool belongs to the writer role and to inserts), one client per thread.
+Counts are of people: rows with ``is_bot = 1`` are left out.  Pageviews are
+counted by their id (``uniqExact``), so a row stored twice by a retried
+insert counts once; sessions are visits (a ``tracked_session`` row, latest
+version under ``FINAL``), counted in the range they started in.  Bounce
+rate and median length are of the visits that have ended.  The queries use
+only functions of ClickHouse 18.16.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from clickhouse_driver import Client, errors
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from bklit import agents, keys, wire
+from bklit.dashboard import bearer
+from bklit.web import _json
+
+RANGES = {"30m": 30 * 60, "24h": 24 * 3600, "7d": 7 * 86400}
+TOP = 10
+MINUTES = 60
+MAX_SESSIONS = 1000
+THREADS = 2
+# Seconds: a ClickHouse that does not answer makes a 503 soon, not a hung request.
+CONNECT_TIMEOUT = 3
+QUERY_TIMEOUT = 10
+
+_PAGEVIEWS = ("FROM page_view_event WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s)"
+              " AND is_bot = 0")
+
+# name -> query; each reads one range of one project.  Top lists count
+# visits (distinct sessions), except top pages, which counts pageviews.
+STATS_QUERIES = {
+    "pageviews": "SELECT uniqExact(id) " + _PAGEVIEWS,
+    "events": "SELECT uniqExact(id) FROM tracked_event WHERE project_id = %(project)s"
+              " AND timestamp >= toDateTime(%(since)s) AND is_bot = 0",
+    "sessions": "SELECT count(), countIf(ended_at IS NOT NULL), sumIf(did_bounce, ended_at IS NOT NULL),"
+                " quantileExactIf(0.5)(duration, ended_at IS NOT NULL)"
+                " FROM tracked_session FINAL WHERE project_id = %(project)s"
+                " AND started_at >= toDateTime(%(since)s) AND is_bot = 0",
+    # (18.16's cutQueryStringAndFragment keeps a fragment when there is no query)
+    "pages": "SELECT cutFragment(cutQueryString(url)) AS page, uniqExact(id) AS n " + _PAGEVIEWS +
+             " GROUP BY page ORDER BY n DESC, page LIMIT %(top)s",
+    "referrers": "SELECT referrer_hostname, uniqExact(session_id) AS n " + _PAGEVIEWS +
+                 " AND referrer_hostname != '' AND referrer_type != 'internal'"
+                 " AND referrer_hostname != domain(url)"
+                 " GROUP BY referrer_hostname ORDER BY n DESC, referrer_hostname LIMIT %(top)s",
+    "campaigns": "SELECT utm_source, utm_medium, utm_campaign, uniqExact(session_id) AS n " + _PAGEVIEWS +
+                 " AND (utm_source != '' OR utm_campaign != '')"
+                 " GROUP BY utm_source, utm_medium, utm_campaign ORDER BY n DESC, utm_source LIMIT %(top)s",
+    "countries": "SELECT country_code, any(country), uniqExact(session_id) AS n " + _PAGEVIEWS +
+                 " GROUP BY country_code ORDER BY n DESC, country_code LIMIT %(top)s",
+    "browsers": "SELECT browser, uniqExact(session_id) AS n " + _PAGEVIEWS +
+                " GROUP BY browser ORDER BY n DESC, browser LIMIT %(top)s",
+    "devices": "SELECT device_type, uniqExact(session_id) AS n " + _PAGEVIEWS +
+               " GROUP BY device_type ORDER BY n DESC, device_type LIMIT %(top)s",
+}
+
+TIMESERIES_QUERY = ("SELECT intDiv(toUInt32(timestamp), 60) * 60 AS minute, uniqExact(id) " + _PAGEVIEWS +
+                    " GROUP BY minute ORDER BY minute")
+
+
+def stats_answer(results: dict[str, list[tuple]]) -> dict:
+    """The ``/api/stats`` numbers from the rows of ``STATS_QUERIES``."""
+    started, ended, bounced, median = results["sessions"][0]
+    return {
+        "pageviews": results["pageviews"][0][0],
+        "events": results["events"][0][0],
+        "sessions": started,
+        "endedSessions": ended,
+        "bounceRate": round(bounced / ended, 4) if ended else None,
+        "medianSessionSeconds": int(median) if ended else None,
+        "topPages": [{"url": url, "pageviews": n} for url, n in results["pages"]],
+        "referrers": [{"hostname": host, "sessions": n} for host, n in results["referrers"]],
+        "campaigns": [{"source": source, "medium": medium, "campaign": campaign, "sessions": n}
+                      for source, medium, campaign, n in results["campaigns"]],
+        "countries": [{"countryCode": code, "country": name, "sessions": n} for code, name, n in results["countries"]],
+        "browsers": [{"browser": name, "sessions": n} for name, n in results["browsers"]],
+        "devices": [{"deviceType": name, "sessions": n} for name, n in results["devices"]],
+    }
+
+
+def timeseries_answer(rows: list[tuple], start: int, minutes: int = MINUTES) -> list[dict]:
+    """One ``{"minute": epoch seconds, "pageviews": n}`` per minute from ``start``, zeros included."""
+    counts = dict(rows)
+    return [{"minute": start + 60 * i, "pageviews": counts.get(start + 60 * i, 0)} for i in range(minutes)]
+
+
+def reader_url(url: str) -> str:
+    """``url`` with short connect and receive timeouts, unless it sets its own."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("connect_timeout", str(CONNECT_TIMEOUT))
+    query.setdefault("send_receive_timeout", str(QUERY_TIMEOUT))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+class Reader:
+    """Runs read queries from pool threads, one clickhouse-driver client per thread."""
+
+    def __init__(self, url: str):
+        self.url = reader_url(url)
+        self._local = threading.local()
+        self._clients: list[Client] = []
+        self._lock = threading.Lock()
+
+    def thd_select(self, query: str, params: dict) -> list[tuple]:
+        """The rows of one query; a failure that is not the query's own drops the thread's client."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = Client.from_url(self.url)
+            with self._lock:
+                self._clients.append(client)
+        try:
+            return client.execute(query, params, settings={"max_execution_time": QUERY_TIMEOUT})
+        except errors.ServerException:
+            raise
+        except Exception:
+            self._local.client = None
+            client.disconnect()
+            raise
+
+    def thd_close(self) -> None:
+        """Disconnect every thread's client (the pool has stopped)."""
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.disconnect()
+
+
+class Unavailable(Exception):
+    """Redis or ClickHouse did not answer; the message says which, for people."""
+
+
+class Api(Service):
+    """The API's state: the key verifier, Redis, and ClickHouse behind a thread pool it starts and stops."""
+
+    log = Logger()
+
+    def __init__(self, clickhouse_url: str, verifier: Any, redis_call: Callable[..., defer.Deferred],
+                 reactor: Any, threads: int = THREADS):
+        self.verifier = verifier
+        self.redis_call = redis_call
+        self.reactor = reactor
+        self.reader = Reader(clickhouse_url)
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="bklit-api")
+        self.agents = agents.shared()
+        self._clickhouse_failing = False
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.pool.started:
+            self.pool.stop()
+            self.reader.thd_close()
+
+    def mount(self, api: Resource) -> None:
+        """Put the endpoints under ``api`` (the ``/api/`` resource)."""
+        api.putChild(b"stats", StatsPage(self))
+        api.putChild(b"timeseries", TimeseriesPage(self))
+        api.putChild(b"sessions", SessionsPage(self))
+
+    async def access(self, key: str, project: str) -> tuple[int, str] | None:
+        """None when ``key`` may read ``project``, else (401 or 403, why)."""
+        if len(key) > 256:
+            return 401, "invalid API key"
+        token = await self.verifier.lookup(key)
+        verdict = self.verifier.judge(token, project, "read", None)
+        if verdict.ok:
+            return None
+        known = token is not None and not token.revoked and not token.expired(self.verifier.clock.seconds())
+        return (403 if known else 401), verdict.reason
+
+    async def select(self, queries: dict[str, str], params: dict) -> dict[str, list[tuple]]:
+        """Run named queries at once in the pool; ``Unavailable`` when ClickHouse fails."""
+        names = list(queries)
+        waiting = [deferToThreadPool(self.reactor, self.pool, self.reader.thd_select, queries[name], params)
+                   for name in names]
+        outcomes = await defer.DeferredList(waiting, consumeErrors=True)
+        failed = next((value for ok, value in outcomes if not ok), None)
+        if failed is not None:
+            if not self._clickhouse_failing:  # once per outage, not per request
+                self.log.warn("API: ClickHouse query failed: {error}", error=_first_line(failed.value))
+            self._clickhouse_failing = True
+            raise Unavailable("ClickHouse is not answering; the live parts still work")
+        if self._clickhouse_failing:
+            self.log.info("API: ClickHouse answers again")
+            self._clickhouse_failing = False
+        return {name: value for name, (_, value) in zip(names, outcomes)}
+
+    async def stats(self, project: str, range_name: str) -> dict:
+        now = int(self.reactor.seconds())
+        since = now - RANGES[range_name]
+        results = await self.select(STATS_QUERIES, {"project": project, "since": since, "top": TOP})
+        return {"projectId": project, "range": range_name, "since": since, "until": now, **stats_answer(results)}
+
+    async def timeseries(self, project: str) -> dict:
+        now = int(self.reactor.seconds())
+        start = now - now % 60 - 60 * (MINUTES - 1)
+        results = await self.select({"minutes": TIMESERIES_QUERY}, {"project": project, "since": start})
+        return {"projectId": project, "start": start, "step": 60, "until": now,
+                "points": timeseries_answer(results["minutes"], start)}
+
+    async def live_sessions(self, project: str, limit: int) -> dict:
+        """The project's live sessions of people from Redis, most recently active first."""
+        call = self.redis_call
+        read_at = int(self.reactor.seconds() * 1000)
+        live = int(await call("ZCARD", keys.live_sessions(project)))
+        flat = await call("ZREVRANGE", keys.live_sessions(project), "0", str(limit - 1), "WITHSCORES")
+        ids, scores = flat[::2], flat[1::2]
+        states = await defer.gatherResults([
+            call("HMGET", keys.session_state(project, session), "started_at", "pageviews", "entry_page",
+                 "exit_page", "user_agent", "country", "country_code", "city", "last_seen")
+            for session in ids], consumeErrors=True)
+        sessions = []
+        for session, score, state in zip(ids, scores, states):
+            started, pageviews, entry, current, agent, country, code, city, last_seen = state
+            if started is None:  # ended and expired since the ZREVRANGE
+                continue
+            described = self.agents.describe(agent or "")
+            sessions.append({
+                "sessionId": session, "startedAt": int(started), "lastSeen": int(last_seen or float(score)),
+                "pageviews": int(pageviews or 0), "entryPage": entry or "", "currentPage": current or "",
+                "country": country or "", "countryCode": code or "", "city": city or "",
+                "browser": described.browser, "os": described.os, "deviceType": described.device_type,
+            })
+        return {"projectId": project, "live": live, "readAt": read_at, "sessions": sessions}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+class BadRequest(Exception):
+    """A parameter is missing or wrong; the message says which."""
+
+
+class ApiPage(Resource):
+    """One endpoint: checks the project, the parameters and the key, then answers with ``answer``."""
+
+    isLeaf = True
+
+    def __init__(self, api: Api):
+        super().__init__()
+        self.api = api
+
+    def parameters(self, request: Any) -> dict:
+        """This endpoint's parameters (``BadRequest`` when one is wrong)."""
+        return {}
+
+    async def answer(self, project: str, **parameters: Any) -> dict:
+        raise NotImplementedError
+
+    def render(self, request: Any) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _json(request, 405, {"error": "method_not_allowed", "message": "only GET (and HEAD) here"})
+        return super().render(request)
+
+    def render_GET(self, request: Any) -> Any:
+        project = _argument(request, "projectId")
+        try:
+            if not wire.valid_project_id(project or ""):
+                raise BadRequest("projectId is missing or invalid (1-64 of A-Z a-z 0-9 _ -)")
+            parameters = self.parameters(request)
+        except BadRequest as e:
+            return _json(request, 400, {"error": "bad_request", "message": str(e)})
+        key = bearer({"authorization": (request.getHeader(b"authorization") or b"").decode("latin-1")})
+        if not key:
+            return _unauthorized(request, "a read key is required (Authorization: Bearer)")
+        d = defer.ensureDeferred(self._respond(request, project, key, parameters))
+        d.addErrback(lambda f: self.api.log.failure("API: {path} failed", f, path=request.path)
+                     or _finish(request, 503, {"error": "unavailable", "message": "cannot answer now"}))
+        return NOT_DONE_YET
+
+    async def _respond(self, request: Any, project: str, key: str, parameters: dict) -> None:
+        try:
+            refused = await self.api.access(key, project)
+        except Exception:
+            _finish(request, 503, {"error": "unavailable", "message": "cannot check the key now"})
+            return
+        if refused is not None:
+            status, reason = refused
+            if status == 401:
+                request.setHeader(b"www-authenticate", b"Bearer")
+            _finish(request, status, {"error": "unauthorized" if status == 401 else "forbidden", "message": reason})
+            return
+        try:
+            body = await self.answer(project, **parameters)
+        except Unavailable as e:
+            _finish(request, 503, {"error": "unavailable", "message": str(e)})
+            return
+        _finish(request, 200, body)
+
+
+def _argument(request: Any, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _unauthorized(request: Any, message: str) -> bytes:
+    request.setHeader(b"www-authenticate", b"Bearer")
+    return _json(request, 401, {"error": "unauthorized", "message": message})
+
+
+def _finish(request: Any, status: int, body: dict) -> None:
+    if request._disconnected or request.finished:
+        return
+    request.write(_json(request, status, body))
+    request.finish()
+
+
+class StatsPage(ApiPage):
+    """``GET /api/stats?projectId=P&range=30m|24h|7d`` (range defaults to 24h)."""
+
+    def parameters(self, request: Any) -> dict:
+        range_name = _argument(request, "range")
+        if range_name is None:
+            range_name = "24h"
+        if range_name not in RANGES:
+            raise BadRequest(f"range must be one of {', '.join(RANGES)}")
+        return {"range_name": range_name}
+
+    async def answer(self, project: str, range_name: str) -> dict:
+        return await self.api.stats(project, range_name)
+
+
+class TimeseriesPage(ApiPage):
+    """``GET /api/timeseries?projectId=P``: pageviews per minute, last 60 minutes."""
+
+    async def answer(self, project: str) -> dict:
+        return await self.api.timeseries(project)
+
+
+class SessionsPage(ApiPage):
+    """``GET /api/sessions?projectId=P&limit=N`` (1 to 1000, default 1000): live sessions, from Redis."""
+
+    def parameters(self, request: Any) -> dict:
+        text = _argument(request, "limit")
+        if text is None:
+            return {"limit": MAX_SESSIONS}
+        if not text.isdigit() or not 1 <= int(text) <= MAX_SESSIONS:
+            raise BadRequest(f"limit must be a whole number from 1 to {MAX_SESSIONS}")
+        return {"limit": int(text)}
+
+    async def answer(self, project: str, limit: int) -> dict:
+        try:
+            return await self.api.live_sessions(project, limit)
+        except Exception as e:  # (a FirstError from the HMGETs too)
+            raise Unavailable("Redis is not answering") from e

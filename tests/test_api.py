@@ -1,0 +1,323 @@
+"""The live page's JSON API: /api/stats, /api/timeseries, /api/sessions on a test daemon.
+
+Numbers are checked against rows put into the test's ClickHouse (the
+fixtures' Debian 18.16, or whatever ``clickhouse-server`` is installed) with
+clickhouse-driver and ``bklit.schema.to_insert_row``, as the writer stores
+them; live sessions come from real SDK traffic through the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest_twisted
+from clickhouse_driver import Client
+from twisted.internet import reactor
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from harness import connect, free_port, running_daemon, sdk_pageview, settings
+
+from bklit import api, schema
+from bklit.tokens import TokenStore
+
+SITE = "https://example.com"
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36"
+IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+          "Version/18.1 Mobile/15E148 Safari/604.1")
+ENDPOINTS = ["/api/stats?projectId=p1&range=24h", "/api/timeseries?projectId=p1", "/api/sessions?projectId=p1"]
+
+
+async def request(port: int, path: str, key: str | None = None, method: bytes = b"GET") -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of a request, with a Bearer key when given."""
+    headers = Headers({b"authorization": [f"Bearer {key}".encode()]} if key else {})
+    response = await Agent(reactor).request(method, f"http://127.0.0.1:{port}{path}".encode(), headers)
+    body = await readBody(response)
+    named = {name.decode().lower(): values[0].decode() for name, values in response.headers.getAllRawHeaders()}
+    return response.code, json.loads(body) if body else None, named
+
+
+def insert(clickhouse_url: str, table: str, rows: list[dict]) -> None:
+    """Store row dicts as the writer does (``to_insert_row``)."""
+    client = Client.from_url(clickhouse_url)
+    try:
+        columns = ", ".join(schema.insert_columns(table))
+        client.execute(f"INSERT INTO {table} ({columns}) VALUES", [schema.to_insert_row(table, r) for r in rows])
+    finally:
+        client.disconnect()
+
+
+def pageviews(project: str, session: str, visits: list[tuple], **common) -> list[dict]:
+    """page_view_event rows: one per (time, url, referrer, referrer_type, extra columns)."""
+    rows = []
+    for n, (at, url, referrer, kind, *extra) in enumerate(visits):
+        host = referrer.split("/")[2] if referrer else ""
+        rows.append({"id": f"{session}-pv{n}", "project_id": project, "session_id": session, "timestamp": at,
+                     "received_at": at, "url": url, "referrer": referrer, "referrer_hostname": host,
+                     "referrer_type": kind, **common, **(extra[0] if extra else {})})
+    return rows
+
+
+def visit(project: str, session: str, started: int, versions: list[tuple], **common) -> list[dict]:
+    """tracked_session rows of one visit: one per (ended or None, pageviews), versions growing."""
+    rows = []
+    for version, (ended, count) in enumerate(versions, 1):
+        rows.append({"id": f"{session}/{started * 1000}", "session_id": session, "project_id": project,
+                     "started_at": started, "started_ms": started * 1000, "ended_at": ended,
+                     "duration": ended - started if ended else 0, "pageviews": count, "did_bounce": int(count <= 1),
+                     "end_reason": "disconnect" if ended else "", "updated_at": ended or started,
+                     "version": version, **common})
+    return rows
+
+
+def store_history(clickhouse_url: str, now: int) -> None:
+    """Visits of p1 in the last 30 minutes, 24 hours, 7 days and before; a bot's; another project's."""
+    chrome = {"browser": "Chrome", "os": "Linux", "device_type": "desktop", "country": "Germany", "country_code": "DE"}
+    safari = {"browser": "Safari", "os": "iOS", "device_type": "mobile", "mobile": 1, "country": "United States",
+              "country_code": "US"}
+    firefox = {"browser": "Firefox", "os": "Linux", "device_type": "desktop", "country": "France", "country_code": "FR"}
+    android = {"browser": "Chrome", "os": "Android", "device_type": "mobile", "country": "United States",
+               "country_code": "US"}
+    google = "https://www.google.com/"
+    campaign = {"utm_source": "newsletter", "utm_medium": "email", "utm_campaign": "spring"}
+    a, b, c, h, d, e = now - 600, now - 300, now - 7200, now - 10800, now - 3 * 86400, now - 8 * 86400
+    views = (
+        # A, 10 min ago: from a search and a campaign, pushState, then a full page load; ended after 120 s
+        pageviews("p1", "A", [(a, f"{SITE}/pricing?utm_source=newsletter&utm_medium=email&utm_campaign=spring",
+                               google, "organic", campaign),
+                              (a + 30, f"{SITE}/docs", google, "organic"),
+                              (a + 60, f"{SITE}/pricing#faq", f"{SITE}/docs", "internal")], **chrome)
+        + pageviews("p1", "B", [(b, f"{SITE}/", "", "direct")], **safari)  # B, 5 min ago, still live
+        # C, 2 h ago: a bounce that came back (resumed) for a second page
+        + pageviews("p1", "C", [(c, f"{SITE}/blog/post?ref=hn", "https://news.ycombinator.com/item?id=1", "referral"),
+                                (c + 90, f"{SITE}/blog", f"{SITE}/blog/post?ref=hn", "internal")], **firefox)
+        + pageviews("p1", "H", [(h, f"{SITE}/", "https://t.co/x", "social")], **chrome)  # H, 3 h ago: a bounce
+        + pageviews("p1", "D", [(d, f"{SITE}/", "https://duckduckgo.com/", "organic"),
+                                (d + 300, f"{SITE}/pricing", f"{SITE}/", "internal")], **android)  # D, 3 days ago
+        + pageviews("p1", "E", [(e, f"{SITE}/old", "", "direct")], **chrome)  # E, 8 days ago: in no range
+        + pageviews("p1", "bot", [(a, f"{SITE}/", "", "direct")], is_bot=1, **chrome)
+        + pageviews("p2", "other", [(a, f"{SITE}/", google, "organic")], **chrome)
+    )
+    views.append(dict(views[0]))  # A's first pageview stored twice (a retried insert): one pageview
+    insert(clickhouse_url, "page_view_event", views)
+    insert(clickhouse_url, "tracked_session",
+           visit("p1", "A", a, [(None, 1), (a + 120, 3)], country_code="DE", country="Germany")
+           + visit("p1", "B", b, [(None, 1)], country_code="US")
+           + visit("p1", "C", c, [(None, 1), (c + 30, 1), (None, 1), (c + 90, 2)])
+           + visit("p1", "H", h, [(None, 1), (h + 10, 1)])
+           + visit("p1", "D", d, [(None, 1), (d + 300, 2)])
+           + visit("p1", "E", e, [(None, 1), (e + 5, 1)])
+           + visit("p1", "bot", a, [(None, 1), (a + 1, 1)], is_bot=1)
+           + visit("p2", "other", a, [(None, 1), (a + 1, 1)]))
+    insert(clickhouse_url, "tracked_event", [
+        {"id": "ev1", "project_id": "p1", "session_id": "A", "timestamp": a + 40, "tracking_id": "cta", "event_type": "click"},
+        {"id": "ev2", "project_id": "p1", "session_id": "D", "timestamp": d + 10, "tracking_id": "cta", "event_type": "click"},
+        {"id": "ev3", "project_id": "p1", "session_id": "bot", "timestamp": a, "tracking_id": "cta", "event_type": "click",
+         "is_bot": 1},
+        {"id": "ev4", "project_id": "p2", "session_id": "other", "timestamp": a, "tracking_id": "cta",
+         "event_type": "click"},
+    ])
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_of_each_range_count_the_projects_people(redis_url, clickhouse_url):
+    """Pageviews (each id once), visits (latest version), bounce rate, median and top lists per range."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        now = int(time.time())
+        store_history(clickhouse_url, now)
+        answers = {}
+        for range_name in ("30m", "24h", "7d"):
+            status, answers[range_name], headers = await request(
+                daemon.port, f"/api/stats?projectId=p1&range={range_name}", read)
+            assert status == 200, answers[range_name]
+            assert headers["content-type"] == "application/json" and headers["cache-control"] == "no-store"
+        status, default, _ = await request(daemon.port, "/api/stats?projectId=p1", read)
+        assert status == 200 and default["range"] == "24h"
+
+    recent, day, week = answers["30m"], answers["24h"], answers["7d"]
+    assert recent["projectId"] == "p1" and recent["range"] == "30m"
+    assert 0 <= recent["until"] - now <= 5 and recent["until"] - recent["since"] == 1800
+    assert week["until"] - week["since"] == 7 * 86400
+    assert {r: (a["pageviews"], a["sessions"], a["endedSessions"], a["events"]) for r, a in answers.items()} == {
+        "30m": (4, 2, 1, 1), "24h": (7, 4, 3, 1), "7d": (9, 5, 4, 2)}
+    assert (recent["bounceRate"], recent["medianSessionSeconds"]) == (0.0, 120)
+    assert (day["bounceRate"], day["medianSessionSeconds"]) == (0.3333, 90)
+    assert (week["bounceRate"], week["medianSessionSeconds"]) == (0.25, 120)
+
+    # Pages without their query and fragment; referrers and campaigns by visits, internal ones left out.
+    assert recent["topPages"] == [{"url": f"{SITE}/pricing", "pageviews": 2}, {"url": f"{SITE}/", "pageviews": 1},
+                                  {"url": f"{SITE}/docs", "pageviews": 1}]
+    assert recent["referrers"] == [{"hostname": "www.google.com", "sessions": 1}]
+    assert day["referrers"] == [{"hostname": "news.ycombinator.com", "sessions": 1}, {"hostname": "t.co", "sessions": 1},
+                                {"hostname": "www.google.com", "sessions": 1}]
+    assert recent["campaigns"] == [{"source": "newsletter", "medium": "email", "campaign": "spring", "sessions": 1}]
+    assert recent["countries"] == [{"countryCode": "DE", "country": "Germany", "sessions": 1},
+                                   {"countryCode": "US", "country": "United States", "sessions": 1}]
+    assert week["countries"] == [{"countryCode": "DE", "country": "Germany", "sessions": 2},
+                                 {"countryCode": "US", "country": "United States", "sessions": 2},
+                                 {"countryCode": "FR", "country": "France", "sessions": 1}]
+    assert week["browsers"] == [{"browser": "Chrome", "sessions": 3}, {"browser": "Firefox", "sessions": 1},
+                                {"browser": "Safari", "sessions": 1}]
+    assert week["devices"] == [{"deviceType": "desktop", "sessions": 3}, {"deviceType": "mobile", "sessions": 2}]
+    assert week["topPages"][0] == {"url": f"{SITE}/", "pageviews": 3}
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_of_a_project_without_rows_are_zero(redis_url, clickhouse_url):
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        read = await daemon.token("empty", scope="read")
+        status, body, _ = await request(daemon.port, "/api/stats?projectId=empty&range=7d", read)
+    assert status == 200
+    assert {k: v for k, v in body.items() if k not in ("since", "until")} == {
+        "projectId": "empty", "range": "7d", "pageviews": 0, "events": 0, "sessions": 0, "endedSessions": 0,
+        "bounceRate": None, "medianSessionSeconds": None, "topPages": [], "referrers": [], "campaigns": [],
+        "countries": [], "browsers": [], "devices": []}
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeseries_has_a_count_for_each_of_the_last_60_minutes(redis_url, clickhouse_url):
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        now = int(time.time())
+        store_history(clickhouse_url, now)
+        status, body, _ = await request(daemon.port, "/api/timeseries?projectId=p1", read)
+    assert status == 200
+    points = body["points"]
+    assert len(points) == 60 and body["step"] == 60
+    assert points[0]["minute"] == body["start"] and body["start"] % 60 == 0
+    assert [p["minute"] for p in points] == list(range(body["start"], body["start"] + 3600, 60))
+    assert points[-1]["minute"] <= body["until"] < points[-1]["minute"] + 60  # the current minute is the last
+    # A's three pageviews and B's one (not the bot's, not C's two hours ago, not p2's), each in its minute.
+    expected: dict[int, int] = {}
+    for at in (now - 600, now - 570, now - 540, now - 300):
+        expected[at - at % 60] = expected.get(at - at % 60, 0) + 1
+    assert {p["minute"]: p["pageviews"] for p in points if p["pageviews"]} == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_lists_live_visitors_with_page_country_and_browser(redis_url, clickhouse_url):
+    """From real SDK traffic: most recently active first, their browser and device from the user agent."""
+    async with running_daemon(settings(redis_url, clickhouse_url, trusted_proxies="127.0.0.1")) as daemon:
+        key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        first = await sdk(daemon.port, key, "s-first", {"X-Forwarded-For": "85.214.132.117"})
+        first.send(sdk_pageview("p1", "s-first", key=key, url=f"{SITE}/a", userAgent=CHROME))
+        await first.next_of("ack")
+        second = await sdk(daemon.port, key, "s-second")
+        second.send(sdk_pageview("p1", "s-second", key=key, url=f"{SITE}/", userAgent=IPHONE))
+        await second.next_of("ack")
+        first.send(sdk_pageview("p1", "s-first", key=key, url=f"{SITE}/b?x=1", userAgent=CHROME))
+        await first.next_of("ack")
+
+        status, body, _ = await request(daemon.port, "/api/sessions?projectId=p1", read)
+        assert status == 200 and body["projectId"] == "p1" and body["live"] == 2
+        assert abs(body["readAt"] - time.time() * 1000) < 5000
+        newest, older = body["sessions"]
+        assert {k: v for k, v in newest.items() if k not in ("startedAt", "lastSeen")} == {
+            "sessionId": "s-first", "pageviews": 2, "entryPage": f"{SITE}/a", "currentPage": f"{SITE}/b?x=1",
+            "country": "Germany", "countryCode": "DE", "city": "", "browser": "Chrome", "os": "Linux",
+            "deviceType": "desktop"}
+        assert newest["startedAt"] <= newest["lastSeen"] and newest["lastSeen"] >= older["lastSeen"]
+        assert (older["sessionId"], older["browser"], older["os"], older["deviceType"], older["country"]) == (
+            "s-second", "Safari", "iOS", "mobile", "")
+
+        status, body, _ = await request(daemon.port, "/api/sessions?projectId=p1&limit=1", read)
+        assert (body["live"], [s["sessionId"] for s in body["sessions"]]) == (2, ["s-first"])
+
+        second.sendClose()
+        await second.wait_closed()
+        ended = await wait_for_sessions(daemon.port, read, 1)
+        assert [s["sessionId"] for s in ended["sessions"]] == ["s-first"]
+        first.sendClose()
+        await first.wait_closed()
+
+
+async def wait_for_sessions(port: int, read: str, live: int) -> dict:
+    deadline = time.monotonic() + 5
+    while True:
+        _, body, _ = await request(port, "/api/sessions?projectId=p1", read)
+        if body["live"] == live or time.monotonic() > deadline:
+            assert body["live"] == live, body
+            return body
+
+
+async def sdk(port: int, key: str, session: str, headers: dict | None = None):
+    client = await connect(port, path=f"/?projectId=p1&sessionId={session}", headers=headers)
+    await client.next_of("connected")
+    client.send({"type": "auth", "apiKey": key})
+    await client.next_of("auth_success")
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_that_may_not_read_are_refused_as_by_api_live(redis_url, clickhouse_url):
+    """No key or a bad one: 401; an ingest key or another project's read key: 403, as /api/live answers."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        store = TokenStore(daemon.service.redis.call)
+        ingest = await daemon.token("p1")
+        other = await daemon.token("p2", scope="read")
+        expired = await daemon.token("p1", scope="read", expires_at=time.time() - 1)
+        revoked = await daemon.token("p1", scope="read")
+        await store.revoke((await store.find(revoked))[0])
+        read = await daemon.token("p1", scope="read")
+        for path in ENDPOINTS:
+            status, body, headers = await request(daemon.port, path)
+            assert (status, body["error"], headers.get("www-authenticate")) == (401, "unauthorized", "Bearer"), path
+            assert "read key" in body["message"]
+            for key, message in [("bk_nothing", "invalid API key"), (expired, "API key expired"),
+                                 (revoked, "API key revoked"), ("x" * 300, "invalid API key")]:
+                status, body, headers = await request(daemon.port, path, key)
+                assert (status, body) == (401, {"error": "unauthorized", "message": message}), (path, message)
+                assert headers.get("www-authenticate") == "Bearer"
+            for key, message in [(ingest, "API key is not valid for read"),
+                                 (other, "API key is not valid for this project")]:
+                status, body, _ = await request(daemon.port, path, key)
+                assert (status, body) == (403, {"error": "forbidden", "message": message}), (path, message)
+            status, _, _ = await request(daemon.port, path, read)
+            assert status == 200, path
+        status, body, _ = await request(daemon.port, "/api/live?projectId=p1", ingest)
+        assert (status, body["error"]) == (403, "forbidden")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_parameters_are_400_with_a_json_error(redis_url, clickhouse_url):
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        for path in ("/api/stats", "/api/stats?projectId=", "/api/stats?projectId=a:b", "/api/timeseries?projectId="
+                     + "x" * 65, "/api/stats?projectId=p1&range=1y", "/api/stats?projectId=p1&range=",
+                     "/api/sessions?projectId=p1&limit=0", "/api/sessions?projectId=p1&limit=1001",
+                     "/api/sessions?projectId=p1&limit=ten", "/api/sessions?projectId=p1&limit=-1"):
+            status, body, headers = await request(daemon.port, path, read)
+            assert (status, body["error"], headers["content-type"]) == (400, "bad_request", "application/json"), path
+            assert body["message"]
+        status, body, headers = await request(daemon.port, "/api/stats?projectId=p1", read, method=b"POST")
+        assert (status, body["error"], headers["allow"]) == (405, "method_not_allowed", "GET, HEAD")
+
+
+@pytest_twisted.ensureDeferred
+async def test_clickhouse_down_is_503_and_the_live_parts_still_answer(redis_url):
+    """An ingest node whose ClickHouse is unreachable: numbers 503, live sessions and the page still there."""
+    nowhere = f"clickhouse://default:@127.0.0.1:{free_port()}/bklit"
+    async with running_daemon(settings(redis_url, nowhere, role="ingest")) as daemon:
+        assert daemon.service.writer is None and daemon.service.api is not None
+        read = await daemon.token("p1", scope="read")
+        for path in ENDPOINTS[:2]:
+            started = time.monotonic()
+            status, body, _ = await request(daemon.port, path, read)
+            assert (status, body["error"]) == (503, "unavailable"), path
+            assert "ClickHouse" in body["message"] and time.monotonic() - started < 5
+        status, body, _ = await request(daemon.port, ENDPOINTS[2], read)
+        assert (status, body["live"]) == (200, 0)
+        response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{daemon.port}/live".encode())
+        await readBody(response)
+        assert response.code == 200
+        pool = daemon.service.api.pool
+    assert not pool.started and not any(t.is_alive() for t in pool.threads)  # the service stopped its threads
+
+
+def test_queries_take_their_values_only_as_parameters():
+    """Every query names the project and time as clickhouse-driver parameters, never as text put in."""
+    for name, query in {**api.STATS_QUERIES, "timeseries": api.TIMESERIES_QUERY}.items():
+        assert "%(project)s" in query and "toDateTime(%(since)s)" in query, name
+        assert "{" not in query and "%s" not in query.replace("%(project)s", "").replace("%(since)s", ""), name

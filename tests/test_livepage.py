@@ -1,0 +1,255 @@
+"""The live page at ``/live``: its files and headers, and a person using it in headless Chromium.
+
+``tests/browser/live.mjs`` (playwright-core driving Debian's chromium, as
+``test_browser.py`` does) opens ``/live`` on a test daemon, signs in with a
+wrong key and then a read key, and says what the page shows after each step;
+between steps this test sends SDK traffic from Python.  The screenshot it
+takes is kept as ``.run/live-page.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, error, protocol, reactor
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from harness import connect, running_daemon, sdk_event, sdk_pageview, settings
+from test_browser import BROWSER, DRIVER_TIMEOUT, browser_tools  # noqa: F401 (a fixture)
+
+from bklit.demo import Player
+from bklit.livepage import LivePage
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / ".run" / "live-page.png"
+SESSION = "1732608000000-livepage01"
+
+
+async def get(port: int, path: str, headers: dict | None = None, method: bytes = b"GET"):
+    """(response, body) of a request to the daemon."""
+    response = await Agent(reactor).request(method, f"http://127.0.0.1:{port}{path}".encode(),
+                                            Headers({k.encode(): [v.encode()] for k, v in (headers or {}).items()}))
+    return response, await readBody(response)
+
+
+def header(response, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_page_and_its_files_are_served_with_a_strict_policy(redis_url, clickhouse_url):
+    """``/live`` is the page, ``/live/<file>`` its files, each with CSP, no-cache and a correct type."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        response, body = await get(daemon.port, "/live")
+        assert response.code == 200
+        assert header(response, "content-type") == "text/html; charset=utf-8"
+        policy = header(response, "content-security-policy")
+        assert policy.startswith("default-src 'self'; connect-src 'self' ws: wss:;")
+        assert "script-src 'self'" in policy and "style-src 'self'" in policy and "form-action 'none'" in policy
+        assert header(response, "cache-control") == "no-cache"
+        assert header(response, "x-content-type-options") == "nosniff"
+        assert header(response, "referrer-policy") == "no-referrer"
+        page = body.decode()
+        # Everything it loads is its own, by a relative address; nothing from another site, nothing inline.
+        loaded = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assert sorted(loaded) == ["#main", "live/app.js", "live/icon.svg", "live/live.css"]
+        assert "<style" not in page and "style=" not in page and "<script>" not in page
+
+        for name, kind in [("app.js", "text/javascript; charset=utf-8"), ("state.js", "text/javascript; charset=utf-8"),
+                           ("live.css", "text/css; charset=utf-8"), ("icon.svg", "image/svg+xml")]:
+            response, body = await get(daemon.port, f"/live/{name}")
+            assert (response.code, header(response, "content-type")) == (200, kind), name
+            assert header(response, "content-security-policy") == policy
+            assert body == (ROOT / "bklit" / "static" / "live" / name).read_bytes()
+            modified = header(response, "last-modified")
+            again, _ = await get(daemon.port, f"/live/{name}", {"If-Modified-Since": modified})
+            assert again.code == 304, name  # no-cache: kept by the browser, asked again cheaply
+
+        for path in ("/live/nope.js", "/live/app.js/more", "/live/index.html", "/live/..%2Fapi.py"):
+            response, body = await get(daemon.port, path)
+            assert response.code == 404, path
+            assert header(response, "content-security-policy") == policy
+        response, _ = await get(daemon.port, "/live/")
+        assert (response.code, header(response, "location")) == (302, "../live")
+        response, body = await get(daemon.port, "/live", method=b"HEAD")
+        assert (response.code, body) == (200, b"")
+
+
+def test_every_file_of_the_page_is_package_data():
+    """setup.cfg ships the page's folder, and the page uses only files that are in it."""
+    folder = ROOT / "bklit" / "static" / "live"
+    assert "static/live/*" in (ROOT / "setup.cfg").read_text()
+    names = {p.name for p in folder.iterdir()}
+    assert {"index.html", "app.js", "state.js", "chart.js", "format.js", "live.css", "icon.svg"} <= names
+    imports = set()
+    for script in folder.glob("*.js"):
+        imports |= set(re.findall(r'from "\./([^"]+)"', script.read_text()))
+        assert "http://" not in script.read_text().replace("http://www.w3.org/2000/svg", ""), script.name
+        assert "https://" not in script.read_text(), script.name
+    assert imports <= names
+    assert set(LivePage(folder).files) == {n.encode() for n in names if n != "index.html"}
+
+
+class _LiveDriver(protocol.ProcessProtocol):
+    """live.mjs as it runs: its JSON records, and a Deferred per step it waits at."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.err: list[bytes] = []
+        self.buffer = b""
+        self.asked: dict[str, defer.Deferred] = {}
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def step(self, name: str) -> defer.Deferred:
+        return self.asked.setdefault(name, defer.Deferred())
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"{"):
+                continue
+            record = json.loads(line)
+            self.records.append(record)
+            if record["event"] == "waiting":
+                self.step(record["for"]).callback(record)
+            elif record["event"] == "failed":
+                for waiting in self.asked.values():
+                    if not waiting.called:
+                        waiting.errback(AssertionError(record["message"]))
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason) -> None:
+        for name, waiting in self.asked.items():
+            if not waiting.called:
+                waiting.errback(AssertionError(f"live.mjs ended before step {name}: {self.transcript()}"))
+        self.ended.callback(reason.value.exitCode)
+
+    def go_on(self) -> None:
+        self.transport.write(b"go\n")
+
+    def page(self, name: str) -> dict:
+        return next(r for r in self.records if r["event"] == "page" and r["name"] == name)
+
+    def transcript(self) -> str:
+        lines = [json.dumps({k: v for k, v in r.items() if k != "at"})[:400] for r in self.records]
+        return "\n".join(lines)[-8000:] + "\nstderr:\n" + b"".join(self.err).decode()[-3000:]
+
+
+def _stop(process, signal: str) -> None:
+    try:
+        process.signalProcess(signal)
+    except error.ProcessExitedAlready:
+        pass
+
+
+@pytest.mark.browser
+@pytest_twisted.ensureDeferred
+async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhouse_url, tmp_path):  # noqa: F811
+    """Wrong key refused and forgotten; then the live count, sessions, feed and chart follow SDK traffic."""
+    async with running_daemon(settings(redis_url, clickhouse_url, trusted_proxies="127.0.0.1")) as daemon:
+        ingest, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        wrong = "bk_" + "x" * 40  # no such key
+        options = {"site": f"http://127.0.0.1:{daemon.port}", "chromium": browser_tools["chromium"],
+                   "profile": str(tmp_path / "profile"), "project": "p1", "key": read, "wrongKey": wrong,
+                   "screenshot": str(tmp_path / "live.png")}
+        driver = _LiveDriver()
+        process = reactor.spawnProcess(driver, browser_tools["node"],
+                                       [browser_tools["node"], "live.mjs", json.dumps(options)], path=str(BROWSER))
+        timers = [reactor.callLater(DRIVER_TIMEOUT, _stop, process, "TERM"),
+                  reactor.callLater(DRIVER_TIMEOUT + 10, _stop, process, "KILL")]
+        try:
+            await driver.step("pageview")
+            client = await connect(daemon.port, path=f"/?projectId=p1&sessionId={SESSION}",
+                                   headers={"X-Forwarded-For": "85.214.132.117"})  # an address in Germany
+            await client.next_of("connected")
+            client.send(sdk_pageview("p1", SESSION, key=ingest, url="https://example.com/pricing?plan=team",
+                                     userAgent=browser_tools["user_agent"]))
+            await client.next_of("ack")
+            client.send(sdk_event("p1", SESSION, key=ingest))
+            await client.next_of("ack")
+            driver.go_on()
+
+            await driver.step("end")
+            client.sendClose()
+            await client.wait_closed()
+            driver.go_on()
+
+            await driver.step("screenshot")
+            player = Player(reactor, f"ws://127.0.0.1:{daemon.port}", "p1", ingest, visitors=14, seconds=12,
+                            rng=random.Random(3), out=io.StringIO())
+            visits = defer.ensureDeferred(player.play())
+            await _later(9)  # a screenshot while visitors are on the site
+            driver.go_on()
+            code = await driver.ended
+            await visits
+        finally:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+        assert code == 0 and any(r["event"] == "done" for r in driver.records), driver.transcript()
+
+    records = driver.records
+    opened, refused, signed_in = driver.page("opened"), driver.page("refused"), driver.page("signed-in")
+    pageview, ended, busy = driver.page("pageview"), driver.page("ended"), driver.page("busy")
+
+    assert opened["signInShown"] and not opened["boardShown"] and opened["focused"] == "project"
+    # A wrong key: refused, said so, forgotten; the form is back, the key field focused and empty.
+    assert refused["signInShown"] and not refused["boardShown"]
+    assert "refused the key" in refused["signInError"] and "invalid API key" in refused["signInError"]
+    assert refused["storedKey"] is None and refused["storedProject"] == "p1"
+    assert refused["focused"] == "key" and refused["state"] == "refused"
+
+    assert signed_in["state"] == "live" and signed_in["status"] == "Live" and not signed_in["signInShown"]
+    assert signed_in["live"] == "0" and signed_in["sessions"] == [] and signed_in["feed"] == []
+    assert signed_in["bars"] == 60 and sum(signed_in["barHeights"]) == 0
+    assert signed_in["storedKey"] == read  # kept in sessionStorage, for this tab
+
+    assert pageview["live"] == "1"
+    [row] = pageview["sessions"]
+    assert row[0] == "/pricing?plan=team" and row[2] == "1"
+    assert row[3] == "Germany" and row[4].startswith("Chrome on Linux")
+    assert any("/pricing?plan=team" in item and "(new session)" in item for item in pageview["feed"])
+    assert any("cta-button click" in item for item in pageview["feed"])
+    assert sum(h > 0 for h in pageview["barHeights"]) == 1 and max(pageview["barHeights"][-2:]) > 0
+    assert "1 pageview in the last 60 minutes" in pageview["chartLabel"]
+
+    assert ended["live"] == "0" and ended["sessions"] == []
+    assert "ended (disconnect, 1 page," in ended["feed"][0]
+
+    assert busy["state"] == "live" and int(busy["live"]) > 0 and busy["sessions"]
+    assert int(busy["figures"]["Pageviews"].replace(",", "")) > 1 and busy["topPages"] and not busy["summaryError"]
+
+    # Nothing went to another site, the key never into a URL, no console error (a CSP violation would be one).
+    requests = [r for r in records if r["event"] == "request"]
+    assert requests and all(r["url"].startswith(options["site"]) or r["url"].startswith("ws://127.0.0.1")
+                            for r in requests), requests
+    assert not [r for r in requests if read in r["url"] or wrong in r["url"]]
+    assert all(r["authorization"] for r in requests if "/api/" in r["url"])
+    # (Chromium logs each refused request of the wrong key's short attempt as an error.)
+    refused_at = records.index(refused)
+    errors = [r["text"] for i, r in enumerate(records) if r["event"] == "console" and r["level"] in ("error", "pageerror")
+              and not (i < refused_at and "status of 401 (Unauthorized)" in r["text"])]
+    assert not errors, [r for r in records if r["event"] == "console"]
+    for page in (opened, refused, signed_in, pageview, ended, busy):
+        assert read not in page["url"] and wrong not in page["url"]
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    shutil.copyfile(tmp_path / "live.png", SCREENSHOT)
+
+
+def _later(seconds: float) -> defer.Deferred:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)

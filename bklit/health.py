@@ -27,8 +27,8 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 
+from bklit.httpd import Page
 from bklit.keys import GROUP, STREAM
 
 log = Logger()
@@ -179,10 +179,8 @@ def _short(error: Exception) -> str:
     return (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:200]
 
 
-class HealthPage(Resource):
+class HealthPage(Page):
     """``GET /healthz``: the last report, 200 when healthy, 503 when not."""
-
-    isLeaf = True
 
     def __init__(self, health: HealthCheck):
         super().__init__()

@@ -165,7 +165,7 @@ class BklitService(MultiService):
         self.health.setServiceParent(self)
         if self.site is not None:
             networks = Networks(config.metrics_networks)
-            self.site.resource.named[b"healthz"] = HealthPage(self.health)
+            self.site.resource.named[b"healthz"] = HealthPage(self.health, networks)
             self.site.resource.named[b"metrics"] = MetricsPage(self.metrics, networks)
 
     def _connection_counts(self) -> dict[str, int]:

@@ -340,6 +340,25 @@ async def test_heads_and_failed_upgrades_are_counted_not_logged(redis_url, click
         assert refused(daemon, "bad_method") == 3
 
 
+@pytest.mark.parametrize("networks,whole", [("127.0.0.0/8", True), ("10.0.0.0/8", False)])
+@pytest_twisted.ensureDeferred
+async def test_healthz_in_full_only_to_metrics_networks(networks, whole, redis_url, clickhouse_url):
+    """Outside metrics_networks /healthz says only its status, with the same code."""
+    async with running_daemon(settings(redis_url, clickhouse_url, metrics_networks=networks)) as daemon:
+        await eventually(lambda: daemon.service.health.state["status"] != "starting")
+        raw = await open_raw(daemon.port, HEALTHZ)
+        await raw.answered(1)
+        head, _, body = raw.received.partition(b"\r\n\r\n")
+        report = json.loads(body)
+        code = int(head.split()[1])
+        assert code == (200 if report["status"] in ("ok", "degraded") else 503)
+        if whole:
+            assert {"status", "redis", "clickhouse", "connections", "warnings"} <= set(report)
+        else:
+            assert report == {"status": daemon.service.health.state["status"]}
+        raw.transport.loseConnection()
+
+
 def test_refusals_log_at_most_once_per_interval_with_the_counts_since():
     """The first refusal is logged at once; the next ones together when the interval ends."""
     clock = task.Clock()

@@ -248,7 +248,9 @@ KEYS: dict[str, Key] = {
     "auth_failures_max": Key("10", _int(1, 1_000_000), "Refused keys from one client within auth_failure_window that lock it out."),
     "auth_failure_window": Key("60", _seconds(1, 86400), "Seconds over which refused keys are counted."),
     "auth_lockout": Key("300", _seconds(0, 86400), "Seconds a locked-out client's upgrades get HTTP 429."),
-    "handshake_timeout": Key("5", _seconds(0.1, 300), "Seconds a new connection has for TLS and the WebSocket upgrade."),
+    "handshake_timeout": Key("5", _seconds(0.1, 300), "Seconds a new connection has for TLS and its first request (the WebSocket upgrade), and a kept-alive one for each further request, from its first byte; slower ones are dropped."),
+    "http_idle_timeout": Key("5", _seconds(0.1, 3600), "Seconds a plain HTTP connection may stay idle between requests (keep-alive) before it is closed."),
+    "max_http_connections_per_ip": Key("16", _int(1, 1_000_000), "Plain HTTP connections (not yet WebSockets) open at once from one client address (IPv6: one /64); more are closed at once."),
     "ping_interval": Key("25", _seconds(0, 3600), "Seconds between pings to each socket (0: none)."),
     "ping_timeout": Key("10", _seconds(0, 3600), "Seconds a socket has to answer a ping before it is dropped."),
     "compression": Key("false", _bool, "Accept per-message-deflate (messages are bounded after decompression too)."),
@@ -312,6 +314,8 @@ class Config:
     auth_failure_window: float
     auth_lockout: float
     handshake_timeout: float
+    http_idle_timeout: float
+    max_http_connections_per_ip: int
     ping_interval: float
     ping_timeout: float
     compression: bool

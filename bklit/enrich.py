@@ -81,6 +81,12 @@ def _trusted(address: Address, networks: tuple[Network, ...]) -> bool:
     return any(address in network for network in networks)
 
 
+def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
+    """True when ``host`` is an IP address inside one of ``networks`` (parsed by parse_proxies)."""
+    address = plain_address(host) if isinstance(host, str) else None
+    return address is not None and _trusted(address, networks)
+
+
 def _forwarded_client(value, networks: tuple[Network, ...]) -> Address | None:
     """The rightmost X-Forwarded-For hop that is not a trusted proxy (leftmost if all are).
 

@@ -5,7 +5,9 @@ flood of health checks costs nothing): Redis answers PING, ClickHouse
 answers ``SELECT 1`` (only where the writer runs; an ingest node does not
 store), and the stream's length and pending count are read for the report
 and the metrics.  It also reads how Redis persists what it holds and the
-local spool's state.  ``HealthPage`` serves the last result as JSON:
+local spool's state.  ``HealthPage`` serves the last result as JSON (in
+full to ``metrics_networks``; anyone else gets ``{"status": ...}`` alone,
+with the same code):
 
 - ``ok`` (200): everything answers, nothing to warn about;
 - ``degraded`` (200): events are accepted, but ``warnings`` says what is
@@ -27,9 +29,10 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 
+from bklit.httpd import Page
 from bklit.keys import GROUP, STREAM
+from bklit.metrics import Networks
 
 log = Logger()
 
@@ -181,17 +184,23 @@ def _short(error: Exception) -> str:
     return (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:200]
 
 
-class HealthPage(Resource):
-    """``GET /healthz``: the last report, 200 when healthy, 503 when not."""
+class HealthPage(Page):
+    """``GET /healthz``: the last report, 200 when healthy, 503 when not.
 
-    isLeaf = True
+    Only ``networks`` (``metrics_networks``) get the whole report; anyone
+    else gets its ``status`` alone, with the same code.
+    """
 
-    def __init__(self, health: HealthCheck):
+    def __init__(self, health: HealthCheck, networks: Networks):
         super().__init__()
         self.health = health
+        self.networks = networks
 
     def render_GET(self, request: Any) -> bytes:
         request.setResponseCode(200 if self.health.healthy else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.health.state, separators=(",", ":")).encode()
+        state = self.health.state
+        if not self.networks.allow(request):
+            state = {"status": state["status"]}
+        return json.dumps(state, separators=(",", ":")).encode()

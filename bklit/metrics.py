@@ -3,8 +3,8 @@
 Counters and histograms are updated where things happen; gauges that are
 cheaper to read than to track (connections, dashboards, the stream) are
 read when ``/metrics`` is scraped.  ``MetricsPage`` serves the text format,
-only to the networks in ``metrics_networks`` (loopback by default): the port
-faces the internet.
+only to the networks in ``metrics_networks`` (``Networks``, loopback by
+default): the port faces the internet.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.web.resource import Resource
-
 from bklit import enrich
+from bklit.httpd import Page
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 50000)
@@ -76,6 +75,12 @@ class Metrics:
         self.backpressure = Gauge("bklit_backpressure",
                                   "1 while the stream is longer than stream_max_length (ClickHouse behind).",
                                   registry=r)
+        self.http_refused = Counter(
+            "bklit_http_refused", "Plain HTTP requests and connections refused, by reason: failed WebSocket"
+            " upgrades (sdk_upgrade, dashboard_upgrade), bad_request, uri_too_long, headers_too_large,"
+            " bad_method, slow_request, too_many_connections.", ["reason"], registry=r)
+        self.http_connections = Gauge("bklit_http_connections",
+                                      "Open plain HTTP connections (not WebSockets).", registry=r)
         self.up = Gauge("bklit_up", "Whether a dependency answered the last health check.", ["dependency"],
                         registry=r)
 
@@ -93,20 +98,28 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsPage(Resource):
+class Networks:
+    """The networks of ``metrics_networks``: who may read /metrics and all of /healthz."""
+
+    def __init__(self, networks: tuple[str, ...]):
+        self.networks = enrich.parse_proxies(networks)
+
+    def allow(self, request: Any) -> bool:
+        """Whether the request's peer (the TCP or PROXY-protocol address) is in one."""
+        return enrich.in_networks(getattr(request.getClientAddress(), "host", ""), self.networks)
+
+
+class MetricsPage(Page):
     """``GET /metrics``, for allowed networks only (403 otherwise)."""
 
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics, networks: tuple[str, ...], before: Callable[[], Any] | None = None):
+    def __init__(self, metrics: Metrics, networks: Networks, before: Callable[[], Any] | None = None):
         super().__init__()
         self.metrics = metrics
-        self.networks = enrich.parse_proxies(networks)
+        self.networks = networks
         self.before = before
 
     def render_GET(self, request: Any) -> bytes:
-        peer = getattr(request.getClientAddress(), "host", "")
-        if not any(_in(peer, net) for net in self.networks):
+        if not self.networks.allow(request):
             request.setResponseCode(403)
             return b"metrics are only served to metrics_networks\n"
         if self.before is not None:
@@ -114,7 +127,3 @@ class MetricsPage(Resource):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return self.metrics.render()
 
-
-def _in(host: str, network: Any) -> bool:
-    address = enrich.plain_address(host)
-    return address is not None and address.version == network.version and address in network

@@ -36,10 +36,11 @@ from bklit.config import ConfigError, load_config
 from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
 from bklit.geo import GeoError, load_city_db
 from bklit.health import HealthCheck, HealthPage
+from bklit.httpd import HttpLimits, Refusals
 from bklit.ingest import Ingest, SdkFactory
 from bklit.limits import Admission
 from bklit.livepage import LivePage
-from bklit.metrics import Metrics, MetricsPage
+from bklit.metrics import Metrics, MetricsPage, Networks
 from bklit.notify import notify, reloading
 from bklit.sessions import LiveSessions
 from bklit.queue import StreamProducer
@@ -167,8 +168,9 @@ class BklitService(MultiService):
                                   stream_max_length=config.stream_max_length)
         self.health.setServiceParent(self)
         if self.site is not None:
-            self.site.resource.named[b"healthz"] = HealthPage(self.health)
-            self.site.resource.named[b"metrics"] = MetricsPage(self.metrics, config.metrics_networks)
+            networks = Networks(config.metrics_networks)
+            self.site.resource.named[b"healthz"] = HealthPage(self.health, networks)
+            self.site.resource.named[b"metrics"] = MetricsPage(self.metrics, networks)
 
     def _connection_counts(self) -> dict[str, int]:
         return {"sdk": len(self.ingest.connections) if self.ingest else 0,
@@ -213,8 +215,14 @@ class BklitService(MultiService):
         self.api = Api(config.clickhouse, verifier, self.redis.call, reactor)  # /api/stats, ... for /live
         self.api.setServiceParent(self)
         self.api.mount(api)
-        site = self.site = make_site(SdkFactory(self.ingest), config.handshake_timeout, {
-            b"dashboard": UpgradeResource(dashboard_factory),
+        refusals = Refusals(reactor, self.metrics.http_refused)
+        self.http_limits = HttpLimits(
+            reactor, refusals, handshake_timeout=config.handshake_timeout, idle_timeout=config.http_idle_timeout,
+            max_per_client=config.max_http_connections_per_ip, trusted=config.trusted_proxies,
+            proxy_protocol=config.listen.startswith("haproxy:"))
+        self.metrics.http_connections.set_function(lambda: self.http_limits.open)
+        site = self.site = make_site(SdkFactory(self.ingest), self.http_limits, {
+            b"dashboard": UpgradeResource(dashboard_factory, "dashboard", refusals),
             b"api": api,
             b"live": LivePage(),
         })

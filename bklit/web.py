@@ -2,7 +2,8 @@
 
 Named paths (``/healthz`` and the like) are plain twisted.web resources; any
 other path is the SDK WebSocket endpoint, since the SDK only appends a query
-string to the ``wsHost`` its site configured.
+string to the ``wsHost`` its site configured.  Connections are
+``bklit.httpd.Channel``s: deadlines, keep-alive and limits are theirs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import txaio
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.web.resource import Resource
@@ -17,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from bklit import enrich, wire
 from bklit.dashboard import bearer
-
+from bklit.httpd import Channel, HttpLimits, Page, Refusals
 from bklit.ingest import SdkFactory
 from bklit.limits import client_key
 
@@ -61,10 +63,8 @@ class Lockout:
         return client_key(enrich.client_ip(peer, headers, self.trusted_proxies, self.header))
 
 
-class LiveCount(Resource):
+class LiveCount(Page):
     """``GET /api/live?projectId=P`` with a read key: how many sessions are live."""
-
-    isLeaf = True
 
     def __init__(self, verifier: Any, sessions: Any, lockout: "Lockout | None" = None):
         super().__init__()
@@ -108,58 +108,29 @@ class LiveCount(Resource):
 
 class QuietSite(Site):
     """A ``Site`` without an access log (client addresses are not logged)
-    that gives each connection ``handshake_timeout`` seconds to become a
-    WebSocket or finish with HTTP: slow or silent connections (slowloris)
-    are dropped instead of held.
+    whose connections are ``bklit.httpd.Channel``s sharing ``limits``:
+    deadlines for slow requests, keep-alive, a per-client cap and plain
+    4xx answers.  twisted.web's own idle timeout is off (the channel's
+    deadlines replace it, and it logs the peer of every connection it ends).
     """
 
-    handshake_timeout = 5.0
+    protocol = Channel
+
+    def __init__(self, resource: Resource, limits: HttpLimits, **kwargs: Any):
+        super().__init__(resource, timeout=None, **kwargs)
+        self.limits = limits
 
     def log(self, request: object) -> None:
         pass
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
-        if channel is not None:
-            _inner(channel).handshake_expiry = self.reactor.callLater(self.handshake_timeout, _expire, channel)
+        channel.limits = self.limits
         return channel
 
-
-def _inner(channel: Any) -> Any:
-    """The HTTPChannel itself: ``Site.buildProtocol`` wraps it (HTTP/1.1 or
-    HTTP/2 is picked later), and the inner channel holds the transport."""
-    return getattr(channel, "_channel", channel)
-
-
-def _expire(channel: Any) -> None:
-    """Drop a connection still speaking HTTP after the handshake timeout.
-
-    Autobahn detaches the channel from its transport when it upgrades the
-    connection, so an upgraded socket is left alone; its channel is let go.
-    """
-    inner = _inner(channel)
-    transport = getattr(inner, "transport", None)
-    if transport is not None:
-        transport.abortConnection()
-    else:
-        release(inner)
-
-
-def release(channel: Any) -> None:
-    """Let go of an HTTP channel whose connection became a WebSocket.
-
-    The channel and its upgrade request stay referenced by two timers: the
-    handshake expiry above and twisted.web's idle timeout (12 hours by
-    default), which no ``connectionLost`` cancels once Autobahn owns the
-    socket.  Cancelling both (and the transport's producer registration,
-    see ``UpgradeResource``) frees them, some 4 KB per socket.
-    """
-    if hasattr(channel, "setTimeout"):
-        channel.setTimeout(None)
-    expiry = getattr(channel, "handshake_expiry", None)
-    if expiry is not None and expiry.active():
-        expiry.cancel()
-    channel.handshake_expiry = None
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        self.limits.refusals.flush()
 
 
 class UpgradeResource(WebSocketResource):
@@ -168,28 +139,50 @@ class UpgradeResource(WebSocketResource):
     The channel is the transport's producer until then; it lets go first, so
     a WebSocket protocol that registers itself (dashboards do) keeps that
     place, and takes it back when the request was no upgrade after all.
+
+    A failed upgrade (no ``Upgrade`` header, a bad key or version, a denied
+    address) is counted as ``<name>_upgrade`` in ``refusals`` instead of
+    being logged by Autobahn, twice, with the peer's address.
     """
+
+    def __init__(self, factory: Any, name: str, refusals: Refusals):
+        factory.protocol = _quiet_handshakes(factory.protocol, name, refusals)
+        super().__init__(factory)
 
     def render(self, request: Any) -> Any:
         channel = request.channel
-        transport = channel.transport  # (None already: HTTP/2, answered 426)
+        transport = channel.transport  # (None: nothing left to hand over; Autobahn answers 426)
         if transport is None:
             return super().render(request)
         transport.unregisterProducer()
         result = super().render(request)
         if channel.transport is None:  # Autobahn took the connection over
-            release(channel)
+            channel.upgraded()
         else:
             transport.registerProducer(channel, True)
         return result
 
 
-def make_site(sdk_factory: SdkFactory, handshake_timeout: float = 5.0,
+_QUIET = txaio.make_logger(level="none")
+
+
+def _quiet_handshakes(protocol: type, name: str, refusals: Refusals) -> type:
+    """A subclass of ``protocol`` whose failed opening handshakes are counted, not logged."""
+    reason = f"{name}_upgrade"
+
+    def failHandshake(self: Any, why: str, code: int = 400, responseHeaders: Any = None) -> None:
+        refusals.note(reason)
+        self.log = _QUIET  # for the rest of this connection: it is being dropped
+        protocol.failHandshake(self, why, code, responseHeaders)
+
+    return type(protocol.__name__, (protocol,), {"failHandshake": failHandshake, "__doc__": protocol.__doc__})
+
+
+def make_site(sdk_factory: SdkFactory, limits: HttpLimits,
               children: dict[bytes, Resource] | None = None) -> Site:
     """The site serving the SDK endpoint and the named resources."""
-    root = Root(UpgradeResource(sdk_factory), children or {})
-    site = QuietSite(root)
-    site.handshake_timeout = handshake_timeout
+    root = Root(UpgradeResource(sdk_factory, "sdk", limits.refusals), children or {})
+    site = QuietSite(root, limits)
     site.displayTracebacks = False
     site.noisy = False
     return site

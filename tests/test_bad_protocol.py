@@ -584,7 +584,8 @@ NOT_UPGRADED = {
     "upgrade_without_a_key": ((HANDSHAKE + "\r\n").encode(),
                               b"HTTP/1.1 400 HTTP Sec-WebSocket-Key header missing\r\n\r\n"),
     "six_hundred_headers": (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % n for n in range(600)) + b"\r\n",
-                            b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+                            b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+                            b"Content-Length: 0\r\n\r\n"),
     "tls_on_the_plain_port": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64), b""),
 }
 

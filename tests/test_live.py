@@ -222,6 +222,23 @@ async def test_full_page_loads_overlapping_sockets_make_one_session(redis_url, c
         assert clickhouse_rows(clickhouse_url, "SELECT count(), any(pageviews) FROM tracked_session FINAL") == [(1, 2)]
 
 
+async def authenticated_once_redis_answers(port, key, timeout=10.0):
+    """An SDK socket of a node that started just now: it listens before its Redis connection is up, and
+    answers ``overloaded`` (close 1001) until then, so try again until the key is accepted."""
+    waited = 0.0
+    while True:
+        client = await connect(port, path=f"/?projectId=p1&sessionId={SESSION}")
+        await client.next_of("connected")
+        client.send({"type": "auth", "apiKey": key})
+        reply = await client.next()
+        if reply == {"type": "auth_success"}:
+            return client
+        assert reply["code"] == "overloaded" and waited < timeout, reply
+        await client.wait_closed()
+        await task.deferLater(reactor, 0.2, lambda: None)
+        waited += 0.2
+
+
 @pytest_twisted.ensureDeferred
 async def test_sessions_of_a_killed_node_end_by_timeout(redis_url, clickhouse_url, tmp_path):
     """Node A (a real twistd) is SIGKILLed with a live session: node B's sweeper ends it, stored and broadcast."""
@@ -236,7 +253,7 @@ async def test_sessions_of_a_killed_node_end_by_timeout(redis_url, clickhouse_ur
             key, read = await b.token("p1"), await b.token("p1", scope="read")
             await eventually(lambda: port_open(port), timeout=15)
             dash, _ = await open_dashboard(b.port, read)
-            client = await sdk_client(port, key)
+            client = await authenticated_once_redis_answers(port, key)
             client.send(sdk_pageview("p1", key=key))
             await client.next_of("ack")
             assert (await dash.next_of("pageview"))["data"]["isNewSession"] is True

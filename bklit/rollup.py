@@ -123,6 +123,9 @@ class Partial:
             self.country_names[code] = self.country_names.get(code) or name
         return self
 
+    def copy(self) -> "Partial":
+        return Partial().add(self)
+
 
 def partials(results: dict[str, list[tuple]]) -> dict[int, Partial]:
     """One Partial per hour from the rows of ``PARTIAL_QUERIES``."""
@@ -206,6 +209,8 @@ class _Project:
     hours: dict[int, tuple[tuple, Partial]] = field(default_factory=dict)  # hour -> (signature, numbers)
     used: float = 0.0
     lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
+    computed: int = 0  # bumped whenever hours are computed: the sums below are then out of date
+    sums: dict[tuple[int, int], tuple[int, Partial]] = field(default_factory=dict)  # (first, end) -> (computed, sum)
 
 
 Select = Callable[[dict[str, str], dict], Awaitable[dict[str, list[tuple]]]]
@@ -223,7 +228,7 @@ class HourCache:
         self.projects: dict[str, _Project] = {}
 
     async def span(self, project: str, first: int, end: int) -> Partial:
-        """The numbers of the full hours [first, end) added up, computing the hours not kept yet."""
+        """The numbers of the full hours [first, end) added up (a copy), computing the hours not kept yet."""
         state = self.projects.setdefault(project, _Project())
         state.used = self.clock.seconds()
         await state.lock.acquire()
@@ -231,10 +236,14 @@ class HourCache:
             missing = [hour for hour in range(first, end, HOUR) if hour not in state.hours]
             if missing:
                 await self._compute(project, state, missing)
-            total = Partial()
-            for hour in range(first, end, HOUR):
-                total.add(state.hours[hour][1])
-            return total
+            computed, total = state.sums.get((first, end), (None, None))
+            if computed != state.computed:  # added up again only after a change (168 hours take a while)
+                total = Partial()
+                for hour in range(first, end, HOUR):
+                    total.add(state.hours[hour][1])
+                state.sums = {key: value for key, value in state.sums.items() if key[1] == end}
+                state.sums[(first, end)] = (state.computed, total)
+            return total.copy()
         finally:
             state.lock.release()
 
@@ -245,6 +254,7 @@ class HourCache:
         found = partials(await self.select(PARTIAL_QUERIES, query))
         for hour in hours:
             state.hours[hour] = (marks.get(hour, ()), found.get(hour, Partial()))
+        state.computed += 1
 
     async def check(self) -> int:
         """Forget idle projects and old hours; compute again the hours whose rows changed. Returns how many."""

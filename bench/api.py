@@ -10,9 +10,13 @@ pageviews each; a start row and, once ended, an end row, as the writer
 stores them) and custom events, through clickhouse-driver in batches.
 Then it prints two tables, median and p95 over ``--runs`` runs:
 
-1. each query of ``bklit.api`` alone, with clickhouse-driver;
+1. each query of ``bklit.api`` and ``bklit.rollup`` alone, with
+   clickhouse-driver: those an answer waits for (the current hour, or the
+   last 30 minutes), and those that compute and check the kept hours of a
+   week (once per project, and every 30 s in the background);
 2. each endpoint over HTTP, as the page asks (``/api/stats`` runs its
-   queries at once in the API's two threads).
+   queries at once in the API's two threads): the first answer, which
+   computes the week's hours, then the median and p95.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clickhouse_driver import Client  # noqa: E402
 
 from _stack import Stack  # noqa: E402
-from bklit import api, schema  # noqa: E402
+from bklit import agents, api, rollup, schema  # noqa: E402
+from bklit.demo import AGENTS  # noqa: E402
 
 PROJECT = "bench"
 BATCH = 100_000
@@ -43,9 +48,7 @@ REFERRERS = [("", "", "direct")] * 5 + [("https://www.google.com/", "www.google.
     ("https://duckduckgo.com/", "duckduckgo.com", "organic"), ("https://news.ycombinator.com/", "news.ycombinator.com",
                                                                "referral"),
     ("https://www.reddit.com/r/privacy/", "www.reddit.com", "social")]
-BROWSERS = [("Chrome", "Windows", "desktop"), ("Chrome", "Android", "mobile"), ("Safari", "iOS", "mobile"),
-            ("Firefox", "Linux", "desktop"), ("Safari", "macOS", "desktop"), ("Edge", "Windows", "desktop"),
-            ("Safari", "iOS", "tablet")]
+BROWSERS = [(ua, agents.shared().describe(ua)) for ua, *_ in AGENTS]
 COUNTRIES = [("US", "United States"), ("DE", "Germany"), ("GB", "United Kingdom"), ("FR", "France"),
              ("NL", "Netherlands"), ("JP", "Japan"), ("BR", "Brazil"), ("AU", "Australia"), ("", "")]
 CAMPAIGNS = [("", "", "")] * 8 + [("newsletter", "email", "spring"), ("twitter", "social", "launch")]
@@ -59,7 +62,7 @@ def visits(project: str, pageviews: int, now: float, rng: random.Random):
         started = now - rng.uniform(0, 7 * 86400)
         count = 1 if rng.random() < 0.4 else rng.randint(2, 9)
         session = f"{int(started * 1000)}-{uuid.uuid4().hex[:9]}"
-        browser, os_name, device = rng.choice(BROWSERS)
+        agent, described = rng.choice(BROWSERS)
         code, country = rng.choice(COUNTRIES)
         referrer, host, kind = rng.choice(REFERRERS)
         source, medium, campaign = rng.choice(CAMPAIGNS)
@@ -67,7 +70,8 @@ def visits(project: str, pageviews: int, now: float, rng: random.Random):
         pages = []
         for n in range(count):
             page = rng.choice(PAGES)
-            url = SITE + page + (f"?utm_source={source}&utm_campaign={campaign}" if n == 0 and source else "")
+            url = SITE + page + (f"?utm_source={source}&utm_medium={medium}&utm_campaign={campaign}"
+                                 if n == 0 and source else "")
             pages.append(url)
             views.append(schema.to_insert_row("page_view_event", {
                 "id": str(uuid.uuid4()), "project_id": project, "session_id": session, "timestamp": moment,
@@ -75,18 +79,19 @@ def visits(project: str, pageviews: int, now: float, rng: random.Random):
                 "referrer_hostname": host if n == 0 else "www.example.com",
                 "referrer_type": kind if n == 0 else "internal",
                 "utm_source": source if n == 0 else "", "utm_medium": medium if n == 0 else "",
-                "utm_campaign": campaign if n == 0 else "", "browser": browser, "os": os_name,
-                "device_type": device, "mobile": int(device == "mobile"), "country": country, "country_code": code,
+                "utm_campaign": campaign if n == 0 else "", "user_agent": agent, **described.columns(),
+                "country": country, "country_code": code, "landing_page": pages[0],
                 "language": "en-US", "screen_width": 1920, "screen_height": 1080}))
             if rng.random() < 0.1:
                 events.append(schema.to_insert_row("tracked_event", {
                     "id": str(uuid.uuid4()), "project_id": project, "session_id": session, "timestamp": moment,
                     "received_at": moment, "tracking_id": "cta-button", "event_type": "click"}))
-            moment += rng.uniform(5, 120)
+            moment = min(now, moment + rng.uniform(5, 120))
         ended = moment if moment < now - 60 else None
         row = {"id": f"{session}/{int(started * 1000)}", "session_id": session, "project_id": project,
                "started_at": started, "started_ms": int(started * 1000), "pageviews": 1, "did_bounce": 1,
-               "entry_page": pages[0], "exit_page": pages[0], "country": country, "country_code": code,
+               "entry_page": pages[0], "exit_page": pages[0], "user_agent": agent, "country": country,
+               "country_code": code,
                "updated_at": started, "version": int(started * 1000)}
         sessions.append(schema.to_insert_row("tracked_session", row))
         if ended is not None:
@@ -125,38 +130,52 @@ def spread(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1000, ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] * 1000
 
 
+def timed(client: Client, query: str, params: dict, runs: int) -> tuple[float, float]:
+    client.execute(query, params)  # warm
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        client.execute(query, params)
+        samples.append(time.perf_counter() - started)
+    return spread(samples)
+
+
 def time_queries(client: Client, runs: int) -> list[tuple[str, float, float]]:
+    """Each query an answer waits for, and those that fill and check the kept hours."""
     now = int(time.time())
-    cases = [(f"stats.{name} ({range_name})", query, {"project": PROJECT, "since": now - span, "top": api.TOP})
-             for range_name, span in api.RANGES.items() for name, query in api.STATS_QUERIES.items()]
-    cases.append(("timeseries (60 min)", api.TIMESERIES_QUERY, {"project": PROJECT, "since": now - 3600}))
+    current = now - now % rollup.HOUR
     table = []
-    for name, query, params in cases:
-        client.execute(query, params)  # warm
-        samples = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            client.execute(query, params)
-            samples.append(time.perf_counter() - started)
-        table.append((name, *spread(samples)))
+    for name, query in rollup.PARTIAL_QUERIES.items():  # /api/stats, every range: the current hour
+        table.append((f"stats {name} (this hour)", *timed(client, query, rollup.params(PROJECT, current, rollup.FOREVER), runs)))
+    for name, query in rollup.PARTIAL_QUERIES.items():  # /api/stats?range=30m
+        table.append((f"stats {name} (30m)", *timed(client, query, rollup.params(PROJECT, now - 1800, rollup.FOREVER), runs)))
+    table.append(("timeseries (60 min)", *timed(client, api.TIMESERIES_QUERY, {"project": PROJECT, "since": now - 3600},
+                                               runs)))
+    week = rollup.params(PROJECT, current - 7 * 86400, current)
+    table.append(("kept hours: check, 7 days", *timed(client, rollup.SIGNATURE_QUERY, week, runs)))
+    for name, query in rollup.PARTIAL_QUERIES.items():  # once per project, then an hour at a time
+        table.append((f"kept hours: fill {name}, 7 days", *timed(client, query, week, max(3, runs // 10))))
     return table
 
 
 def time_endpoints(port: int, key: str, runs: int) -> list[tuple[str, float, float]]:
-    paths = [f"/api/stats?projectId={PROJECT}&range={r}" for r in api.RANGES]
+    """Each endpoint over HTTP: the first answer (the kept hours computed) and then the median and p95."""
+    paths = [f"/api/stats?projectId={PROJECT}&range={r}" for r in ("7d", "24h", "30m")]
     paths += [f"/api/timeseries?projectId={PROJECT}", f"/api/sessions?projectId={PROJECT}"]
     table = []
     for path in paths:
         request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(request, timeout=30) as response:  # warm, and check it answers
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=60) as response:
             json.load(response)
+        first = (time.perf_counter() - started) * 1000
         samples = []
         for _ in range(runs):
             started = time.perf_counter()
             with urllib.request.urlopen(request, timeout=30) as response:
                 response.read()
             samples.append(time.perf_counter() - started)
-        table.append((path, *spread(samples)))
+        table.append((path, first, *spread(samples)))
     return table
 
 
@@ -177,13 +196,13 @@ def main() -> None:
         print(f"ClickHouse {version}: inserted {counts['page_view_event']:,} pageviews, "
               f"{counts['tracked_session']:,} session rows, {counts['tracked_event']:,} events of {PROJECT} "
               f"(and {other['page_view_event']:,} pageviews of another project) in {time.monotonic() - started:.0f} s")
-        print(f"\n{'query':34} {'median ms':>10} {'p95 ms':>8}")
+        print(f"\n{'query (clickhouse-driver)':40} {'median ms':>10} {'p95 ms':>8}")
         for name, median, p95 in time_queries(client, args.runs):
-            print(f"{name:34} {median:10.1f} {p95:8.1f}")
+            print(f"{name:40} {median:10.1f} {p95:8.1f}")
         client.disconnect()
-        print(f"\n{'endpoint (HTTP, whole answer)':52} {'median ms':>10} {'p95 ms':>8}")
-        for name, median, p95 in time_endpoints(stack.port, stack.read_key, args.runs):
-            print(f"{name:52} {median:10.1f} {p95:8.1f}")
+        print(f"\n{'endpoint (HTTP, whole answer)':44} {'first ms':>9} {'median ms':>10} {'p95 ms':>8}")
+        for name, first, median, p95 in time_endpoints(stack.port, stack.read_key, args.runs):
+            print(f"{name:44} {first:9.1f} {median:10.1f} {p95:8.1f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Bearer``, answers JSON, and is never cached:
 - ``GET /api/stats?projectId=P&range=30m|24h|7d``: pageviews, sessions,
   custom events, bounce rate, median session length and the top pages,
   referrers, campaigns, countries, browsers and devices of the range, from
-  ClickHouse;
+  ClickHouse (added up from hours: see ``bklit.rollup``);
 - ``GET /api/timeseries?projectId=P``: pageviews per minute of the last 60
   minutes (the current one included), from ClickHouse;
 - ``GET /api/sessions?projectId=P[&limit=N]``: the live sessions of people,
@@ -23,12 +23,9 @@ not answer.
 ClickHouse is asked with parameterised queries only (clickhouse-driver's
 ``%(name)s``), from a small thread pool of this service's own (the writer's
 pool belongs to the writer role and to inserts), one client per thread.
-Counts are of people: rows with ``is_bot = 1`` are left out.  Pageviews are
-counted by their id (``uniqExact``), so a row stored twice by a retried
-insert counts once; sessions are visits (a ``tracked_session`` row, latest
-version under ``FINAL``), counted in the range they started in.  Bounce
-rate and median length are of the visits that have ended.  The queries use
-only functions of ClickHouse 18.16.
+Counts are exact and of people: rows with ``is_bot = 1`` are left out
+(``bklit.rollup`` says how each number is counted).  The queries use only
+functions of ClickHouse 18.16.
 """
 
 from __future__ import annotations
@@ -39,19 +36,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from clickhouse_driver import Client, errors
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from bklit import agents, keys, wire
+from bklit import agents, keys, rollup, wire
 from bklit.dashboard import bearer
 from bklit.web import _json
 
 RANGES = {"30m": 30 * 60, "24h": 24 * 3600, "7d": 7 * 86400}
-TOP = 10
 MINUTES = 60
 MAX_SESSIONS = 1000
 THREADS = 2
@@ -59,59 +55,9 @@ THREADS = 2
 CONNECT_TIMEOUT = 3
 QUERY_TIMEOUT = 10
 
-_PAGEVIEWS = ("FROM page_view_event WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s)"
-              " AND is_bot = 0")
-
-# name -> query; each reads one range of one project.  Top lists count
-# visits (distinct sessions), except top pages, which counts pageviews.
-STATS_QUERIES = {
-    "pageviews": "SELECT uniqExact(id) " + _PAGEVIEWS,
-    "events": "SELECT uniqExact(id) FROM tracked_event WHERE project_id = %(project)s"
-              " AND timestamp >= toDateTime(%(since)s) AND is_bot = 0",
-    "sessions": "SELECT count(), countIf(ended_at IS NOT NULL), sumIf(did_bounce, ended_at IS NOT NULL),"
-                " quantileExactIf(0.5)(duration, ended_at IS NOT NULL)"
-                " FROM tracked_session FINAL WHERE project_id = %(project)s"
-                " AND started_at >= toDateTime(%(since)s) AND is_bot = 0",
-    # (18.16's cutQueryStringAndFragment keeps a fragment when there is no query)
-    "pages": "SELECT cutFragment(cutQueryString(url)) AS page, uniqExact(id) AS n " + _PAGEVIEWS +
-             " GROUP BY page ORDER BY n DESC, page LIMIT %(top)s",
-    "referrers": "SELECT referrer_hostname, uniqExact(session_id) AS n " + _PAGEVIEWS +
-                 " AND referrer_hostname != '' AND referrer_type != 'internal'"
-                 " AND referrer_hostname != domain(url)"
-                 " GROUP BY referrer_hostname ORDER BY n DESC, referrer_hostname LIMIT %(top)s",
-    "campaigns": "SELECT utm_source, utm_medium, utm_campaign, uniqExact(session_id) AS n " + _PAGEVIEWS +
-                 " AND (utm_source != '' OR utm_campaign != '')"
-                 " GROUP BY utm_source, utm_medium, utm_campaign ORDER BY n DESC, utm_source LIMIT %(top)s",
-    "countries": "SELECT country_code, any(country), uniqExact(session_id) AS n " + _PAGEVIEWS +
-                 " GROUP BY country_code ORDER BY n DESC, country_code LIMIT %(top)s",
-    "browsers": "SELECT browser, uniqExact(session_id) AS n " + _PAGEVIEWS +
-                " GROUP BY browser ORDER BY n DESC, browser LIMIT %(top)s",
-    "devices": "SELECT device_type, uniqExact(session_id) AS n " + _PAGEVIEWS +
-               " GROUP BY device_type ORDER BY n DESC, device_type LIMIT %(top)s",
-}
-
-TIMESERIES_QUERY = ("SELECT intDiv(toUInt32(timestamp), 60) * 60 AS minute, uniqExact(id) " + _PAGEVIEWS +
+TIMESERIES_QUERY = ("SELECT intDiv(toUInt32(timestamp), 60) * 60 AS minute, uniqExact(id) FROM page_view_event"
+                    " WHERE project_id = %(project)s AND timestamp >= toDateTime(%(since)s) AND is_bot = 0"
                     " GROUP BY minute ORDER BY minute")
-
-
-def stats_answer(results: dict[str, list[tuple]]) -> dict:
-    """The ``/api/stats`` numbers from the rows of ``STATS_QUERIES``."""
-    started, ended, bounced, median = results["sessions"][0]
-    return {
-        "pageviews": results["pageviews"][0][0],
-        "events": results["events"][0][0],
-        "sessions": started,
-        "endedSessions": ended,
-        "bounceRate": round(bounced / ended, 4) if ended else None,
-        "medianSessionSeconds": int(median) if ended else None,
-        "topPages": [{"url": url, "pageviews": n} for url, n in results["pages"]],
-        "referrers": [{"hostname": host, "sessions": n} for host, n in results["referrers"]],
-        "campaigns": [{"source": source, "medium": medium, "campaign": campaign, "sessions": n}
-                      for source, medium, campaign, n in results["campaigns"]],
-        "countries": [{"countryCode": code, "country": name, "sessions": n} for code, name, n in results["countries"]],
-        "browsers": [{"browser": name, "sessions": n} for name, n in results["browsers"]],
-        "devices": [{"deviceType": name, "sessions": n} for name, n in results["devices"]],
-    }
 
 
 def timeseries_answer(rows: list[tuple], start: int, minutes: int = MINUTES) -> list[dict]:
@@ -180,13 +126,25 @@ class Api(Service):
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="bklit-api")
         self.agents = agents.shared()
         self._clickhouse_failing = False
+        self.hours = rollup.HourCache(self.select, reactor)
+        self.checking = task.LoopingCall(self._check)
+        self.checking.clock = reactor
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        self.checking.start(rollup.CHECK_EVERY, now=False)
+
+    def _check(self) -> defer.Deferred:
+        d = defer.ensureDeferred(self.hours.check())
+        d.addErrback(lambda f: f.trap(Unavailable))  # said once by select; the next round tries again
+        d.addErrback(lambda f: self.log.failure("API: checking the kept hours failed", f))
+        return d
 
     def stopService(self) -> None:
         super().stopService()
+        if self.checking.running:
+            self.checking.stop()
         if self.pool.started:
             self.pool.stop()
             self.reader.thd_close()
@@ -226,10 +184,28 @@ class Api(Service):
         return {name: value for name, (_, value) in zip(names, outcomes)}
 
     async def stats(self, project: str, range_name: str) -> dict:
+        """The numbers since ``range_name`` ago: 30m to the second, 24h and 7d from the start of that hour.
+
+        The hours before the current one are kept (``rollup.HourCache``),
+        the rest is read now.
+        """
         now = int(self.reactor.seconds())
-        since = now - RANGES[range_name]
-        results = await self.select(STATS_QUERIES, {"project": project, "since": since, "top": TOP})
-        return {"projectId": project, "range": range_name, "since": since, "until": now, **stats_answer(results)}
+        current = now - now % rollup.HOUR
+        if range_name == "30m":
+            since = start = now - RANGES[range_name]
+            kept = defer.succeed(rollup.Partial())
+        else:
+            since, start = current - RANGES[range_name], current
+            kept = defer.ensureDeferred(self.hours.span(project, since, current))
+        fresh = defer.ensureDeferred(self.select(rollup.PARTIAL_QUERIES, rollup.params(project, start, rollup.FOREVER)))
+        try:
+            total, rows = await defer.gatherResults([kept, fresh], consumeErrors=True)
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+        for part in rollup.partials(rows).values():
+            total.add(part)
+        return {"projectId": project, "range": range_name, "since": since, "until": now,
+                **rollup.answer(total, self.agents.describe)}
 
     async def timeseries(self, project: str) -> dict:
         now = int(self.reactor.seconds())

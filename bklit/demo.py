@@ -132,10 +132,13 @@ class Visit:
 
 
 class Player:
-    """Plays visits, ``visitors`` at a time, until ``seconds`` have passed."""
+    """Plays visits, ``visitors`` at a time, until ``seconds`` have passed.
+
+    ``speed`` divides the time visitors spend on a page (tests play faster).
+    """
 
     def __init__(self, reactor: Any, url: str, project: str, key: str, visitors: int, seconds: float,
-                 rng: random.Random | None = None, out: Any = None):
+                 rng: random.Random | None = None, out: Any = None, speed: float = 1.0):
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError("--url must be ws://host:port or wss://host:port")
@@ -146,6 +149,7 @@ class Player:
         self.visitors = visitors
         self.seconds = seconds
         self.rng = rng or random.Random()
+        self.speed = speed
         self.out = out if out is not None else sys.stderr
         self.tally = Tally()
         self.live = 0
@@ -177,8 +181,8 @@ class Player:
               f"{t.events} events acked", file=self.out, flush=True)
 
     async def sleep(self, seconds: float) -> None:
-        """Wait, but not past the deadline."""
-        seconds = min(seconds, max(0.0, self.deadline - self.reactor.seconds()))
+        """Wait (``speed`` times less), but not past the deadline."""
+        seconds = min(seconds / self.speed, max(0.0, self.deadline - self.reactor.seconds()))
         await task.deferLater(self.reactor, seconds, lambda: None)
 
     async def visitor(self, n: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import pytest_twisted
 from clickhouse_driver import Client
@@ -19,7 +20,7 @@ from twisted.web.http_headers import Headers
 
 from harness import connect, free_port, running_daemon, sdk_pageview, settings
 
-from bklit import api, schema
+from bklit import api, rollup, schema
 from bklit.tokens import TokenStore
 
 SITE = "https://example.com"
@@ -48,68 +49,73 @@ def insert(clickhouse_url: str, table: str, rows: list[dict]) -> None:
         client.disconnect()
 
 
-def pageviews(project: str, session: str, visits: list[tuple], **common) -> list[dict]:
-    """page_view_event rows: one per (time, url, referrer, referrer_type, extra columns)."""
+def store_visit(clickhouse_url: str, project: str, session: str, views: list[tuple], ends: list[tuple],
+                user_agent: str, stored: list | None = None, **columns) -> None:
+    """One visit as the writer stores it: a pageview row per (time, url, referrer, referrer type[, columns]),
+    and a tracked_session row per version: its start, then one per (ended or None, pageviews so far).
+    The pageview rows are added to ``stored``."""
+    started, landing = views[0][0], views[0][1]
+    stored = [] if stored is None else stored
     rows = []
-    for n, (at, url, referrer, kind, *extra) in enumerate(visits):
-        host = referrer.split("/")[2] if referrer else ""
+    for n, (at, url, referrer, kind, *extra) in enumerate(views):
         rows.append({"id": f"{session}-pv{n}", "project_id": project, "session_id": session, "timestamp": at,
-                     "received_at": at, "url": url, "referrer": referrer, "referrer_hostname": host,
-                     "referrer_type": kind, **common, **(extra[0] if extra else {})})
-    return rows
+                     "received_at": at, "url": url, "referrer": referrer,
+                     "referrer_hostname": referrer.split("/")[2] if referrer else "", "referrer_type": kind,
+                     "landing_page": landing, "user_agent": user_agent, **columns, **(extra[0] if extra else {})})
+    insert(clickhouse_url, "page_view_event", rows)
+    stored.extend(rows)
+    visit_columns = {k: v for k, v in columns.items() if k in ("country", "country_code", "is_bot")}
+    insert(clickhouse_url, "tracked_session", [
+        {"id": f"{session}/{started * 1000}", "session_id": session, "project_id": project, "started_at": started,
+         "started_ms": started * 1000, "ended_at": ended, "duration": ended - started if ended else 0,
+         "pageviews": count, "did_bounce": int(count <= 1), "entry_page": landing, "user_agent": user_agent,
+         "end_reason": "disconnect" if ended else "", "updated_at": ended or started, "version": version,
+         **visit_columns}
+        for version, (ended, count) in enumerate([(None, 1), *ends], 1)])
 
 
-def visit(project: str, session: str, started: int, versions: list[tuple], **common) -> list[dict]:
-    """tracked_session rows of one visit: one per (ended or None, pageviews), versions growing."""
-    rows = []
-    for version, (ended, count) in enumerate(versions, 1):
-        rows.append({"id": f"{session}/{started * 1000}", "session_id": session, "project_id": project,
-                     "started_at": started, "started_ms": started * 1000, "ended_at": ended,
-                     "duration": ended - started if ended else 0, "pageviews": count, "did_bounce": int(count <= 1),
-                     "end_reason": "disconnect" if ended else "", "updated_at": ended or started,
-                     "version": version, **common})
-    return rows
+CHROME_COLUMNS = {"browser": "Chrome", "os": "Linux", "device_type": "desktop", "country": "Germany",
+                  "country_code": "DE"}
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
+ANDROID = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile "
+           "Safari/537.36")
+GOOGLE = "https://www.google.com/"
 
 
 def store_history(clickhouse_url: str, now: int) -> None:
     """Visits of p1 in the last 30 minutes, 24 hours, 7 days and before; a bot's; another project's."""
-    chrome = {"browser": "Chrome", "os": "Linux", "device_type": "desktop", "country": "Germany", "country_code": "DE"}
     safari = {"browser": "Safari", "os": "iOS", "device_type": "mobile", "mobile": 1, "country": "United States",
               "country_code": "US"}
     firefox = {"browser": "Firefox", "os": "Linux", "device_type": "desktop", "country": "France", "country_code": "FR"}
     android = {"browser": "Chrome", "os": "Android", "device_type": "mobile", "country": "United States",
                "country_code": "US"}
-    google = "https://www.google.com/"
     campaign = {"utm_source": "newsletter", "utm_medium": "email", "utm_campaign": "spring"}
     a, b, c, h, d, e = now - 600, now - 300, now - 7200, now - 10800, now - 3 * 86400, now - 8 * 86400
-    views = (
-        # A, 10 min ago: from a search and a campaign, pushState, then a full page load; ended after 120 s
-        pageviews("p1", "A", [(a, f"{SITE}/pricing?utm_source=newsletter&utm_medium=email&utm_campaign=spring",
-                               google, "organic", campaign),
-                              (a + 30, f"{SITE}/docs", google, "organic"),
-                              (a + 60, f"{SITE}/pricing#faq", f"{SITE}/docs", "internal")], **chrome)
-        + pageviews("p1", "B", [(b, f"{SITE}/", "", "direct")], **safari)  # B, 5 min ago, still live
-        # C, 2 h ago: a bounce that came back (resumed) for a second page
-        + pageviews("p1", "C", [(c, f"{SITE}/blog/post?ref=hn", "https://news.ycombinator.com/item?id=1", "referral"),
-                                (c + 90, f"{SITE}/blog", f"{SITE}/blog/post?ref=hn", "internal")], **firefox)
-        + pageviews("p1", "H", [(h, f"{SITE}/", "https://t.co/x", "social")], **chrome)  # H, 3 h ago: a bounce
-        + pageviews("p1", "D", [(d, f"{SITE}/", "https://duckduckgo.com/", "organic"),
-                                (d + 300, f"{SITE}/pricing", f"{SITE}/", "internal")], **android)  # D, 3 days ago
-        + pageviews("p1", "E", [(e, f"{SITE}/old", "", "direct")], **chrome)  # E, 8 days ago: in no range
-        + pageviews("p1", "bot", [(a, f"{SITE}/", "", "direct")], is_bot=1, **chrome)
-        + pageviews("p2", "other", [(a, f"{SITE}/", google, "organic")], **chrome)
-    )
-    views.append(dict(views[0]))  # A's first pageview stored twice (a retried insert): one pageview
-    insert(clickhouse_url, "page_view_event", views)
-    insert(clickhouse_url, "tracked_session",
-           visit("p1", "A", a, [(None, 1), (a + 120, 3)], country_code="DE", country="Germany")
-           + visit("p1", "B", b, [(None, 1)], country_code="US")
-           + visit("p1", "C", c, [(None, 1), (c + 30, 1), (None, 1), (c + 90, 2)])
-           + visit("p1", "H", h, [(None, 1), (h + 10, 1)])
-           + visit("p1", "D", d, [(None, 1), (d + 300, 2)])
-           + visit("p1", "E", e, [(None, 1), (e + 5, 1)])
-           + visit("p1", "bot", a, [(None, 1), (a + 1, 1)], is_bot=1)
-           + visit("p2", "other", a, [(None, 1), (a + 1, 1)]))
+    first: list[dict] = []
+    # A, 10 min ago: from a search and a campaign, pushState, then a full page load; ended after 120 s
+    store_visit(clickhouse_url, "p1", "A", [
+        (a, f"{SITE}/pricing?utm_source=newsletter&utm_medium=email&utm_campaign=spring", GOOGLE, "organic", campaign),
+        (a + 30, f"{SITE}/docs", GOOGLE, "organic"),
+        (a + 60, f"{SITE}/pricing#faq", f"{SITE}/docs", "internal")], [(a + 120, 3)], CHROME, first, **CHROME_COLUMNS)
+    store_visit(clickhouse_url, "p1", "B", [(b, f"{SITE}/", "", "direct")], [], IPHONE, **safari)  # 5 min ago, live
+    # C, 2 h ago: a bounce that came back (resumed) for a second page
+    store_visit(clickhouse_url, "p1", "C", [
+        (c, f"{SITE}/blog/post?ref=hn", "https://news.ycombinator.com/item?id=1", "referral"),
+        (c + 90, f"{SITE}/blog", f"{SITE}/blog/post?ref=hn", "internal")],
+        [(c + 30, 1), (None, 1), (c + 90, 2)], FIREFOX, **firefox)
+    store_visit(clickhouse_url, "p1", "H", [(h, f"{SITE}/", "https://t.co/x", "social")], [(h + 10, 1)], CHROME,
+                **CHROME_COLUMNS)  # 3 h ago: a bounce
+    store_visit(clickhouse_url, "p1", "D", [(d, f"{SITE}/", "https://duckduckgo.com/", "organic"),
+                                            (d + 300, f"{SITE}/pricing", f"{SITE}/", "internal")],
+                [(d + 300, 2)], ANDROID, **android)  # 3 days ago
+    store_visit(clickhouse_url, "p1", "E", [(e, f"{SITE}/old", "", "direct")], [(e + 5, 1)], CHROME,
+                **CHROME_COLUMNS)  # 8 days ago: in no range
+    store_visit(clickhouse_url, "p1", "bot", [(a, f"{SITE}/", GOOGLE, "organic")], [(a + 1, 1)], CHROME,
+                is_bot=1, **CHROME_COLUMNS)
+    store_visit(clickhouse_url, "p2", "other", [(a, f"{SITE}/", GOOGLE, "organic")], [(a + 1, 1)], CHROME,
+                **CHROME_COLUMNS)
+    # A's first pageview stored twice (a retried insert): one pageview
+    insert(clickhouse_url, "page_view_event", first[:1])
     insert(clickhouse_url, "tracked_event", [
         {"id": "ev1", "project_id": "p1", "session_id": "A", "timestamp": a + 40, "tracking_id": "cta", "event_type": "click"},
         {"id": "ev2", "project_id": "p1", "session_id": "D", "timestamp": d + 10, "tracking_id": "cta", "event_type": "click"},
@@ -139,7 +145,9 @@ async def test_stats_of_each_range_count_the_projects_people(redis_url, clickhou
     recent, day, week = answers["30m"], answers["24h"], answers["7d"]
     assert recent["projectId"] == "p1" and recent["range"] == "30m"
     assert 0 <= recent["until"] - now <= 5 and recent["until"] - recent["since"] == 1800
-    assert week["until"] - week["since"] == 7 * 86400
+    # 24 hours and 7 days start at the start of an hour: the hours before this one are kept
+    assert week["since"] % 3600 == 0 and 0 <= week["until"] - week["since"] - 7 * 86400 < 3600
+    assert day["since"] % 3600 == 0 and 0 <= day["until"] - day["since"] - 86400 < 3600
     assert {r: (a["pageviews"], a["sessions"], a["endedSessions"], a["events"]) for r, a in answers.items()} == {
         "30m": (4, 2, 1, 1), "24h": (7, 4, 3, 1), "7d": (9, 5, 4, 2)}
     assert (recent["bounceRate"], recent["medianSessionSeconds"]) == (0.0, 120)
@@ -317,7 +325,57 @@ async def test_clickhouse_down_is_503_and_the_live_parts_still_answer(redis_url)
 
 
 def test_queries_take_their_values_only_as_parameters():
-    """Every query names the project and time as clickhouse-driver parameters, never as text put in."""
-    for name, query in {**api.STATS_QUERIES, "timeseries": api.TIMESERIES_QUERY}.items():
-        assert "%(project)s" in query and "toDateTime(%(since)s)" in query, name
-        assert "{" not in query and "%s" not in query.replace("%(project)s", "").replace("%(since)s", ""), name
+    """Every query names the project and times as clickhouse-driver parameters, never as text put in."""
+    queries = {**rollup.PARTIAL_QUERIES, "signature": rollup.SIGNATURE_QUERY, "timeseries": api.TIMESERIES_QUERY}
+    for name, query in queries.items():
+        assert "project_id = %(project)s" in query and ("toDateTime(%(start)s)" in query
+                                                        or "toDateTime(%(since)s)" in query), name
+        assert "{" not in query and "'" not in query.replace("''", "").replace("'internal'", "").replace(
+            "'utm_source'", "").replace("'utm_medium'", "").replace("'utm_campaign'", "").replace(
+            "'pageviews'", "").replace("'events'", "").replace("'visits'", ""), name
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_hours_are_kept_and_computed_again_when_their_rows_change(redis_url, clickhouse_url):
+    """The current hour is read for every answer; a kept hour follows late rows once checked."""
+    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
+        read = await daemon.token("p1", scope="read")
+        now = int(time.time())
+        current = now - now % 3600
+        store_history(clickhouse_url, now)
+        _, before, _ = await request(daemon.port, "/api/stats?projectId=p1&range=24h", read)
+        kept = daemon.service.api.hours.projects["p1"].hours
+        assert sorted(kept) == list(range(current - 86400, current, 3600))
+
+        # A visit this hour is counted at once.
+        store_visit(clickhouse_url, "p1", "now", [(current, f"{SITE}/new", "", "direct")], [], CHROME,
+                    **CHROME_COLUMNS)
+        _, fresh, _ = await request(daemon.port, "/api/stats?projectId=p1&range=24h", read)
+        assert (fresh["pageviews"], fresh["sessions"]) == (before["pageviews"] + 1, before["sessions"] + 1)
+
+        # Rows that come late for a kept hour (a replayed spool, say), and the end of a visit that started then.
+        late = now - 7200
+        store_visit(clickhouse_url, "p1", "late", [(late, f"{SITE}/late", GOOGLE, "organic")], [(late + 40, 1)],
+                    FIREFOX, **CHROME_COLUMNS)
+        _, stale, _ = await request(daemon.port, "/api/stats?projectId=p1&range=24h", read)
+        assert stale["pageviews"] == fresh["pageviews"]  # kept as it was...
+        assert await daemon.service.api.hours.check() == 1  # ...until the check (every 30 s) sees the hour changed
+        _, after, _ = await request(daemon.port, "/api/stats?projectId=p1&range=24h", read)
+        assert (after["pageviews"], after["sessions"], after["endedSessions"]) == (
+            fresh["pageviews"] + 1, fresh["sessions"] + 1, fresh["endedSessions"] + 1)
+        assert {"hostname": "www.google.com", "sessions": 2} in after["referrers"]
+        assert await daemon.service.api.hours.check() == 0
+
+
+def test_partials_add_up_and_the_median_is_clickhouses():
+    first = rollup.Partial(pageviews=2, visits=1, ended=1, durations=Counter({10: 1}), pages=Counter({"/": 2}),
+                           countries=Counter({"DE": 1}), country_names={"DE": "Germany"})
+    second = rollup.Partial(pageviews=1, visits=2, ended=2, bounced=1, durations=Counter({90: 1, 120: 1}),
+                            pages=Counter({"/": 1, "/a": 1}), countries=Counter({"DE": 2}), country_names={"DE": ""})
+    total = rollup.Partial().add(first).add(second)
+    assert (total.pageviews, total.visits, total.ended, total.bounced) == (3, 3, 3, 1)
+    assert total.pages == Counter({"/": 3, "/a": 1}) and total.country_names == {"DE": "Germany"}
+    # quantileExact(0.5): the value at place n // 2 of the sorted values
+    assert rollup.median(total.durations) == 90
+    assert rollup.median(Counter({10: 1, 90: 1, 120: 1, 300: 1})) == 120
+    assert rollup.median(Counter({5: 3})) == 5 and rollup.median(Counter()) is None

@@ -118,8 +118,9 @@ class Api(Service):
     log = Logger()
 
     def __init__(self, clickhouse_url: str, verifier: Any, redis_call: Callable[..., defer.Deferred],
-                 reactor: Any, threads: int = THREADS):
+                 reactor: Any, threads: int = THREADS, lockout: Any = None):
         self.verifier = verifier
+        self.lockout = lockout  # refused keys count toward the sockets' lockout (bklit.web.Lockout)
         self.redis_call = redis_call
         self.reactor = reactor
         self.reader = Reader(clickhouse_url)
@@ -279,15 +280,19 @@ class ApiPage(Resource):
             parameters = self.parameters(request)
         except BadRequest as e:
             return _json(request, 400, {"error": "bad_request", "message": str(e)})
+        lockout = self.api.lockout
+        client = lockout.client(request) if lockout is not None else ""
+        if lockout is not None and lockout.admission.locked_out(client):
+            return _json(request, 429, {"error": "locked_out", "message": "too many refused keys; try again later"})
         key = bearer({"authorization": (request.getHeader(b"authorization") or b"").decode("latin-1")})
         if not key:
             return _unauthorized(request, "a read key is required (Authorization: Bearer)")
-        d = defer.ensureDeferred(self._respond(request, project, key, parameters))
+        d = defer.ensureDeferred(self._respond(request, project, key, parameters, client))
         d.addErrback(lambda f: self.api.log.failure("API: {path} failed", f, path=request.path)
                      or _finish(request, 503, {"error": "unavailable", "message": "cannot answer now"}))
         return NOT_DONE_YET
 
-    async def _respond(self, request: Any, project: str, key: str, parameters: dict) -> None:
+    async def _respond(self, request: Any, project: str, key: str, parameters: dict, client: str = "") -> None:
         try:
             refused = await self.api.access(key, project)
         except Exception:
@@ -295,6 +300,8 @@ class ApiPage(Resource):
             return
         if refused is not None:
             status, reason = refused
+            if self.api.lockout is not None:
+                self.api.lockout.admission.auth_failed(client)
             if status == 401:
                 request.setHeader(b"www-authenticate", b"Bearer")
             _finish(request, status, {"error": "unauthorized" if status == 401 else "forbidden", "message": reason})

@@ -212,7 +212,7 @@ class BklitService(MultiService):
         api = Resource()
         lockout = Lockout(self.admission, self.ingest.trusted_proxies, config.client_ip_header)
         api.putChild(b"live", LiveCount(verifier, self.sessions, lockout))
-        self.api = Api(config.clickhouse, verifier, self.redis.call, reactor)  # /api/stats, ... for /live
+        self.api = Api(config.clickhouse, verifier, self.redis.call, reactor, lockout=lockout)  # /api/stats, ...
         self.api.setServiceParent(self)
         self.api.mount(api)
         refusals = Refusals(reactor, self.metrics.http_refused)

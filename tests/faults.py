@@ -52,6 +52,7 @@ BASE_SETTINGS = {
     "flush_interval": "0.1",
     "health_interval": "0.5",
     "max_connections_per_ip": "1000",
+    "max_http_connections_per_ip": "1000",
     "rate_limit": "100000",
     "rate_burst": "100000",
 }

@@ -147,15 +147,18 @@ async def test_api_live_refuses_missing_ingest_and_other_project_keys(redis_url,
 
 @pytest_twisted.ensureDeferred
 async def test_api_live_counts_refused_keys_toward_the_lockout(redis_url, clickhouse_url):
-    """Refused keys on /api/live lock the client out like those on sockets: then 429 there, and its
-    WebSocket upgrades get 429 too; another client is served."""
+    """Refused keys on /api/live and /api/stats lock the client out like those on sockets: then 429 there,
+    and its WebSocket upgrades get 429 too; another client is served."""
     values = {"auth_failures_max": "3", "trusted_proxies": "127.0.0.1"}
     async with running_daemon(settings(redis_url, clickhouse_url, **values)) as daemon:
         read = await daemon.token("p1", scope="read")
         guesser = {"X-Forwarded-For": "203.0.113.9"}
-        for n in range(3):
-            assert (await http_get(daemon.port, "/api/live?projectId=p1", f"bk_{n:043d}", guesser))[0] == 403
+        for n, path in enumerate(["/api/live?projectId=p1", "/api/stats?projectId=p1&range=24h",
+                                  "/api/live?projectId=p1"]):
+            assert (await http_get(daemon.port, path, f"bk_{n:043d}", guesser))[0] in (401, 403)
         code, body = await http_get(daemon.port, "/api/live?projectId=p1", read, guesser)
+        assert (code, body["error"]) == (429, "locked_out")
+        code, body = await http_get(daemon.port, "/api/stats?projectId=p1&range=24h", read, guesser)
         assert (code, body["error"]) == (429, "locked_out")
         try:
             await connect(daemon.port, path="/dashboard?projectId=p1", headers=guesser)

@@ -96,7 +96,8 @@ async def close(*clients):
 @pytest_twisted.ensureDeferred
 async def test_ten_thousand_events_from_fifty_sockets_are_stored_once_each(redis_server, redis_url, clickhouse_url):
     """50 sessions send 200 events each as fast as acks come; ClickHouse holds exactly the acked ones."""
-    async with running_daemon(settings(redis_url, clickhouse_url, rate_limit="100000", rate_burst="100000")) as daemon:
+    async with running_daemon(settings(redis_url, clickhouse_url, rate_limit="100000", rate_burst="100000",
+                                       max_http_connections_per_ip="1000")) as daemon:
         key = await daemon.token("p1")
         clients = await defer.gatherResults([
             defer.ensureDeferred(open_client(daemon.port, session_of(n), key)) for n in range(CONNECTIONS)])

@@ -14,6 +14,7 @@ import json
 import random
 import re
 import shutil
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from harness import connect, running_daemon, sdk_event, sdk_pageview, settings
+from harness import connect, free_port, running_daemon, sdk_event, sdk_pageview, settings
 from test_browser import BROWSER, DRIVER_TIMEOUT, browser_tools  # noqa: F401 (a fixture)
 
 from bklit.demo import Player
@@ -31,6 +32,7 @@ from bklit.livepage import LivePage
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / ".run" / "live-page.png"
 SESSION = "1732608000000-livepage01"
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
 
 async def get(port: int, path: str, headers: dict | None = None, method: bytes = b"GET"):
@@ -108,6 +110,7 @@ class _LiveDriver(protocol.ProcessProtocol):
         self.buffer = b""
         self.asked: dict[str, defer.Deferred] = {}
         self.ended: defer.Deferred = defer.Deferred()
+        self.code: int | None = None
 
     def step(self, name: str) -> defer.Deferred:
         return self.asked.setdefault(name, defer.Deferred())
@@ -134,7 +137,8 @@ class _LiveDriver(protocol.ProcessProtocol):
         for name, waiting in self.asked.items():
             if not waiting.called:
                 waiting.errback(AssertionError(f"live.mjs ended before step {name}: {self.transcript()}"))
-        self.ended.callback(reason.value.exitCode)
+        self.code = reason.value.exitCode
+        self.ended.callback(self.code)
 
     def go_on(self) -> None:
         self.transport.write(b"go\n")
@@ -154,6 +158,37 @@ def _stop(process, signal: str) -> None:
         pass
 
 
+@asynccontextmanager
+async def live_driver(tools: dict, options: dict):
+    """live.mjs running with ``options``; stopped after DRIVER_TIMEOUT if still running, checked at the end."""
+    driver = _LiveDriver()
+    process = reactor.spawnProcess(driver, tools["node"], [tools["node"], "live.mjs", json.dumps(options)],
+                                   path=str(BROWSER))
+    timers = [reactor.callLater(DRIVER_TIMEOUT, _stop, process, "TERM"),
+              reactor.callLater(DRIVER_TIMEOUT + 10, _stop, process, "KILL")]
+    try:
+        yield driver
+        if driver.code is None:
+            await driver.ended
+    finally:
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+    assert driver.code == 0 and any(r["event"] == "done" for r in driver.records), driver.transcript()
+
+
+async def visit_pricing(port: int, key: str):
+    """An SDK socket from Germany with a pageview of /pricing?plan=team and a custom event, both acked."""
+    client = await connect(port, path=f"/?projectId=p1&sessionId={SESSION}",
+                           headers={"X-Forwarded-For": "85.214.132.117"})  # an address in Germany
+    await client.next_of("connected")
+    client.send(sdk_pageview("p1", SESSION, key=key, url="https://example.com/pricing?plan=team", userAgent=CHROME))
+    await client.next_of("ack")
+    client.send(sdk_event("p1", SESSION, key=key))
+    await client.next_of("ack")
+    return client
+
+
 @pytest.mark.browser
 @pytest_twisted.ensureDeferred
 async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhouse_url, tmp_path):  # noqa: F811
@@ -164,21 +199,9 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
         options = {"site": f"http://127.0.0.1:{daemon.port}", "chromium": browser_tools["chromium"],
                    "profile": str(tmp_path / "profile"), "project": "p1", "key": read, "wrongKey": wrong,
                    "screenshot": str(tmp_path / "live.png")}
-        driver = _LiveDriver()
-        process = reactor.spawnProcess(driver, browser_tools["node"],
-                                       [browser_tools["node"], "live.mjs", json.dumps(options)], path=str(BROWSER))
-        timers = [reactor.callLater(DRIVER_TIMEOUT, _stop, process, "TERM"),
-                  reactor.callLater(DRIVER_TIMEOUT + 10, _stop, process, "KILL")]
-        try:
+        async with live_driver(browser_tools, options) as driver:
             await driver.step("pageview")
-            client = await connect(daemon.port, path=f"/?projectId=p1&sessionId={SESSION}",
-                                   headers={"X-Forwarded-For": "85.214.132.117"})  # an address in Germany
-            await client.next_of("connected")
-            client.send(sdk_pageview("p1", SESSION, key=ingest, url="https://example.com/pricing?plan=team",
-                                     userAgent=browser_tools["user_agent"]))
-            await client.next_of("ack")
-            client.send(sdk_event("p1", SESSION, key=ingest))
-            await client.next_of("ack")
+            client = await visit_pricing(daemon.port, ingest)
             driver.go_on()
 
             await driver.step("end")
@@ -192,13 +215,8 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
             visits = defer.ensureDeferred(player.play())
             await _later(9)  # a screenshot while visitors are on the site
             driver.go_on()
-            code = await driver.ended
+            await driver.ended
             await visits
-        finally:
-            for timer in timers:
-                if timer.active():
-                    timer.cancel()
-        assert code == 0 and any(r["event"] == "done" for r in driver.records), driver.transcript()
 
     records = driver.records
     opened, refused, signed_in = driver.page("opened"), driver.page("refused"), driver.page("signed-in")
@@ -219,7 +237,7 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
     assert pageview["live"] == "1"
     [row] = pageview["sessions"]
     assert row[0] == "/pricing?plan=team" and row[2] == "1"
-    assert row[3] == "Germany" and row[4].startswith("Chrome on Linux")
+    assert row[3] == "Germany" and row[4] == "Chrome on Linux · desktop"
     assert any("/pricing?plan=team" in item and "(new session)" in item for item in pageview["feed"])
     assert any("cta-button click" in item for item in pageview["feed"])
     assert sum(h > 0 for h in pageview["barHeights"]) == 1 and max(pageview["barHeights"][-2:]) > 0
@@ -253,3 +271,27 @@ def _later(seconds: float) -> defer.Deferred:
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest.mark.browser
+@pytest_twisted.ensureDeferred
+async def test_without_clickhouse_the_page_still_shows_the_live_parts(browser_tools, redis_url, tmp_path):  # noqa: F811
+    """An ingest node whose ClickHouse does not answer: the summary says so, the live count still moves."""
+    nowhere = f"clickhouse://default:@127.0.0.1:{free_port()}/bklit"
+    async with running_daemon(settings(redis_url, nowhere, role="ingest", trusted_proxies="127.0.0.1")) as daemon:
+        ingest, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        options = {"scenario": "degraded", "site": f"http://127.0.0.1:{daemon.port}", "project": "p1", "key": read,
+                   "chromium": browser_tools["chromium"], "profile": str(tmp_path / "profile")}
+        async with live_driver(browser_tools, options) as driver:
+            await driver.step("pageview")
+            client = await visit_pricing(daemon.port, ingest)
+            driver.go_on()
+            await driver.ended
+        client.sendClose()
+        await client.wait_closed()
+    seen = driver.page("degraded")
+    assert seen["state"] == "live" and seen["live"] == "1" and seen["sessions"][0][3] == "Germany"
+    assert "summary is unavailable: ClickHouse is not answering" in seen["summaryError"]
+    assert "Stored pageviews are unavailable" in seen["chartError"]
+    assert seen["storedKey"] == read  # a 503 is not the key's fault
+    assert seen["barHeights"][-1] > 0 or seen["barHeights"][-2] > 0  # the live pageview, on the chart all the same

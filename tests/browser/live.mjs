@@ -12,6 +12,9 @@
 // 5. the same for "screenshot" (the test plays demo traffic): switches the summary to 30 minutes,
 //    saves a screenshot of the whole page.
 //
+// The scenario "degraded" (a daemon whose ClickHouse does not answer) signs in with the read key,
+// waits for "pageview" as above, and reports what the page says about the missing numbers.
+//
 // After each step it prints {"event": "page", "name": ..., facts}: what the page shows, read from
 // the DOM. Every line is one JSON object, as drive.mjs prints them ("console" lines include CSP
 // violations and uncaught errors); "done" at the end, or "failed" and exit status 1.
@@ -61,6 +64,7 @@ async function facts(page, name) {
       figures: Object.fromEntries(all("#figures div").map((d) => [d.querySelector("dt").textContent, d.querySelector("dd").textContent])),
       topPages: all("#top-pages li").map((item) => item.textContent),
       summaryError: document.querySelector("#summary-error").hidden ? "" : document.querySelector("#summary-error").textContent,
+      chartError: document.querySelector("#chart-error").hidden ? "" : document.querySelector("#chart-error").textContent,
       storedKey: sessionStorage.getItem("bklit.live.key"),
       storedProject: sessionStorage.getItem("bklit.live.project"),
       focused: document.activeElement ? document.activeElement.id : "",
@@ -76,7 +80,7 @@ async function signIn(page, project, key) {
   await page.press("#key", "Enter"); // the form works with Enter
 }
 
-async function run(context) {
+async function open(context) {
   const page = await context.newPage();
   page.on("console", (message) => emit({ event: "console", tab: "live", level: message.type(), text: message.text() }));
   page.on("pageerror", (error) => emit({ event: "console", tab: "live", level: "pageerror", text: String(error) }));
@@ -86,20 +90,26 @@ async function run(context) {
   await page.goto(`${options.site}/live`);
   await page.waitForSelector("#project:focus");
   await facts(page, "opened");
+  return page;
+}
 
+async function live(page) {
+  await page.waitForSelector("#connection[data-state=live]");
+  await page.waitForFunction(() => document.querySelectorAll("#chart rect.bar").length === 60);
+}
+
+async function person(context) {
+  const page = await open(context);
   await signIn(page, options.project, options.wrongKey);
   await page.waitForSelector("#sign-in-error:not([hidden])");
   await facts(page, "refused");
 
   await signIn(page, options.project, options.key);
-  await page.waitForSelector("#connection[data-state=live]");
-  await page.waitForFunction(() => document.querySelectorAll("#chart rect.bar").length === 60);
+  await live(page);
   await facts(page, "signed-in");
 
   await ask("pageview");
-  await page.waitForFunction(() => document.querySelector("#live-count").textContent === "1"
-    && document.querySelectorAll("#sessions-body tr").length === 1
-    && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("/pricing")));
+  await onePageview(page);
   await page.waitForFunction(() => [...document.querySelectorAll("#chart rect.bar")].some((bar) => Number(bar.getAttribute("height")) > 0));
   await facts(page, "pageview");
 
@@ -118,6 +128,23 @@ async function run(context) {
   emit({ event: "screenshot", path: options.screenshot });
 }
 
+function onePageview(page) {
+  return page.waitForFunction(() => document.querySelector("#live-count").textContent === "1"
+    && document.querySelectorAll("#sessions-body tr").length === 1
+    && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("/pricing")));
+}
+
+async function degraded(context) {
+  const page = await open(context);
+  await signIn(page, options.project, options.key);
+  await live(page);
+  await page.waitForSelector("#summary-error:not([hidden])");
+  await page.waitForSelector("#chart-error:not([hidden])");
+  await ask("pageview");
+  await onePageview(page);
+  await facts(page, "degraded");
+}
+
 let context;
 let status = 0;
 try {
@@ -131,7 +158,7 @@ try {
     locale: "en-GB",
   });
   context.setDefaultTimeout(WAIT_MS);
-  await run(context);
+  await { person, degraded }[options.scenario || "person"](context);
   emit({ event: "done" });
 } catch (error) {
   emit({ event: "failed", message: String((error && error.stack) || error) });

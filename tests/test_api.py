@@ -49,29 +49,37 @@ def insert(clickhouse_url: str, table: str, rows: list[dict]) -> None:
         client.disconnect()
 
 
-def store_visit(clickhouse_url: str, project: str, session: str, views: list[tuple], ends: list[tuple],
-                user_agent: str, stored: list | None = None, **columns) -> None:
+def visit_rows(project: str, session: str, views: list[tuple], ends: list[tuple], user_agent: str,
+               **columns) -> tuple[list[dict], list[dict]]:
     """One visit as the writer stores it: a pageview row per (time, url, referrer, referrer type[, columns]),
-    and a tracked_session row per version: its start, then one per (ended or None, pageviews so far).
-    The pageview rows are added to ``stored``."""
+    and a tracked_session row per version: its start, then one per (ended or None, pageviews so far)."""
     started, landing = views[0][0], views[0][1]
-    stored = [] if stored is None else stored
-    rows = []
+    pageview_rows = []
     for n, (at, url, referrer, kind, *extra) in enumerate(views):
-        rows.append({"id": f"{session}-pv{n}", "project_id": project, "session_id": session, "timestamp": at,
-                     "received_at": at, "url": url, "referrer": referrer,
-                     "referrer_hostname": referrer.split("/")[2] if referrer else "", "referrer_type": kind,
-                     "landing_page": landing, "user_agent": user_agent, **columns, **(extra[0] if extra else {})})
-    insert(clickhouse_url, "page_view_event", rows)
-    stored.extend(rows)
+        pageview_rows.append({
+            "id": f"{session}-pv{n}", "project_id": project, "session_id": session, "timestamp": at,
+            "received_at": at, "url": url, "referrer": referrer,
+            "referrer_hostname": referrer.split("/")[2] if referrer else "", "referrer_type": kind,
+            "landing_page": landing, "user_agent": user_agent, **columns, **(extra[0] if extra else {})})
     visit_columns = {k: v for k, v in columns.items() if k in ("country", "country_code", "is_bot")}
-    insert(clickhouse_url, "tracked_session", [
+    session_rows = [
         {"id": f"{session}/{started * 1000}", "session_id": session, "project_id": project, "started_at": started,
          "started_ms": started * 1000, "ended_at": ended, "duration": ended - started if ended else 0,
          "pageviews": count, "did_bounce": int(count <= 1), "entry_page": landing, "user_agent": user_agent,
          "end_reason": "disconnect" if ended else "", "updated_at": ended or started, "version": version,
          **visit_columns}
-        for version, (ended, count) in enumerate([(None, 1), *ends], 1)])
+        for version, (ended, count) in enumerate([(None, 1), *ends], 1)]
+    return pageview_rows, session_rows
+
+
+def store_visit(clickhouse_url: str, project: str, session: str, views: list[tuple], ends: list[tuple],
+                user_agent: str, stored: list | None = None, **columns) -> None:
+    """Store ``visit_rows``; the pageview rows are also added to ``stored``."""
+    pageview_rows, session_rows = visit_rows(project, session, views, ends, user_agent, **columns)
+    insert(clickhouse_url, "page_view_event", pageview_rows)
+    insert(clickhouse_url, "tracked_session", session_rows)
+    if stored is not None:
+        stored.extend(pageview_rows)
 
 
 CHROME_COLUMNS = {"browser": "Chrome", "os": "Linux", "device_type": "desktop", "country": "Germany",

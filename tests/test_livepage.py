@@ -14,6 +14,7 @@ import json
 import random
 import re
 import shutil
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from twisted.web.http_headers import Headers
 from harness import connect, free_port, running_daemon, sdk_event, sdk_pageview, settings
 from test_browser import BROWSER, DRIVER_TIMEOUT, browser_tools  # noqa: F401 (a fixture)
 
-from bklit.demo import Player
+from test_api import insert, visit_rows
+
+from bklit.demo import AGENTS, PAGES, PLACES, REFERRERS, Player
 from bklit.livepage import LivePage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,6 +199,7 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
     async with running_daemon(settings(redis_url, clickhouse_url, trusted_proxies="127.0.0.1")) as daemon:
         ingest, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
         wrong = "bk_" + "x" * 40  # no such key
+        stored = store_last_hour(clickhouse_url, random.Random(5))
         options = {"site": f"http://127.0.0.1:{daemon.port}", "chromium": browser_tools["chromium"],
                    "profile": str(tmp_path / "profile"), "project": "p1", "key": read, "wrongKey": wrong,
                    "screenshot": str(tmp_path / "live.png")}
@@ -231,7 +235,9 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
 
     assert signed_in["state"] == "live" and signed_in["status"] == "Live" and not signed_in["signInShown"]
     assert signed_in["live"] == "0" and signed_in["sessions"] == [] and signed_in["feed"] == []
-    assert signed_in["bars"] == 60 and sum(signed_in["barHeights"]) == 0
+    # The chart: the last hour's pageviews from ClickHouse, minute by minute.
+    assert signed_in["bars"] == 60 and chart_total(signed_in) == stored
+    assert sum(h > 0 for h in signed_in["barHeights"]) > 20
     assert signed_in["storedKey"] == read  # kept in sessionStorage, for this tab
 
     assert pageview["live"] == "1"
@@ -240,8 +246,8 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
     assert row[3] == "Germany" and row[4] == "Chrome on Linux · desktop"
     assert any("/pricing?plan=team" in item and "(new session)" in item for item in pageview["feed"])
     assert any("cta-button click" in item for item in pageview["feed"])
-    assert sum(h > 0 for h in pageview["barHeights"]) == 1 and max(pageview["barHeights"][-2:]) > 0
-    assert "1 pageview in the last 60 minutes" in pageview["chartLabel"]
+    assert chart_total(pageview) == stored + 1  # the live pageview, counted at once
+    assert pageview["barHeights"][-1] > signed_in["barHeights"][-1] or pageview["barHeights"][-2] > 0
 
     assert ended["live"] == "0" and ended["sessions"] == []
     assert "ended (disconnect, 1 page," in ended["feed"][0]
@@ -265,6 +271,38 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     shutil.copyfile(tmp_path / "live.png", SCREENSHOT)
+
+
+def store_last_hour(clickhouse_url: str, rng: random.Random) -> int:
+    """Visits of p1 over the last hour (ended, 1 to 4 pages each) stored directly; returns their pageviews."""
+    now = int(time.time())
+    from iptocc import country_code
+
+    from bklit.geo import COUNTRY_NAMES
+
+    views, visits = [], []
+    for n in range(120):
+        at = now - int(3300 * (1 - rng.random() ** 1.5)) - 60  # busier lately
+        agent = rng.choice(AGENTS)[0]
+        code = country_code(rng.choices([p[0] for p in PLACES], weights=[p[-1] for p in PLACES])[0])
+        country = COUNTRY_NAMES.get(code, "")
+        referrer, kind = rng.choices([r[:2] for r in REFERRERS], weights=[r[2] for r in REFERRERS])[0]
+        pages = [(at + 40 * i, "https://www.example.com" + rng.choice(PAGES)[0], referrer or "", kind if i == 0 else
+                  "organic" if referrer else "direct") for i in range(rng.randint(1, 4))]
+        pages = [p for p in pages if p[0] < now - 30]
+        more, ended = visit_rows("p1", f"{at * 1000}-hist{n:04d}", pages, [(pages[-1][0] + 20, len(pages))], agent,
+                                 country=country, country_code=code)
+        views += more
+        visits += ended
+    insert(clickhouse_url, "page_view_event", views)
+    insert(clickhouse_url, "tracked_session", visits)
+    return len(views)
+
+
+def chart_total(facts: dict) -> int:
+    """The pageviews the chart's description counts."""
+    match = re.match(r"([\d,]+) pageviews? in the last 60 minutes", facts["chartLabel"])
+    return int(match[1].replace(",", "")) if match else 0
 
 
 def _later(seconds: float) -> defer.Deferred:

@@ -93,9 +93,12 @@ async function open(context) {
   return page;
 }
 
+// Signed in: the socket's snapshot, the stored pageviews per minute and the summary are in.
 async function live(page) {
   await page.waitForSelector("#connection[data-state=live]");
-  await page.waitForFunction(() => document.querySelectorAll("#chart rect.bar").length === 60);
+  await page.waitForSelector("#chart-card:not([aria-busy])");
+  await page.waitForSelector("#summary:not([aria-busy])");
+  await page.waitForTimeout(300); // the redraw after the last answer
 }
 
 async function person(context) {
@@ -110,7 +113,6 @@ async function person(context) {
 
   await ask("pageview");
   await onePageview(page);
-  await page.waitForFunction(() => [...document.querySelectorAll("#chart rect.bar")].some((bar) => Number(bar.getAttribute("height")) > 0));
   await facts(page, "pageview");
 
   await ask("end");
@@ -131,7 +133,8 @@ async function person(context) {
 function onePageview(page) {
   return page.waitForFunction(() => document.querySelector("#live-count").textContent === "1"
     && document.querySelectorAll("#sessions-body tr").length === 1
-    && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("/pricing")));
+    && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("/pricing"))
+    && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("cta-button")));
 }
 
 async function degraded(context) {
@@ -153,7 +156,8 @@ try {
     headless: true,
     args: ARGS,
     timeout: WAIT_MS,
-    viewport: { width: 1280, height: 900 },
+    viewport: options.viewport || { width: 1280, height: 900 },
+    colorScheme: options.colorScheme || "light",
     timezoneId: options.timezone || "Europe/Berlin",
     locale: "en-GB",
   });

@@ -70,6 +70,8 @@ class View {
     $("sign-in").hidden = true;
     $("board").hidden = false;
     $("feed").replaceChildren();
+    $("chart-card").setAttribute("aria-busy", "true");
+    $("summary").setAttribute("aria-busy", "true");
     this.connect();
     this.refreshStats();
     this.refreshSeries();
@@ -220,10 +222,12 @@ class View {
   refreshSeries() {
     const asked = Date.now();
     this.ask(`api/timeseries?${this.query()}`, (answer) => {
+      $("chart-card").removeAttribute("aria-busy");
       $("chart-error").hidden = true;
       this.state.timeseries(answer, asked);
-      this.schedule();
+      this.draw();
     }, (message) => {
+      $("chart-card").removeAttribute("aria-busy");
       $("chart-error").textContent = `Stored pageviews are unavailable (${message}); the chart shows only what arrived live.`;
       $("chart-error").hidden = false;
     });
@@ -273,7 +277,7 @@ class View {
     const open = state.openPages(OPEN_PAGES).map(([url, n]) => {
       const li = document.createElement("li");
       li.title = url;
-      li.append(text("span", format.page(url), "label"), text("span", format.count(n), "n"));
+      li.append(text("span", format.page(url, { short: true }), "label"), text("span", format.count(n), "n"));
       return li;
     });
     $("open-pages").replaceChildren(...open);
@@ -340,7 +344,8 @@ class View {
     $("fig-bounce").textContent = format.percent(answer.bounceRate);
     $("fig-median").textContent = format.duration(answer.medianSessionSeconds);
     $("fig-events").textContent = format.count(answer.events);
-    topList("top-pages", answer.topPages, (r) => format.page(r.url) || r.url, (r) => r.pageviews, "pageviews");
+    const host = format.manyHosts(answer.topPages.map((r) => r.url));
+    topList("top-pages", answer.topPages, (r) => format.page(r.url, { host }), (r) => r.pageviews, "pageviews");
     topList("top-referrers", answer.referrers, (r) => r.hostname, (r) => r.sessions, "sessions");
     topList("top-campaigns", answer.campaigns,
       (r) => [r.source, r.medium, r.campaign].filter(Boolean).join(" / "), (r) => r.sessions, "sessions");
@@ -362,7 +367,7 @@ function feedText(item) {
   const who = item.sessionId.slice(-6);
   if (item.kind === "pageview") {
     const where = [item.browser, item.deviceType, item.countryCode].filter(Boolean).join(" · ");
-    return `${format.page(item.url)}${item.isNewSession ? " (new session)" : ""}${where ? ` — ${where}` : ""}`;
+    return `${format.page(item.url, { short: true })}${item.isNewSession ? " (new session)" : ""}${where ? ` — ${where}` : ""}`;
   }
   if (item.kind === "event") {
     const details = Object.entries(item.metadata)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from contextlib import asynccontextmanager
 
 import pytest_twisted
 from clickhouse_driver import Client
@@ -134,13 +135,20 @@ def store_history(clickhouse_url: str, now: int) -> None:
     ])
 
 
-@pytest_twisted.ensureDeferred
-async def test_stats_of_each_range_count_the_projects_people(redis_url, clickhouse_url):
-    """Pageviews (each id once), visits (latest version), bounce rate, median and top lists per range."""
+@asynccontextmanager
+async def daemon_with_history(redis_url: str, clickhouse_url: str):
+    """(daemon, read key of p1, the time ``store_history`` was given) of a running daemon."""
     async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
         read = await daemon.token("p1", scope="read")
         now = int(time.time())
         store_history(clickhouse_url, now)
+        yield daemon, read, now
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_of_each_range_count_the_projects_people(redis_url, clickhouse_url):
+    """Pageviews (each id once), visits (latest version), bounce rate, median and top lists per range."""
+    async with daemon_with_history(redis_url, clickhouse_url) as (daemon, read, now):
         answers = {}
         for range_name in ("30m", "24h", "7d"):
             status, answers[range_name], headers = await request(
@@ -194,10 +202,7 @@ async def test_stats_of_a_project_without_rows_are_zero(redis_url, clickhouse_ur
 
 @pytest_twisted.ensureDeferred
 async def test_timeseries_has_a_count_for_each_of_the_last_60_minutes(redis_url, clickhouse_url):
-    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
-        read = await daemon.token("p1", scope="read")
-        now = int(time.time())
-        store_history(clickhouse_url, now)
+    async with daemon_with_history(redis_url, clickhouse_url) as (daemon, read, now):
         status, body, _ = await request(daemon.port, "/api/timeseries?projectId=p1", read)
     assert status == 200
     points = body["points"]
@@ -346,11 +351,8 @@ def test_queries_take_their_values_only_as_parameters():
 @pytest_twisted.ensureDeferred
 async def test_past_hours_are_kept_and_computed_again_when_their_rows_change(redis_url, clickhouse_url):
     """The current hour is read for every answer; a kept hour follows late rows once checked."""
-    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
-        read = await daemon.token("p1", scope="read")
-        now = int(time.time())
+    async with daemon_with_history(redis_url, clickhouse_url) as (daemon, read, now):
         current = now - now % 3600
-        store_history(clickhouse_url, now)
         _, before, _ = await request(daemon.port, "/api/stats?projectId=p1&range=24h", read)
         kept = daemon.service.api.hours.projects["p1"].hours
         assert sorted(kept) == list(range(current - 86400, current, 3600))

@@ -19,19 +19,11 @@
 // the DOM. Every line is one JSON object, as drive.mjs prints them ("console" lines include CSP
 // violations and uncaught errors); "done" at the end, or "failed" and exit status 1.
 
-import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 
-const options = JSON.parse(process.argv[2]);
-const WAIT_MS = 15000;
-const ARGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-];
+import { WAIT_MS, emit, run } from "./chromium.mjs";
 
-function emit(record) {
-  process.stdout.write(JSON.stringify({ ...record, at: Date.now() }) + "\n");
-}
+const options = JSON.parse(process.argv[2]);
 
 const lines = createInterface({ input: process.stdin });
 const queued = [];
@@ -148,29 +140,12 @@ async function degraded(context) {
   await facts(page, "degraded");
 }
 
-let context;
-let status = 0;
-try {
-  context = await chromium.launchPersistentContext(options.profile, {
-    executablePath: options.chromium,
-    headless: true,
-    args: ARGS,
-    timeout: WAIT_MS,
-    viewport: options.viewport || { width: 1280, height: 900 },
-    colorScheme: options.colorScheme || "light",
-    timezoneId: options.timezone || "Europe/Berlin",
-    locale: "en-GB",
-  });
+await run(options, async (context) => {
   context.setDefaultTimeout(WAIT_MS);
   await { person, degraded }[options.scenario || "person"](context);
-  emit({ event: "done" });
-} catch (error) {
-  emit({ event: "failed", message: String((error && error.stack) || error) });
-  status = 1;
-} finally {
-  lines.close();
-  if (context) {
-    await context.close().catch(() => {});
-  }
-}
-process.exit(status);
+}, {
+  viewport: options.viewport || { width: 1280, height: 900 },
+  colorScheme: options.colorScheme || "light",
+  timezoneId: options.timezone || "Europe/Berlin",
+  locale: "en-GB",
+}, () => lines.close());

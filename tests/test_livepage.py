@@ -333,3 +333,26 @@ async def test_without_clickhouse_the_page_still_shows_the_live_parts(browser_to
     assert "Stored pageviews are unavailable" in seen["chartError"]
     assert seen["storedKey"] == read  # a 503 is not the key's fault
     assert seen["barHeights"][-1] > 0 or seen["barHeights"][-2] > 0  # the live pageview, on the chart all the same
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_gets_snapshots_of_many_live_sessions(redis_url, clickhouse_url):
+    """60 live sessions make a snapshot of some 9 KB, over the 4 KiB a dashboard may send: it still arrives."""
+    from test_live import open_dashboard
+
+    async with running_daemon(settings(redis_url, clickhouse_url, max_connections_per_ip="1000")) as daemon:
+        key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        clients = []
+        for n in range(60):
+            session = f"1732608000000-many{n:04d}"
+            client = await connect(daemon.port, path=f"/?projectId=p1&sessionId={session}")
+            await client.next_of("connected")
+            client.send(sdk_pageview("p1", session, key=key, url=f"https://example.com/a-long-page-name/{n}"))
+            await client.next_of("ack")
+            clients.append(client)
+        dash, snapshot = await open_dashboard(daemon.port, read)
+        assert snapshot["data"]["live"] == 60 and len(snapshot["data"]["sessions"]) == 60
+        assert len(json.dumps(snapshot)) > 4096
+        dash.sendClose()
+        for client in clients:
+            client.sendClose()

@@ -356,3 +356,56 @@ async def test_the_page_gets_snapshots_of_many_live_sessions(redis_url, clickhou
         dash.sendClose()
         for client in clients:
             client.sendClose()
+
+
+@pytest.mark.browser
+@pytest_twisted.ensureDeferred
+async def test_a_thousand_live_sessions(browser_tools, redis_url, clickhouse_url, tmp_path):  # noqa: F811
+    """1,000 live sessions and 30 pageviews a second: the count is right, the table shows the 100 most recently
+    active, and the page keeps up (its longest tasks are printed; one over a second fails)."""
+    count = 1000
+    settings_ = settings(redis_url, clickhouse_url, trusted_proxies="127.0.0.1", max_connections_per_ip="100000",
+                         max_connections_per_network="100000")
+    async with running_daemon(settings_) as daemon:
+        ingest, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        options = {"scenario": "crowd", "sessions": count, "site": f"http://127.0.0.1:{daemon.port}", "project": "p1",
+                   "key": read, "chromium": browser_tools["chromium"], "profile": str(tmp_path / "profile")}
+        async with live_driver(browser_tools, options) as driver:
+            await driver.step("crowd")
+            clients = []
+            for first in range(0, count, 100):  # a hundred at a time, from addresses of many networks
+                clients += await defer.gatherResults([defer.ensureDeferred(_crowd_visit(daemon.port, ingest, n))
+                                                      for n in range(first, first + 100)])
+            driver.go_on()
+            await driver.step("browse")
+            for k in range(300):
+                n = (k * 37) % count
+                clients[n].send(sdk_pageview("p1", _crowd_session(n), key=ingest, userAgent=CHROME,
+                                             url=f"https://example.com/next/{k % 30}"))
+                await _later(1 / 30)
+            driver.go_on()
+            await driver.step("leave")
+            for client in clients:
+                client.sendClose()
+            driver.go_on()
+    crowd, left = driver.page("crowd"), driver.page("left")
+    assert crowd["live"] == "1,000" and len(crowd["sessions"]) == 100 and len(crowd["feed"]) == 100
+    assert crowd["sessionsNote"] == "The 100 most recently active of 1,000 live sessions."
+    assert left["live"] == "0" and left["sessions"] == []
+    tasks = {r["name"]: r["durations"] for r in driver.records if r["event"] == "longtasks"}
+    print(f"long tasks (over 50 ms) with 1,000 live sessions: {len(tasks['crowd'])} while browsing, "
+          f"longest {max(tasks['crowd'], default=0):.0f} ms; {len(tasks['leave'])} while they left")
+    assert max(tasks["crowd"] + tasks["leave"], default=0) < 1000
+
+
+def _crowd_session(n: int) -> str:
+    return f"1732608000000-crowd{n:05d}"
+
+
+async def _crowd_visit(port: int, key: str, n: int):
+    client = await connect(port, path=f"/?projectId=p1&sessionId={_crowd_session(n)}",
+                           headers={"X-Forwarded-For": f"81.2.{n % 250}.{n // 250 + 1}"})
+    await client.next_of("connected")
+    client.send(sdk_pageview("p1", _crowd_session(n), key=key, url=f"https://example.com/p{n % 40}", userAgent=CHROME))
+    await client.next_of("ack")
+    return client

@@ -12,6 +12,10 @@
 // 5. the same for "screenshot" (the test plays demo traffic): switches the summary to 30 minutes,
 //    saves a screenshot of the whole page.
 //
+// The scenario "crowd" waits for "crowd" (the test opens options.sessions SDK sockets), signs in,
+// then watches the main thread's long tasks (over 50 ms) while the test sends pageviews on them
+// ("browse"), and while they all close ("leave").
+//
 // The scenario "degraded" (a daemon whose ClickHouse does not answer) signs in with the read key,
 // waits for "pageview" as above, and reports what the page says about the missing numbers.
 //
@@ -49,6 +53,7 @@ async function facts(page, name) {
       boardShown: !document.querySelector("#board").hidden,
       live: document.querySelector("#live-count").textContent,
       sessions: all("#sessions-body tr").map((row) => [...row.cells].map((cell) => cell.textContent)),
+      sessionsNote: document.querySelector("#sessions-note").textContent,
       feed: all("#feed li").map((item) => item.textContent),
       bars: bars.length,
       barHeights: bars,
@@ -129,6 +134,29 @@ function onePageview(page) {
     && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("cta-button")));
 }
 
+async function crowd(context) {
+  const page = await open(context);
+  await ask("crowd");
+  await signIn(page, options.project, options.key);
+  await live(page);
+  await page.waitForFunction((n) => document.querySelector("#live-count").textContent === n.toLocaleString("en-GB"),
+    options.sessions, { timeout: 60000 });
+  await page.waitForTimeout(1000);
+  await page.evaluate(() => {
+    window.longTasks = [];
+    new PerformanceObserver((list) => window.longTasks.push(...list.getEntries().map((e) => e.duration)))
+      .observe({ type: "longtask", buffered: false });
+  });
+  await ask("browse");
+  await page.waitForTimeout(1000);
+  emit({ event: "longtasks", name: "crowd", durations: await page.evaluate(() => window.longTasks.splice(0)) });
+  await facts(page, "crowd");
+  await ask("leave");
+  await page.waitForFunction(() => document.querySelector("#live-count").textContent === "0", null, { timeout: 60000 });
+  emit({ event: "longtasks", name: "leave", durations: await page.evaluate(() => window.longTasks.splice(0)) });
+  await facts(page, "left");
+}
+
 async function degraded(context) {
   const page = await open(context);
   await signIn(page, options.project, options.key);
@@ -142,7 +170,7 @@ async function degraded(context) {
 
 await run(options, async (context) => {
   context.setDefaultTimeout(WAIT_MS);
-  await { person, degraded }[options.scenario || "person"](context);
+  await { person, degraded, crowd }[options.scenario || "person"](context);
 }, {
   viewport: options.viewport || { width: 1280, height: 900 },
   colorScheme: options.colorScheme || "light",

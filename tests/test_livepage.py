@@ -89,6 +89,16 @@ async def test_live_page_and_its_files_are_served_with_a_strict_policy(redis_url
         assert (response.code, body) == (200, b"")
 
 
+def test_the_pages_model_in_node(browser_tools):  # noqa: F811
+    """state.js (live count, sessions, feed, minutes) on its own: tests/browser/state.test.mjs."""
+    import subprocess
+
+    done = subprocess.run([browser_tools["node"], "--test", "state.test.mjs"], cwd=BROWSER, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "# fail 0" in done.stdout
+
+
 def test_every_file_of_the_page_is_package_data():
     """setup.cfg ships the page's folder, and the page uses only files that are in it."""
     folder = ROOT / "bklit" / "static" / "live"

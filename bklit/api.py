@@ -97,6 +97,8 @@ class Reader:
             raise
         except Exception:
             self._local.client = None
+            with self._lock:
+                self._clients.remove(client)
             client.disconnect()
             raise
 

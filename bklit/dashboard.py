@@ -302,7 +302,13 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         held, self.held = self.held, None
         if not self.writable:
             return
-        self.sendMessage(snapshot_message(snapshot[0], snapshot[1], time.time()))
+        # Autobahn holds what we send to the 4 KiB limit of what a dashboard may send us; a snapshot
+        # of 200 sessions is some 30 KB (broadcasts go out prepared, which it does not check).
+        limit, self.maxMessagePayloadSize = getattr(self, "maxMessagePayloadSize", 0), 0
+        try:
+            self.sendMessage(snapshot_message(snapshot[0], snapshot[1], time.time()))
+        finally:
+            self.maxMessagePayloadSize = limit
         for prepared in held:
             self.sendPreparedMessage(prepared)
 

@@ -59,24 +59,22 @@ _SESSION_HOUR = _HOUR_OF.format(column="started_at")
 # people: bots (is_bot = 1) are left out (a visit's latest row decides).
 # (18.16's cutQueryStringAndFragment keeps a fragment when there is no query.)
 PARTIAL_QUERIES = {
-    "pages": f"SELECT {_PAGEVIEW_HOUR} AS hour, cutFragment(cutQueryString(url)) AS page, uniqExact(id)"
-             f" FROM page_view_event WHERE {_where('timestamp')} AND is_bot = 0 GROUP BY hour, page",
-    "entrances": f"SELECT {_PAGEVIEW_HOUR} AS hour, referrer_hostname, uniqExact(id)"
-                 f" FROM page_view_event WHERE {_where('timestamp')} AND is_bot = 0"
-                 " AND referrer_hostname != '' AND referrer_type != 'internal' AND referrer_hostname != domain(url)"
-                 " AND (url = landing_page OR landing_page = '') GROUP BY hour, referrer_hostname",
+    # pageviews per page and, for entrances, the other site they came from ('' for none)
+    "pageviews": f"SELECT {_PAGEVIEW_HOUR} AS hour, cutFragment(cutQueryString(url)) AS page,"
+                 " if(referrer_hostname != '' AND referrer_type != 'internal' AND referrer_hostname != domain(url)"
+                 " AND (url = landing_page OR landing_page = ''), referrer_hostname, '') AS entrance, uniqExact(id)"
+                 f" FROM page_view_event WHERE {_where('timestamp')} AND is_bot = 0 GROUP BY hour, page, entrance",
     "events": f"SELECT {_PAGEVIEW_HOUR} AS hour, uniqExact(id) FROM tracked_event"
               f" WHERE {_where('timestamp')} AND is_bot = 0 GROUP BY hour",
+    # visits by country, user agent and campaign, with the lengths of those that ended
     "visits": f"SELECT {_SESSION_HOUR} AS hour, country_code, any(country), user_agent,"
               " decodeURLComponent(extractURLParameter(entry_page, 'utm_source')) AS source,"
               " decodeURLComponent(extractURLParameter(entry_page, 'utm_medium')) AS medium,"
               " decodeURLComponent(extractURLParameter(entry_page, 'utm_campaign')) AS campaign,"
-              " count(), countIf(ended_at IS NOT NULL), sumIf(did_bounce, ended_at IS NOT NULL)"
+              " count(), countIf(ended_at IS NOT NULL), sumIf(did_bounce, ended_at IS NOT NULL),"
+              " sumMap([duration], [toUInt64(ended_at IS NOT NULL)])"
               f" FROM tracked_session FINAL PREWHERE {_where('started_at')} WHERE is_bot = 0"
               " GROUP BY hour, country_code, user_agent, source, medium, campaign",
-    "durations": f"SELECT {_SESSION_HOUR} AS hour, duration, count()"
-                 f" FROM tracked_session FINAL PREWHERE {_where('started_at')}"
-                 " WHERE is_bot = 0 AND ended_at IS NOT NULL GROUP BY hour, duration",
 }
 
 # What changes when any row of an hour comes, goes or gets a new version.
@@ -134,14 +132,15 @@ def partials(results: dict[str, list[tuple]]) -> dict[int, Partial]:
     def at(hour: int) -> Partial:
         return hours.setdefault(hour, Partial())
 
-    for hour, page, n in results["pages"]:
-        at(hour).pageviews += n
-        at(hour).pages[page] += n
-    for hour, host, n in results["entrances"]:
-        at(hour).referrers[host] += n
+    for hour, page, entrance, n in results["pageviews"]:
+        part = at(hour)
+        part.pageviews += n
+        part.pages[page] += n
+        if entrance:
+            part.referrers[entrance] += n
     for hour, n in results["events"]:
         at(hour).events += n
-    for hour, code, name, agent, source, medium, campaign, n, ended, bounced in results["visits"]:
+    for hour, code, name, agent, source, medium, campaign, n, ended, bounced, (lengths, counts) in results["visits"]:
         part = at(hour)
         part.visits += n
         part.ended += ended
@@ -151,8 +150,7 @@ def partials(results: dict[str, list[tuple]]) -> dict[int, Partial]:
         part.agents[agent] += n
         if source or medium or campaign:
             part.campaigns[(source, medium, campaign)] += n
-    for hour, seconds, n in results["durations"]:
-        at(hour).durations[seconds] += n
+        part.durations.update({seconds: count for seconds, count in zip(lengths, counts) if count})
     return hours
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from contextlib import asynccontextmanager
 
 import pytest_twisted
 from clickhouse_driver import Client
@@ -49,29 +50,37 @@ def insert(clickhouse_url: str, table: str, rows: list[dict]) -> None:
         client.disconnect()
 
 
-def store_visit(clickhouse_url: str, project: str, session: str, views: list[tuple], ends: list[tuple],
-                user_agent: str, stored: list | None = None, **columns) -> None:
+def visit_rows(project: str, session: str, views: list[tuple], ends: list[tuple], user_agent: str,
+               **columns) -> tuple[list[dict], list[dict]]:
     """One visit as the writer stores it: a pageview row per (time, url, referrer, referrer type[, columns]),
-    and a tracked_session row per version: its start, then one per (ended or None, pageviews so far).
-    The pageview rows are added to ``stored``."""
+    and a tracked_session row per version: its start, then one per (ended or None, pageviews so far)."""
     started, landing = views[0][0], views[0][1]
-    stored = [] if stored is None else stored
-    rows = []
+    pageview_rows = []
     for n, (at, url, referrer, kind, *extra) in enumerate(views):
-        rows.append({"id": f"{session}-pv{n}", "project_id": project, "session_id": session, "timestamp": at,
-                     "received_at": at, "url": url, "referrer": referrer,
-                     "referrer_hostname": referrer.split("/")[2] if referrer else "", "referrer_type": kind,
-                     "landing_page": landing, "user_agent": user_agent, **columns, **(extra[0] if extra else {})})
-    insert(clickhouse_url, "page_view_event", rows)
-    stored.extend(rows)
+        pageview_rows.append({
+            "id": f"{session}-pv{n}", "project_id": project, "session_id": session, "timestamp": at,
+            "received_at": at, "url": url, "referrer": referrer,
+            "referrer_hostname": referrer.split("/")[2] if referrer else "", "referrer_type": kind,
+            "landing_page": landing, "user_agent": user_agent, **columns, **(extra[0] if extra else {})})
     visit_columns = {k: v for k, v in columns.items() if k in ("country", "country_code", "is_bot")}
-    insert(clickhouse_url, "tracked_session", [
+    session_rows = [
         {"id": f"{session}/{started * 1000}", "session_id": session, "project_id": project, "started_at": started,
          "started_ms": started * 1000, "ended_at": ended, "duration": ended - started if ended else 0,
          "pageviews": count, "did_bounce": int(count <= 1), "entry_page": landing, "user_agent": user_agent,
          "end_reason": "disconnect" if ended else "", "updated_at": ended or started, "version": version,
          **visit_columns}
-        for version, (ended, count) in enumerate([(None, 1), *ends], 1)])
+        for version, (ended, count) in enumerate([(None, 1), *ends], 1)]
+    return pageview_rows, session_rows
+
+
+def store_visit(clickhouse_url: str, project: str, session: str, views: list[tuple], ends: list[tuple],
+                user_agent: str, stored: list | None = None, **columns) -> None:
+    """Store ``visit_rows``; the pageview rows are also added to ``stored``."""
+    pageview_rows, session_rows = visit_rows(project, session, views, ends, user_agent, **columns)
+    insert(clickhouse_url, "page_view_event", pageview_rows)
+    insert(clickhouse_url, "tracked_session", session_rows)
+    if stored is not None:
+        stored.extend(pageview_rows)
 
 
 CHROME_COLUMNS = {"browser": "Chrome", "os": "Linux", "device_type": "desktop", "country": "Germany",
@@ -126,13 +135,20 @@ def store_history(clickhouse_url: str, now: int) -> None:
     ])
 
 
-@pytest_twisted.ensureDeferred
-async def test_stats_of_each_range_count_the_projects_people(redis_url, clickhouse_url):
-    """Pageviews (each id once), visits (latest version), bounce rate, median and top lists per range."""
+@asynccontextmanager
+async def daemon_with_history(redis_url: str, clickhouse_url: str):
+    """(daemon, read key of p1, the time ``store_history`` was given) of a running daemon."""
     async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
         read = await daemon.token("p1", scope="read")
         now = int(time.time())
         store_history(clickhouse_url, now)
+        yield daemon, read, now
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_of_each_range_count_the_projects_people(redis_url, clickhouse_url):
+    """Pageviews (each id once), visits (latest version), bounce rate, median and top lists per range."""
+    async with daemon_with_history(redis_url, clickhouse_url) as (daemon, read, now):
         answers = {}
         for range_name in ("30m", "24h", "7d"):
             status, answers[range_name], headers = await request(
@@ -186,10 +202,7 @@ async def test_stats_of_a_project_without_rows_are_zero(redis_url, clickhouse_ur
 
 @pytest_twisted.ensureDeferred
 async def test_timeseries_has_a_count_for_each_of_the_last_60_minutes(redis_url, clickhouse_url):
-    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
-        read = await daemon.token("p1", scope="read")
-        now = int(time.time())
-        store_history(clickhouse_url, now)
+    async with daemon_with_history(redis_url, clickhouse_url) as (daemon, read, now):
         status, body, _ = await request(daemon.port, "/api/timeseries?projectId=p1", read)
     assert status == 200
     points = body["points"]
@@ -339,11 +352,8 @@ def test_queries_take_their_values_only_as_parameters():
 @pytest_twisted.ensureDeferred
 async def test_past_hours_are_kept_and_computed_again_when_their_rows_change(redis_url, clickhouse_url):
     """The current hour is read for every answer; a kept hour follows late rows once checked."""
-    async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
-        read = await daemon.token("p1", scope="read")
-        now = int(time.time())
+    async with daemon_with_history(redis_url, clickhouse_url) as (daemon, read, now):
         current = now - now % 3600
-        store_history(clickhouse_url, now)
         _, before, _ = await request(daemon.port, "/api/stats?projectId=p1&range=24h", read)
         kept = daemon.service.api.hours.projects["p1"].hours
         assert sorted(kept) == list(range(current - 86400, current, 3600))

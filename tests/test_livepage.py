@@ -14,6 +14,8 @@ import json
 import random
 import re
 import shutil
+import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -22,15 +24,18 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from harness import connect, running_daemon, sdk_event, sdk_pageview, settings
+from harness import connect, free_port, running_daemon, sdk_event, sdk_pageview, settings
 from test_browser import BROWSER, DRIVER_TIMEOUT, browser_tools  # noqa: F401 (a fixture)
 
-from bklit.demo import Player
+from test_api import insert, visit_rows
+
+from bklit.demo import AGENTS, PAGES, PLACES, REFERRERS, Player
 from bklit.livepage import LivePage
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / ".run" / "live-page.png"
 SESSION = "1732608000000-livepage01"
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
 
 async def get(port: int, path: str, headers: dict | None = None, method: bytes = b"GET"):
@@ -84,6 +89,16 @@ async def test_live_page_and_its_files_are_served_with_a_strict_policy(redis_url
         assert (response.code, body) == (200, b"")
 
 
+def test_the_pages_model_in_node(browser_tools):  # noqa: F811
+    """state.js (live count, sessions, feed, minutes) on its own: tests/browser/state.test.mjs."""
+    import subprocess
+
+    done = subprocess.run([browser_tools["node"], "--test", "state.test.mjs"], cwd=BROWSER, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "# fail 0" in done.stdout
+
+
 def test_every_file_of_the_page_is_package_data():
     """setup.cfg ships the page's folder, and the page uses only files that are in it."""
     folder = ROOT / "bklit" / "static" / "live"
@@ -108,6 +123,7 @@ class _LiveDriver(protocol.ProcessProtocol):
         self.buffer = b""
         self.asked: dict[str, defer.Deferred] = {}
         self.ended: defer.Deferred = defer.Deferred()
+        self.code: int | None = None
 
     def step(self, name: str) -> defer.Deferred:
         return self.asked.setdefault(name, defer.Deferred())
@@ -134,7 +150,8 @@ class _LiveDriver(protocol.ProcessProtocol):
         for name, waiting in self.asked.items():
             if not waiting.called:
                 waiting.errback(AssertionError(f"live.mjs ended before step {name}: {self.transcript()}"))
-        self.ended.callback(reason.value.exitCode)
+        self.code = reason.value.exitCode
+        self.ended.callback(self.code)
 
     def go_on(self) -> None:
         self.transport.write(b"go\n")
@@ -154,6 +171,37 @@ def _stop(process, signal: str) -> None:
         pass
 
 
+@asynccontextmanager
+async def live_driver(tools: dict, options: dict):
+    """live.mjs running with ``options``; stopped after DRIVER_TIMEOUT if still running, checked at the end."""
+    driver = _LiveDriver()
+    process = reactor.spawnProcess(driver, tools["node"], [tools["node"], "live.mjs", json.dumps(options)],
+                                   path=str(BROWSER))
+    timers = [reactor.callLater(DRIVER_TIMEOUT, _stop, process, "TERM"),
+              reactor.callLater(DRIVER_TIMEOUT + 10, _stop, process, "KILL")]
+    try:
+        yield driver
+        if driver.code is None:
+            await driver.ended
+    finally:
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+    assert driver.code == 0 and any(r["event"] == "done" for r in driver.records), driver.transcript()
+
+
+async def visit_pricing(port: int, key: str):
+    """An SDK socket from Germany with a pageview of /pricing?plan=team and a custom event, both acked."""
+    client = await connect(port, path=f"/?projectId=p1&sessionId={SESSION}",
+                           headers={"X-Forwarded-For": "85.214.132.117"})  # an address in Germany
+    await client.next_of("connected")
+    client.send(sdk_pageview("p1", SESSION, key=key, url="https://example.com/pricing?plan=team", userAgent=CHROME))
+    await client.next_of("ack")
+    client.send(sdk_event("p1", SESSION, key=key))
+    await client.next_of("ack")
+    return client
+
+
 @pytest.mark.browser
 @pytest_twisted.ensureDeferred
 async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhouse_url, tmp_path):  # noqa: F811
@@ -161,24 +209,13 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
     async with running_daemon(settings(redis_url, clickhouse_url, trusted_proxies="127.0.0.1")) as daemon:
         ingest, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
         wrong = "bk_" + "x" * 40  # no such key
+        stored = store_last_hour(clickhouse_url, random.Random(5))
         options = {"site": f"http://127.0.0.1:{daemon.port}", "chromium": browser_tools["chromium"],
                    "profile": str(tmp_path / "profile"), "project": "p1", "key": read, "wrongKey": wrong,
                    "screenshot": str(tmp_path / "live.png")}
-        driver = _LiveDriver()
-        process = reactor.spawnProcess(driver, browser_tools["node"],
-                                       [browser_tools["node"], "live.mjs", json.dumps(options)], path=str(BROWSER))
-        timers = [reactor.callLater(DRIVER_TIMEOUT, _stop, process, "TERM"),
-                  reactor.callLater(DRIVER_TIMEOUT + 10, _stop, process, "KILL")]
-        try:
+        async with live_driver(browser_tools, options) as driver:
             await driver.step("pageview")
-            client = await connect(daemon.port, path=f"/?projectId=p1&sessionId={SESSION}",
-                                   headers={"X-Forwarded-For": "85.214.132.117"})  # an address in Germany
-            await client.next_of("connected")
-            client.send(sdk_pageview("p1", SESSION, key=ingest, url="https://example.com/pricing?plan=team",
-                                     userAgent=browser_tools["user_agent"]))
-            await client.next_of("ack")
-            client.send(sdk_event("p1", SESSION, key=ingest))
-            await client.next_of("ack")
+            client = await visit_pricing(daemon.port, ingest)
             driver.go_on()
 
             await driver.step("end")
@@ -192,13 +229,8 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
             visits = defer.ensureDeferred(player.play())
             await _later(9)  # a screenshot while visitors are on the site
             driver.go_on()
-            code = await driver.ended
+            await driver.ended
             await visits
-        finally:
-            for timer in timers:
-                if timer.active():
-                    timer.cancel()
-        assert code == 0 and any(r["event"] == "done" for r in driver.records), driver.transcript()
 
     records = driver.records
     opened, refused, signed_in = driver.page("opened"), driver.page("refused"), driver.page("signed-in")
@@ -213,17 +245,19 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
 
     assert signed_in["state"] == "live" and signed_in["status"] == "Live" and not signed_in["signInShown"]
     assert signed_in["live"] == "0" and signed_in["sessions"] == [] and signed_in["feed"] == []
-    assert signed_in["bars"] == 60 and sum(signed_in["barHeights"]) == 0
+    # The chart: the last hour's pageviews from ClickHouse, minute by minute.
+    assert signed_in["bars"] == 60 and chart_total(signed_in) == stored
+    assert sum(h > 0 for h in signed_in["barHeights"]) > 20
     assert signed_in["storedKey"] == read  # kept in sessionStorage, for this tab
 
     assert pageview["live"] == "1"
     [row] = pageview["sessions"]
     assert row[0] == "/pricing?plan=team" and row[2] == "1"
-    assert row[3] == "Germany" and row[4].startswith("Chrome on Linux")
+    assert row[3] == "Germany" and row[4] == "Chrome on Linux · desktop"
     assert any("/pricing?plan=team" in item and "(new session)" in item for item in pageview["feed"])
     assert any("cta-button click" in item for item in pageview["feed"])
-    assert sum(h > 0 for h in pageview["barHeights"]) == 1 and max(pageview["barHeights"][-2:]) > 0
-    assert "1 pageview in the last 60 minutes" in pageview["chartLabel"]
+    assert chart_total(pageview) == stored + 1  # the live pageview, counted at once
+    assert pageview["barHeights"][-1] > signed_in["barHeights"][-1] or pageview["barHeights"][-2] > 0
 
     assert ended["live"] == "0" and ended["sessions"] == []
     assert "ended (disconnect, 1 page," in ended["feed"][0]
@@ -249,7 +283,139 @@ async def test_a_person_watches_the_live_page(browser_tools, redis_url, clickhou
     shutil.copyfile(tmp_path / "live.png", SCREENSHOT)
 
 
+def store_last_hour(clickhouse_url: str, rng: random.Random) -> int:
+    """Visits of p1 over the last hour (ended, 1 to 4 pages each) stored directly; returns their pageviews."""
+    now = int(time.time())
+    from iptocc import country_code
+
+    from bklit.geo import COUNTRY_NAMES
+
+    views, visits = [], []
+    for n in range(120):
+        at = now - int(3300 * (1 - rng.random() ** 1.5)) - 60  # busier lately
+        agent = rng.choice(AGENTS)[0]
+        code = country_code(rng.choices([p[0] for p in PLACES], weights=[p[-1] for p in PLACES])[0])
+        country = COUNTRY_NAMES.get(code, "")
+        referrer, kind = rng.choices([r[:2] for r in REFERRERS], weights=[r[2] for r in REFERRERS])[0]
+        pages = [(at + 40 * i, "https://www.example.com" + rng.choice(PAGES)[0], referrer or "", kind if i == 0 else
+                  "organic" if referrer else "direct") for i in range(rng.randint(1, 4))]
+        pages = [p for p in pages if p[0] < now - 30]
+        more, ended = visit_rows("p1", f"{at * 1000}-hist{n:04d}", pages, [(pages[-1][0] + 20, len(pages))], agent,
+                                 country=country, country_code=code)
+        views += more
+        visits += ended
+    insert(clickhouse_url, "page_view_event", views)
+    insert(clickhouse_url, "tracked_session", visits)
+    return len(views)
+
+
+def chart_total(facts: dict) -> int:
+    """The pageviews the chart's description counts."""
+    match = re.match(r"([\d,]+) pageviews? in the last 60 minutes", facts["chartLabel"])
+    return int(match[1].replace(",", "")) if match else 0
+
+
 def _later(seconds: float) -> defer.Deferred:
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest.mark.browser
+@pytest_twisted.ensureDeferred
+async def test_without_clickhouse_the_page_still_shows_the_live_parts(browser_tools, redis_url, tmp_path):  # noqa: F811
+    """An ingest node whose ClickHouse does not answer: the summary says so, the live count still moves."""
+    nowhere = f"clickhouse://default:@127.0.0.1:{free_port()}/bklit"
+    async with running_daemon(settings(redis_url, nowhere, role="ingest", trusted_proxies="127.0.0.1")) as daemon:
+        ingest, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        options = {"scenario": "degraded", "site": f"http://127.0.0.1:{daemon.port}", "project": "p1", "key": read,
+                   "chromium": browser_tools["chromium"], "profile": str(tmp_path / "profile")}
+        async with live_driver(browser_tools, options) as driver:
+            await driver.step("pageview")
+            client = await visit_pricing(daemon.port, ingest)
+            driver.go_on()
+            await driver.ended
+        client.sendClose()
+        await client.wait_closed()
+    seen = driver.page("degraded")
+    assert seen["state"] == "live" and seen["live"] == "1" and seen["sessions"][0][3] == "Germany"
+    assert "summary is unavailable: ClickHouse is not answering" in seen["summaryError"]
+    assert "Stored pageviews are unavailable" in seen["chartError"]
+    assert seen["storedKey"] == read  # a 503 is not the key's fault
+    assert seen["barHeights"][-1] > 0 or seen["barHeights"][-2] > 0  # the live pageview, on the chart all the same
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_gets_snapshots_of_many_live_sessions(redis_url, clickhouse_url):
+    """60 live sessions make a snapshot of some 9 KB, over the 4 KiB a dashboard may send: it still arrives."""
+    from test_live import open_dashboard
+
+    async with running_daemon(settings(redis_url, clickhouse_url, max_connections_per_ip="1000")) as daemon:
+        key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        clients = []
+        for n in range(60):
+            session = f"1732608000000-many{n:04d}"
+            client = await connect(daemon.port, path=f"/?projectId=p1&sessionId={session}")
+            await client.next_of("connected")
+            client.send(sdk_pageview("p1", session, key=key, url=f"https://example.com/a-long-page-name/{n}"))
+            await client.next_of("ack")
+            clients.append(client)
+        dash, snapshot = await open_dashboard(daemon.port, read)
+        assert snapshot["data"]["live"] == 60 and len(snapshot["data"]["sessions"]) == 60
+        assert len(json.dumps(snapshot)) > 4096
+        dash.sendClose()
+        for client in clients:
+            client.sendClose()
+
+
+@pytest.mark.browser
+@pytest_twisted.ensureDeferred
+async def test_a_thousand_live_sessions(browser_tools, redis_url, clickhouse_url, tmp_path):  # noqa: F811
+    """1,000 live sessions and 30 pageviews a second: the count is right, the table shows the 100 most recently
+    active, and the page keeps up (its longest tasks are printed; one over a second fails)."""
+    count = 1000
+    settings_ = settings(redis_url, clickhouse_url, trusted_proxies="127.0.0.1", max_connections_per_ip="100000",
+                         max_connections_per_network="100000")
+    async with running_daemon(settings_) as daemon:
+        ingest, read = await daemon.token("p1"), await daemon.token("p1", scope="read")
+        options = {"scenario": "crowd", "sessions": count, "site": f"http://127.0.0.1:{daemon.port}", "project": "p1",
+                   "key": read, "chromium": browser_tools["chromium"], "profile": str(tmp_path / "profile")}
+        async with live_driver(browser_tools, options) as driver:
+            await driver.step("crowd")
+            clients = []
+            for first in range(0, count, 10):  # ten at a time (plain HTTP connections per address are capped)
+                clients += await defer.gatherResults([defer.ensureDeferred(_crowd_visit(daemon.port, ingest, n))
+                                                      for n in range(first, first + 10)])
+            driver.go_on()
+            await driver.step("browse")
+            for k in range(300):
+                n = (k * 37) % count
+                clients[n].send(sdk_pageview("p1", _crowd_session(n), key=ingest, userAgent=CHROME,
+                                             url=f"https://example.com/next/{k % 30}"))
+                await _later(1 / 30)
+            driver.go_on()
+            await driver.step("leave")
+            for client in clients:
+                client.sendClose()
+            driver.go_on()
+    crowd, left = driver.page("crowd"), driver.page("left")
+    assert crowd["live"] == "1,000" and len(crowd["sessions"]) == 100 and len(crowd["feed"]) == 100
+    assert crowd["sessionsNote"] == "The 100 most recently active of 1,000 live sessions."
+    assert left["live"] == "0" and left["sessions"] == []
+    tasks = {r["name"]: r["durations"] for r in driver.records if r["event"] == "longtasks"}
+    print(f"long tasks (over 50 ms) with 1,000 live sessions: {len(tasks['crowd'])} while browsing, "
+          f"longest {max(tasks['crowd'], default=0):.0f} ms; {len(tasks['leave'])} while they left")
+    assert max(tasks["crowd"] + tasks["leave"], default=0) < 1000
+
+
+def _crowd_session(n: int) -> str:
+    return f"1732608000000-crowd{n:05d}"
+
+
+async def _crowd_visit(port: int, key: str, n: int):
+    client = await connect(port, path=f"/?projectId=p1&sessionId={_crowd_session(n)}",  # from many networks
+                           headers={"X-Forwarded-For": f"81.2.{n % 250}.{n // 250 + 1}"})
+    await client.next_of("connected")
+    client.send(sdk_pageview("p1", _crowd_session(n), key=key, url=f"https://example.com/p{n % 40}", userAgent=CHROME))
+    await client.next_of("ack")
+    return client

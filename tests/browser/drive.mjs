@@ -23,18 +23,9 @@
 // about itself), "closed" (right after the tab closed), "done"; or "failed"
 // with the error, and exit status 1.
 
-import { chromium } from "playwright-core";
+import { WAIT_MS, emit, run } from "./chromium.mjs";
 
 const options = JSON.parse(process.argv[2]);
-const WAIT_MS = 15000;
-const ARGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-];
-
-function emit(record) {
-  process.stdout.write(JSON.stringify({ ...record, at: Date.now() }) + "\n");
-}
 
 // The console lines of every page, and waiting for them.
 const logs = [];
@@ -147,26 +138,6 @@ async function sandboxed(context) {
 }
 
 const scenarios = { visit, nokey, sandboxed };
-let context;
-let status = 0;
-try {
-  context = await chromium.launchPersistentContext(options.profile, {
-    executablePath: options.chromium,
-    headless: true,
-    args: ARGS,
-    timeout: WAIT_MS,
-    // A normal browser's user agent instead of HeadlessChrome (which the
-    // server rightly drops as a bot); it applies to pages and the WebSocket.
-    ...(options.userAgent ? { userAgent: options.userAgent } : {}),
-  });
-  await scenarios[options.scenario](context);
-  emit({ event: "done" });
-} catch (error) {
-  emit({ event: "failed", message: String(error && error.stack || error) });
-  status = 1;
-} finally {
-  if (context) {
-    await context.close().catch(() => {});
-  }
-}
-process.exit(status);
+// A normal browser's user agent instead of HeadlessChrome (which the
+// server rightly drops as a bot); it applies to pages and the WebSocket.
+await run(options, scenarios[options.scenario], options.userAgent ? { userAgent: options.userAgent } : {});

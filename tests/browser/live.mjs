@@ -12,23 +12,22 @@
 // 5. the same for "screenshot" (the test plays demo traffic): switches the summary to 30 minutes,
 //    saves a screenshot of the whole page.
 //
+// The scenario "crowd" waits for "crowd" (the test opens options.sessions SDK sockets), signs in,
+// then watches the main thread's long tasks (over 50 ms) while the test sends pageviews on them
+// ("browse"), and while they all close ("leave").
+//
+// The scenario "degraded" (a daemon whose ClickHouse does not answer) signs in with the read key,
+// waits for "pageview" as above, and reports what the page says about the missing numbers.
+//
 // After each step it prints {"event": "page", "name": ..., facts}: what the page shows, read from
 // the DOM. Every line is one JSON object, as drive.mjs prints them ("console" lines include CSP
 // violations and uncaught errors); "done" at the end, or "failed" and exit status 1.
 
-import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 
-const options = JSON.parse(process.argv[2]);
-const WAIT_MS = 15000;
-const ARGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-];
+import { WAIT_MS, emit, run } from "./chromium.mjs";
 
-function emit(record) {
-  process.stdout.write(JSON.stringify({ ...record, at: Date.now() }) + "\n");
-}
+const options = JSON.parse(process.argv[2]);
 
 const lines = createInterface({ input: process.stdin });
 const queued = [];
@@ -54,6 +53,7 @@ async function facts(page, name) {
       boardShown: !document.querySelector("#board").hidden,
       live: document.querySelector("#live-count").textContent,
       sessions: all("#sessions-body tr").map((row) => [...row.cells].map((cell) => cell.textContent)),
+      sessionsNote: document.querySelector("#sessions-note").textContent,
       feed: all("#feed li").map((item) => item.textContent),
       bars: bars.length,
       barHeights: bars,
@@ -61,6 +61,7 @@ async function facts(page, name) {
       figures: Object.fromEntries(all("#figures div").map((d) => [d.querySelector("dt").textContent, d.querySelector("dd").textContent])),
       topPages: all("#top-pages li").map((item) => item.textContent),
       summaryError: document.querySelector("#summary-error").hidden ? "" : document.querySelector("#summary-error").textContent,
+      chartError: document.querySelector("#chart-error").hidden ? "" : document.querySelector("#chart-error").textContent,
       storedKey: sessionStorage.getItem("bklit.live.key"),
       storedProject: sessionStorage.getItem("bklit.live.project"),
       focused: document.activeElement ? document.activeElement.id : "",
@@ -76,7 +77,7 @@ async function signIn(page, project, key) {
   await page.press("#key", "Enter"); // the form works with Enter
 }
 
-async function run(context) {
+async function open(context) {
   const page = await context.newPage();
   page.on("console", (message) => emit({ event: "console", tab: "live", level: message.type(), text: message.text() }));
   page.on("pageerror", (error) => emit({ event: "console", tab: "live", level: "pageerror", text: String(error) }));
@@ -86,21 +87,29 @@ async function run(context) {
   await page.goto(`${options.site}/live`);
   await page.waitForSelector("#project:focus");
   await facts(page, "opened");
+  return page;
+}
 
+// Signed in: the socket's snapshot, the stored pageviews per minute and the summary are in.
+async function live(page) {
+  await page.waitForSelector("#connection[data-state=live]");
+  await page.waitForSelector("#chart-card:not([aria-busy])");
+  await page.waitForSelector("#summary:not([aria-busy])");
+  await page.waitForTimeout(300); // the redraw after the last answer
+}
+
+async function person(context) {
+  const page = await open(context);
   await signIn(page, options.project, options.wrongKey);
   await page.waitForSelector("#sign-in-error:not([hidden])");
   await facts(page, "refused");
 
   await signIn(page, options.project, options.key);
-  await page.waitForSelector("#connection[data-state=live]");
-  await page.waitForFunction(() => document.querySelectorAll("#chart rect.bar").length === 60);
+  await live(page);
   await facts(page, "signed-in");
 
   await ask("pageview");
-  await page.waitForFunction(() => document.querySelector("#live-count").textContent === "1"
-    && document.querySelectorAll("#sessions-body tr").length === 1
-    && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("/pricing")));
-  await page.waitForFunction(() => [...document.querySelectorAll("#chart rect.bar")].some((bar) => Number(bar.getAttribute("height")) > 0));
+  await onePageview(page);
   await facts(page, "pageview");
 
   await ask("end");
@@ -118,28 +127,53 @@ async function run(context) {
   emit({ event: "screenshot", path: options.screenshot });
 }
 
-let context;
-let status = 0;
-try {
-  context = await chromium.launchPersistentContext(options.profile, {
-    executablePath: options.chromium,
-    headless: true,
-    args: ARGS,
-    timeout: WAIT_MS,
-    viewport: { width: 1280, height: 900 },
-    timezoneId: options.timezone || "Europe/Berlin",
-    locale: "en-GB",
-  });
-  context.setDefaultTimeout(WAIT_MS);
-  await run(context);
-  emit({ event: "done" });
-} catch (error) {
-  emit({ event: "failed", message: String((error && error.stack) || error) });
-  status = 1;
-} finally {
-  lines.close();
-  if (context) {
-    await context.close().catch(() => {});
-  }
+function onePageview(page) {
+  return page.waitForFunction(() => document.querySelector("#live-count").textContent === "1"
+    && document.querySelectorAll("#sessions-body tr").length === 1
+    && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("/pricing"))
+    && [...document.querySelectorAll("#feed li")].some((li) => li.textContent.includes("cta-button")));
 }
-process.exit(status);
+
+async function crowd(context) {
+  const page = await open(context);
+  await ask("crowd");
+  await signIn(page, options.project, options.key);
+  await live(page);
+  await page.waitForFunction((n) => document.querySelector("#live-count").textContent === n.toLocaleString("en-GB"),
+    options.sessions, { timeout: 60000 });
+  await page.waitForTimeout(1000);
+  await page.evaluate(() => {
+    window.longTasks = [];
+    new PerformanceObserver((list) => window.longTasks.push(...list.getEntries().map((e) => e.duration)))
+      .observe({ type: "longtask", buffered: false });
+  });
+  await ask("browse");
+  await page.waitForTimeout(1000);
+  emit({ event: "longtasks", name: "crowd", durations: await page.evaluate(() => window.longTasks.splice(0)) });
+  await facts(page, "crowd");
+  await ask("leave");
+  await page.waitForFunction(() => document.querySelector("#live-count").textContent === "0", null, { timeout: 60000 });
+  emit({ event: "longtasks", name: "leave", durations: await page.evaluate(() => window.longTasks.splice(0)) });
+  await facts(page, "left");
+}
+
+async function degraded(context) {
+  const page = await open(context);
+  await signIn(page, options.project, options.key);
+  await live(page);
+  await page.waitForSelector("#summary-error:not([hidden])");
+  await page.waitForSelector("#chart-error:not([hidden])");
+  await ask("pageview");
+  await onePageview(page);
+  await facts(page, "degraded");
+}
+
+await run(options, async (context) => {
+  context.setDefaultTimeout(WAIT_MS);
+  await { person, degraded, crowd }[options.scenario || "person"](context);
+}, {
+  viewport: options.viewport || { width: 1280, height: 900 },
+  colorScheme: options.colorScheme || "light",
+  timezoneId: options.timezone || "Europe/Berlin",
+  locale: "en-GB",
+}, () => lines.close());

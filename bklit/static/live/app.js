@@ -60,6 +60,7 @@ class View {
     this.drawn = 0;
     this.drawTimer = 0;
     this.feedShown = 0;
+    this.rows = new Map(); // sessionId -> its row in the sessions table
     this.range = document.querySelector("input[name=range]:checked").value;
   }
 
@@ -70,6 +71,9 @@ class View {
     $("sign-in").hidden = true;
     $("board").hidden = false;
     $("feed").replaceChildren();
+    $("sessions-body").replaceChildren();
+    $("chart-card").setAttribute("aria-busy", "true");
+    $("summary").setAttribute("aria-busy", "true");
     this.connect();
     this.refreshStats();
     this.refreshSeries();
@@ -220,10 +224,12 @@ class View {
   refreshSeries() {
     const asked = Date.now();
     this.ask(`api/timeseries?${this.query()}`, (answer) => {
+      $("chart-card").removeAttribute("aria-busy");
       $("chart-error").hidden = true;
       this.state.timeseries(answer, asked);
-      this.schedule();
+      this.draw();
     }, (message) => {
+      $("chart-card").removeAttribute("aria-busy");
       $("chart-error").textContent = `Stored pageviews are unavailable (${message}); the chart shows only what arrived live.`;
       $("chart-error").hidden = false;
     });
@@ -262,8 +268,8 @@ class View {
   }
 
   draw() {
-    if (this.stopped) {
-      return;
+    if (this.stopped || document.hidden) {
+      return; // drawn again when the tab is shown (the one-second tick)
     }
     this.drawn = performance.now();
     const state = this.state;
@@ -273,7 +279,7 @@ class View {
     const open = state.openPages(OPEN_PAGES).map(([url, n]) => {
       const li = document.createElement("li");
       li.title = url;
-      li.append(text("span", format.page(url), "label"), text("span", format.count(n), "n"));
+      li.append(text("span", format.page(url, { short: true }), "label"), text("span", format.count(n), "n"));
       return li;
     });
     $("open-pages").replaceChildren(...open);
@@ -282,34 +288,50 @@ class View {
     this.drawFeed();
   }
 
+  // The table keeps a row per shown session and changes only what changed: with 1,000 live
+  // sessions and pageviews arriving all the time, a redraw moves a few rows and a few texts.
   drawSessions() {
     const now = Date.now();
-    const rows = this.state.active(SESSION_ROWS).map((s) => {
-      const row = document.createElement("tr");
-      if (now - s.lastSeen < 2000) {
-        row.className = "fresh";
+    const body = $("sessions-body");
+    const shown = this.state.active(SESSION_ROWS);
+    const wanted = new Set(shown.map((s) => s.sessionId));
+    for (const [id, row] of this.rows) {
+      if (!wanted.has(id)) {
+        row.element.remove();
+        this.rows.delete(id);
       }
-      const current = text("td", format.page(s.currentPage), "page");
-      current.title = s.currentPage || "";
-      const entry = text("td", format.page(s.entryPage), "page");
-      entry.title = s.entryPage || "";
-      row.append(
-        current,
-        entry,
-        text("td", format.count(s.pageviews), "num"),
-        text("td", s.countryCode || s.country ? format.country(s.countryCode, s.country) : "–"),
-        text("td", s.browser || s.deviceType ? format.agent(s.browser, s.os, s.deviceType) : "–"),
-        text("td", s.startedAt ? format.elapsed(now - s.startedAt) : "–", "num"),
-      );
-      return row;
-    });
-    $("sessions-body").replaceChildren(...rows);
-    const total = this.state.live === null ? this.state.sessions.size : Math.max(this.state.live, rows.length);
-    $("sessions-note").textContent = !rows.length
+    }
+    let before = body.firstChild;
+    for (const s of shown) {
+      let row = this.rows.get(s.sessionId);
+      if (!row) {
+        row = sessionRow();
+        this.rows.set(s.sessionId, row);
+      }
+      row.show([
+        format.page(s.currentPage),
+        format.page(s.entryPage),
+        format.count(s.pageviews),
+        s.countryCode || s.country ? format.country(s.countryCode, s.country) : "–",
+        s.browser || s.deviceType ? format.agent(s.browser, s.os, s.deviceType) : "–",
+        s.startedAt ? format.elapsed(now - s.startedAt) : "–",
+      ], [s.currentPage || "", s.entryPage || ""]);
+      row.element.classList.toggle("fresh", now - s.lastSeen < 2000);
+      if (row.element === before) {
+        before = before.nextSibling;
+      } else {
+        body.insertBefore(row.element, before);
+      }
+    }
+    const total = this.state.live === null ? this.state.sessions.size : Math.max(this.state.live, shown.length);
+    const note = !shown.length
       ? "No live sessions right now."
-      : total > rows.length
-        ? `The ${format.count(rows.length)} most recently active of ${format.count(total)} live sessions.`
+      : total > shown.length
+        ? `The ${format.count(shown.length)} most recently active of ${format.count(total)} live sessions.`
         : "";
+    if ($("sessions-note").textContent !== note) {
+      $("sessions-note").textContent = note;
+    }
   }
 
   drawFeed() {
@@ -340,7 +362,8 @@ class View {
     $("fig-bounce").textContent = format.percent(answer.bounceRate);
     $("fig-median").textContent = format.duration(answer.medianSessionSeconds);
     $("fig-events").textContent = format.count(answer.events);
-    topList("top-pages", answer.topPages, (r) => format.page(r.url) || r.url, (r) => r.pageviews, "pageviews");
+    const host = format.manyHosts(answer.topPages.map((r) => r.url));
+    topList("top-pages", answer.topPages, (r) => format.page(r.url, { host }), (r) => r.pageviews, "pageviews");
     topList("top-referrers", answer.referrers, (r) => r.hostname, (r) => r.sessions, "sessions");
     topList("top-campaigns", answer.campaigns,
       (r) => [r.source, r.medium, r.campaign].filter(Boolean).join(" / "), (r) => r.sessions, "sessions");
@@ -354,6 +377,28 @@ class View {
   }
 }
 
+// A row of the sessions table; show(texts, titles) changes only the cells whose text changed.
+function sessionRow() {
+  const element = document.createElement("tr");
+  const cells = ["page", "page", "num", "", "", "num"].map((kind) => text("td", "", kind));
+  element.append(...cells);
+  return {
+    element,
+    show(texts, titles) {
+      texts.forEach((value, i) => {
+        if (cells[i].textContent !== value) {
+          cells[i].textContent = value;
+        }
+      });
+      titles.forEach((value, i) => {
+        if (cells[i].title !== value) {
+          cells[i].title = value;
+        }
+      });
+    },
+  };
+}
+
 function feedKind(item) {
   return { pageview: "view", event: "event", end: "left" }[item.kind];
 }
@@ -362,7 +407,7 @@ function feedText(item) {
   const who = item.sessionId.slice(-6);
   if (item.kind === "pageview") {
     const where = [item.browser, item.deviceType, item.countryCode].filter(Boolean).join(" · ");
-    return `${format.page(item.url)}${item.isNewSession ? " (new session)" : ""}${where ? ` — ${where}` : ""}`;
+    return `${format.page(item.url, { short: true })}${item.isNewSession ? " (new session)" : ""}${where ? ` — ${where}` : ""}`;
   }
   if (item.kind === "event") {
     const details = Object.entries(item.metadata)

@@ -5,10 +5,10 @@ import * as format from "./format.js";
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 640;
 const HEIGHT = 180;
-const LEFT = 36;
+const LEFT = 46;
 const RIGHT = 6;
 const TOP = 8;
-const BOTTOM = 22;
+const BOTTOM = 26;
 const GRID_LINES = 4;
 
 function element(name, attributes = {}, parent = null) {

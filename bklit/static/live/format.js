@@ -73,17 +73,35 @@ export function country(code, name) {
   }
 }
 
-// The path and query of a page URL (the host is the site's own), or the text as it came.
-export function page(url) {
+const LONG_QUERY = 24;
+
+// The path and query of a page URL (the host is the site's own), or the text as it came;
+// `short`: a long query cut to its start; `host`: with the host.
+export function page(url, { short = false, host = false } = {}) {
   if (!url) {
     return "–";
   }
   try {
     const parsed = new URL(url);
-    return parsed.pathname + parsed.search + parsed.hash;
+    const query = parsed.search + parsed.hash;
+    const shown = short && query.length > LONG_QUERY ? `${query.slice(0, LONG_QUERY - 4)}…` : query;
+    return (host ? parsed.host : "") + parsed.pathname + shown;
   } catch {
     return url;
   }
+}
+
+// Whether URLs name more than one host (then pages are shown with theirs).
+export function manyHosts(urls) {
+  const hosts = new Set();
+  for (const url of urls) {
+    try {
+      hosts.add(new URL(url).host);
+    } catch {
+      hosts.add(url);
+    }
+  }
+  return hosts.size > 1;
 }
 
 export function agent(browser, os, device) {

@@ -18,7 +18,8 @@
 -- ARGV[1]  how long (ms) an ended session may be resumed
 -- ARGV[2…6] key prefixes, from bklit/keys.py (SCRIPT_PREFIXES): session state,
 --          session sockets, live sessions, live bot sessions, layout 1's state
--- ARGV[7…] operations back to back, each a code and a fixed number of args:
+-- ARGV[7…] one operation each: a code and its fields, joined by "\31" (the
+--          unit separator, which no field holds):
 --   E entry channel message                          -> stream id
 --   P entry channel head tail project session socket now url ua country country_code city bot
 --        -> {stream id, 1 if the session started, 2 if it resumed, else 0}
@@ -205,13 +206,25 @@ local function record_number()
   number_key = nil
 end
 
-local i = FIRST_OP
-while i <= #ARGV do
-  local code = ARGV[i]
+-- An operation's code and its fields.
+local function split(op)
+  local fields, from = {}, 1
+  while true do
+    local at = string.find(op, '\31', from, true)
+    if at == nil then
+      fields[#fields + 1] = string.sub(op, from)
+      return table.remove(fields, 1), fields
+    end
+    fields[#fields + 1] = string.sub(op, from, at - 1)
+    from = at + 1
+  end
+end
+
+for i = FIRST_OP, #ARGV do
+  local code, a = split(ARGV[i])
   local n = arity[code]
   if n == nil then return redis.error_reply('bklit batch: unknown operation ' .. tostring(code)) end
-  local a = {}
-  for k = 1, n do a[k] = ARGV[i + k] end
+  if #a ~= n then return redis.error_reply('bklit batch: operation ' .. code .. ' needs ' .. n .. ' fields') end
   if code == 'S' then
     record_number()
     skipping = tonumber(a[2]) <= tonumber(redis.call('GET', a[1]) or '0')
@@ -232,7 +245,6 @@ while i <= #ARGV do
       out[#out + 1] = '!' .. reason
     end
   end
-  i = i + n + 1
 end
 record_number()
 return out

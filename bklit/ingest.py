@@ -31,7 +31,6 @@ close frame of ours, nothing more is handled.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from functools import partial
 from typing import Any, Callable
@@ -43,13 +42,14 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from bklit import agents, enrich, geo, keys, live, rows, wire
+from bklit import agents, enrich, entries, geo, keys, wire
 from bklit.config import Config
 from bklit.frames import FrameBudget, FrameLimits
 from bklit.ids import EventIds
 from bklit.limits import Admission, Denied, ProjectBudgets, TokenBucket, client_key
 from bklit.metrics import Metrics
-from bklit.queue import OperationRefused, StreamProducer
+from bklit.entries import Visitor
+from bklit.queue import OperationRefused, StreamProducer, event_op, pageview_op
 from bklit.revocation import OpenKeys
 from bklit.sessions import LiveSessions
 from bklit.tokens import TokenVerifier, key_digest
@@ -99,6 +99,9 @@ class Ingest:
         self.ack_latency = metrics.ack_latency
         self.acked_count = {kind: metrics.messages.labels(kind, "acked") for kind in ("pageview", "event")}
         self.undelivered = {kind: metrics.acks_undelivered.labels(kind) for kind in ("pageview", "event")}
+        self.bots_dropped = {kind: metrics.bots_dropped.labels(kind) for kind in ("pageview", "event")}
+        self.sessions_changed = {1: metrics.sessions_started.labels("started"),
+                                 2: metrics.sessions_started.labels("resumed")}
 
     async def close_all(self, timeout: float = 3.0) -> None:
         """Close every SDK socket with 1001 once the acks it owes went out (up to
@@ -107,8 +110,8 @@ class Ingest:
             sock.go_away()
         await wait_gone(self.connections, self.clock, timeout)
 
-    def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol") -> Any:
-        """Queue an accepted event and its broadcast; fires with its event id.
+    def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol", kind: str) -> None:
+        """Queue an accepted event and its broadcast; its socket is answered through a ``Receipt``.
 
         A pageview also starts, continues or resumes the connection's session,
         and carries the connection's place and its user agent's browser, OS
@@ -118,40 +121,29 @@ class Ingest:
         session are stored with ``is_bot = 1`` and the session is live apart
         from people's (not in the live counts).
         """
-        event_id = self.ids.new()
+        receipt = Receipt(conn, kind, self.ids.new(), time.monotonic())
         received_at = time.time()
-        project, session = conn.project_id, conn.session_id
-        pageview = isinstance(message, wire.PageView)
-        if pageview:
+        visitor = conn.visitor
+        if kind == "pageview":
             agent = self.agents.describe(message.user_agent or "")
             conn.bot = conn.bot or agent.is_bot
         if conn.bot and self.drop_bots:
-            self.metrics.bots_dropped.labels("pageview" if pageview else "event").inc()
-            return defer.succeed(event_id)
-        if pageview:
-            row = rows.pageview_row(message, event_id=event_id, project_id=project,
-                                    session_id=session, received_at=received_at, ip=conn.ip)
-            row.update(agent.columns(), is_bot=int(conn.bot), **conn.place.columns())
-            row["timezone"] = row["timezone"] or conn.place.timezone
-            head, tail = live.pageview_parts(row, received_at)
+            self.bots_dropped[kind].inc()
+            receipt.callback(None)
+            return
+        if kind == "pageview":
+            entry, head, tail = entries.pageview(message, visitor, agent, conn.bot, receipt.event_id, received_at)
             if not conn.joined:
                 conn.joined = True
-                self.sessions.attach(project, session)
-            d = self.producer.pageview(
-                _entry("page_view_event", row), project, session, conn.socket_id,
-                int(received_at * 1000), row["url"], head, tail, row.get("user_agent", ""),
-                row.get("country", ""), row.get("country_code", ""), row.get("city", ""), bot=conn.bot)
-            return d.addCallback(self._count_session, event_id)
-        row = rows.event_row(message, event_id=event_id, project_id=project,
-                             session_id=session, received_at=received_at, is_bot=conn.bot)
-        d = self.producer.enqueue(_entry("tracked_event", row), keys.live_channel(project),
-                                  live.event_message(row, received_at))
-        return d.addCallback(lambda _: event_id)
-
-    def _count_session(self, reply: tuple[str, str], event_id: str) -> str:
-        if reply[1]:
-            self.metrics.sessions_started.labels(reply[1]).inc()
-        return event_id
+                self.sessions.attach(visitor.project, visitor.session)
+            place = visitor.place
+            op = pageview_op(entry, visitor.project, visitor.session, visitor.socket, int(received_at * 1000),
+                             message.url, head, tail, message.user_agent or "", place.country, place.country_code,
+                             place.city, bot=conn.bot)
+        else:
+            entry, broadcast = entries.event(message, visitor, conn.bot, receipt.event_id, received_at)
+            op = event_op(entry, keys.live_channel(visitor.project), broadcast)
+        self.producer.submit(op, receipt)
 
     def open_in_project(self, conn: "SdkProtocol") -> str | None:
         """Count an authenticated socket in its project's budgets, or say why it may not open."""
@@ -172,6 +164,28 @@ class Ingest:
             d.addErrback(lambda f: log.warn("session end not stored: {error}", error=f.getErrorMessage()))
 
 
+class Receipt:
+    """An accepted event waiting for Redis (or the spool): answers its socket with an ack or an error.
+
+    The producer calls ``callback`` with the operation's reply or ``errback``
+    with why it was not stored (see ``StreamProducer.submit``).
+    """
+
+    __slots__ = ("conn", "kind", "event_id", "started")
+
+    def __init__(self, conn: "SdkProtocol", kind: str, event_id: str, started: float):
+        self.conn = conn
+        self.kind = kind
+        self.event_id = event_id
+        self.started = started
+
+    def callback(self, reply: Any) -> None:
+        self.conn.stored(self, reply)
+
+    def errback(self, error: Exception) -> None:
+        self.conn.not_stored(self, error)
+
+
 async def close_and_wait(sockets: set, clock: Any, timeout: float) -> None:
     """Close every socket of ``sockets`` with 1001; wait until their ``onClose``
     removed them from the set, or ``timeout`` passed (shutdown must not hang)."""
@@ -186,14 +200,6 @@ async def wait_gone(sockets: set, clock: Any, timeout: float) -> None:
     while sockets and waited < timeout:
         await task.deferLater(clock, 0.05, lambda: None)
         waited += 0.05
-
-
-_ENTRY_ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
-def _entry(table: str, row: dict) -> str:
-    """The stream entry of one row."""
-    return _ENTRY_ENCODER.encode({"table": table, "row": row})
 
 
 class SdkProtocol(FrameBudget, WebSocketServerProtocol):
@@ -255,6 +261,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         self.place = self.ingest.locator.locate(full_ip)  # looked up once; the full address is not kept
         self.bot = self.ingest.agents.describe(request.headers.get("user-agent", "")).is_bot
         self.client = client_key(full_ip)
+        self.visitor = Visitor.of(self.project_id, self.session_id, self.socket_id, self.ip, self.place)
         try:
             self.ingest.admission.admit(self.client)
         except Denied as e:
@@ -437,25 +444,30 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             self.reject("project_mismatch", "data.sessionId does not match the connection", kind)
             return
         self.unanswered += 1
-        d = self.ingest.accept(message, self)
-        d.addCallbacks(self.acked, self.not_queued, callbackArgs=(kind, time.monotonic()), errbackArgs=(kind,))
+        self.ingest.accept(message, self, kind)
 
-    def acked(self, event_id: str, kind: str, started: float) -> None:
-        self.ingest.ack_latency.observe(time.monotonic() - started)
-        self.ingest.acked_count[kind].inc()
+    def stored(self, receipt: Receipt, reply: Any) -> None:
+        """Redis (or the spool) has the event: ack it (``reply`` None: a bot's, dropped)."""
+        ingest = self.ingest
+        if receipt.kind == "pageview" and reply is not None:
+            change = int(reply[1])  # started 1, resumed 2 (0 also when spooled: decided at replay)
+            if change:
+                ingest.sessions_changed[change].inc()
+        ingest.ack_latency.observe(time.monotonic() - receipt.started)
+        ingest.acked_count[receipt.kind].inc()
         if self.writable:
-            self.sendMessage(wire.ack(event_id, kind))
+            self.sendMessage(wire.ack(receipt.event_id, receipt.kind))
         else:
-            self.ingest.undelivered[kind].inc()  # accepted, but the client will send it again
+            ingest.undelivered[receipt.kind].inc()  # accepted, but the client will send it again
         self.answered()
 
-    def not_queued(self, failure: Any, kind: str) -> None:
+    def not_stored(self, receipt: Receipt, error: Exception) -> None:
         # Counted, not logged: the producer and the spool log an outage once, not per event.
-        if failure.check(OperationRefused):  # this event alone; its neighbours were stored
+        if isinstance(error, OperationRefused):  # this event alone; its neighbours were stored
             code, message = "not_stored", "The server could not store this event; not acked"
         else:
             code, message = "overloaded", "The server cannot store events right now; not acked"
-        self.ingest.metrics.messages.labels(kind, code).inc()
+        self.ingest.metrics.messages.labels(receipt.kind, code).inc()
         if self.writable:
             self.send_error(code, message)
         self.answered()

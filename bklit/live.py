@@ -17,15 +17,22 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def pageview_parts(row: dict, now: float) -> tuple[str, str]:
-    """The pageview broadcast split around its ``isNewSession`` value.
+    """The pageview broadcast of a whole row, split around its ``isNewSession`` value.
 
     Whether a pageview starts its session is decided in Redis; the message is
-    ``head + "true"|"false" + tail``.
+    ``head + "true"|"false" + tail``.  (The SDK endpoint joins the same
+    fields, encoded in parts: ``bklit.entries``.)
     """
-    data = {
+    data = {**pageview_fields(row), **place_fields(row), **agent_fields(row)}
+    head = '{"type":"pageview","data":' + _dumps(data)[:-1] + ',"isNewSession":'
+    tail = '},"timestamp":' + _dumps(iso_timestamp(now)) + "}"
+    return head, tail
+
+
+def pageview_fields(row: dict) -> dict:
+    """The broadcast fields of a pageview's own columns (SDK names)."""
+    return {
         "eventId": row["id"],
-        "projectId": row["project_id"],
-        "sessionId": row["session_id"],
         "url": row["url"],
         "title": row.get("title", ""),
         "timestamp": iso_timestamp(row["timestamp"]),
@@ -41,24 +48,36 @@ def pageview_parts(row: dict, now: float) -> tuple[str, str]:
         "screen": {"width": row.get("screen_width", 0), "height": row.get("screen_height", 0)},
         "language": row.get("language", ""),
         "timezone": row.get("timezone", ""),
+        "isBot": bool(row.get("is_bot")),
+        "isNewVisitor": bool(row.get("is_new_visitor")),
+        "landingPage": row.get("landing_page", ""),
+    }
+
+
+def place_fields(row: dict) -> dict:
+    """The broadcast fields of a row's project, session and place columns."""
+    located = bool(row.get("lat") or row.get("lon"))
+    return {
+        "projectId": row["project_id"],
+        "sessionId": row["session_id"],
         "country": row.get("country", ""),
         "countryCode": row.get("country_code", ""),
         "city": row.get("city", ""),
         "region": row.get("region", ""),
         "regionName": row.get("region_name", ""),
-        "lat": row.get("lat") if row.get("lat") or row.get("lon") else None,
-        "lon": row.get("lon") if row.get("lat") or row.get("lon") else None,
+        "lat": row.get("lat") if located else None,
+        "lon": row.get("lon") if located else None,
+    }
+
+
+def agent_fields(row: dict) -> dict:
+    """The broadcast fields of a row's browser, OS and device columns."""
+    return {
         "browser": row.get("browser", ""),
         "os": row.get("os", ""),
         "deviceType": row.get("device_type", ""),
         "mobile": bool(row.get("mobile")),
-        "isBot": bool(row.get("is_bot")),
-        "isNewVisitor": bool(row.get("is_new_visitor")),
-        "landingPage": row.get("landing_page", ""),
     }
-    head = '{"type":"pageview","data":' + _dumps(data)[:-1] + ',"isNewSession":'
-    tail = '},"timestamp":' + _dumps(iso_timestamp(now)) + "}"
-    return head, tail
 
 
 def event_message(row: dict, now: float) -> str:

@@ -9,6 +9,12 @@ the event is durably queued.
 
 Each stream entry holds one field ``e``: the JSON of a record,
 ``{"table": <ClickHouse table>, "row": {column: value}}``.
+
+An operation travels as one string, its code and fields joined by ``SEP``
+(``pack``), so a batch of any size is a short command: one argument per
+operation.  No field can hold ``SEP``: ids, URLs and text from clients are
+checked free of control characters, and JSON escapes them.  The spool keeps
+operations as lists of fields (``unpack``), as it always has.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ REPLAY_RETRY = (0.1, 2.0)  # seconds between replay attempts while Redis cannot 
 # Error replies after which a batch is spooled (Redis did not apply it, and may later).
 TRANSIENT_ERRORS = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN")
 
-Batch = list[tuple[list[str], defer.Deferred]]
+SEP = "\x1f"  # between the fields of an operation
+Batch = list[tuple[str, Any]]  # (operation, receipt): see StreamProducer.submit
 BATCH_SCRIPT = resources.files("bklit").joinpath("batch.lua").read_text(encoding="utf-8")
 SCRIPT_KEYS = list(keys.SCRIPT_KEYS)
 OPERATIONS = {"E": "event", "P": "pageview", "X": "session_end", "H": "heartbeat"}  # metric labels
@@ -44,38 +51,49 @@ class OperationRefused(Exception):
     """Redis refused this one operation (the others of its batch were applied)."""
 
 
-# The operations of batch.lua, as lists of strings (see the script's head).
+# The operations of batch.lua (see the script's head), packed.
 
-def event_op(entry: str, channel: str = "", message: str = "") -> list[str]:
+def pack(*fields: str) -> str:
+    """An operation as the script reads it: its code and fields joined by ``SEP``."""
+    op = SEP.join(fields)
+    if op.count(SEP) != len(fields) - 1:
+        raise ValueError("a field of a batch operation holds the field separator")
+    return op
+
+
+def unpack(op: str) -> list[str]:
+    """The code and fields of a packed operation (as the spool keeps it)."""
+    return op.split(SEP)
+
+
+def event_op(entry: str, channel: str = "", message: str = "") -> str:
     """Append ``entry`` to the stream and publish ``message`` on ``channel`` ("" for none)."""
-    return ["E", entry, channel, message]
+    return pack("E", entry, channel, message)
 
 
 def pageview_op(entry: str, project: str, session: str, socket: str, now_ms: int, url: str,
                 head: str, tail: str, user_agent: str = "", country: str = "", country_code: str = "",
-                city: str = "", bot: bool = False) -> list[str]:
+                city: str = "", bot: bool = False) -> str:
     """Append a pageview and start, continue or resume its session (see ``StreamProducer.pageview``)."""
-    return ["P", entry, keys.live_channel(project), head, tail, project, session, socket, str(now_ms), url,
-            user_agent, country, country_code, city, "1" if bot else "0"]
+    return pack("P", entry, keys.live_channel(project), head, tail, project, session, socket, str(now_ms), url,
+                user_agent, country, country_code, city, "1" if bot else "0")
 
 
 def end_op(project: str, session: str, socket: str, now_ms: int, ended_ms: int, reason: str,
-           message: str) -> list[str]:
+           message: str) -> str:
     """Detach ``socket`` from a session; end it (stored, ``message`` broadcast) when none is left."""
-    return ["X", project, session, socket, str(now_ms), str(ended_ms), reason, keys.live_channel(project), message]
+    return pack("X", project, session, socket, str(now_ms), str(ended_ms), reason, keys.live_channel(project),
+                message)
 
 
-def heartbeat_op(project: str, session: str, now_ms: int) -> list[str]:
+def heartbeat_op(project: str, session: str, now_ms: int) -> str:
     """Refresh a live session's score and its keys' expiry."""
-    return ["H", project, session, str(now_ms)]
+    return pack("H", project, session, str(now_ms))
 
 
 def script_args(resume_ms: int, ops: Any) -> list[str]:
-    """The batch script's arguments: the resume window, the key prefixes, then the operations."""
-    args = [str(resume_ms), *keys.SCRIPT_PREFIXES]
-    for op in ops:
-        args.extend(op)
-    return args
+    """The batch script's arguments: the resume window, the key prefixes, then the packed operations."""
+    return [str(resume_ms), *keys.SCRIPT_PREFIXES, *ops]
 
 
 class Refusals:
@@ -158,11 +176,22 @@ class StreamProducer:
             self._begin_spooling()
             self._replay_soon()
 
-    def _add(self, op: list[str]) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._pending.append((op, d))
+    def submit(self, op: str, receipt: Any) -> None:
+        """Queue a packed operation for this turn's batch.
+
+        Once Redis replied (or the spool has it), ``receipt.callback(reply)``
+        is called, or ``receipt.errback(exception)``: ``OperationRefused``
+        when Redis refused it alone, ``RedisUnavailable`` when its batch
+        could be neither stored nor spooled.  A Deferred is a receipt; the
+        SDK endpoint passes a lighter one per event.
+        """
+        self._pending.append((op, receipt))
         if self._scheduled is None:
             self._scheduled = self.clock.callLater(0, self.flush)
+
+    def _add(self, op: str) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.submit(op, d)
         return d
 
     def enqueue(self, entry: str, channel: str = "", message: str = "") -> defer.Deferred:
@@ -234,15 +263,22 @@ class StreamProducer:
         sent.addCallbacks(self._answer, self._not_beaten, (beats,), None, (beats,))
 
     def _answer(self, replies: list, batch: Batch) -> None:
-        """Fire each operation's Deferred with its reply, or with ``OperationRefused``."""
-        for (op, d), reply in zip(batch, replies):
-            if isinstance(reply, str) and reply.startswith(REFUSED):
-                self._count_refused(op, reply[1:])
-                d.errback(OperationRefused(reply[1:]))
-            else:
-                d.callback(reply)
+        """Answer each operation's receipt with its reply, or with ``OperationRefused``.
 
-    def _count_refused(self, op: list[str], reason: str) -> None:
+        A receipt that raises is logged and does not keep the others of
+        its batch from their answers.
+        """
+        for (op, receipt), reply in zip(batch, replies):
+            try:
+                if isinstance(reply, str) and reply.startswith(REFUSED):
+                    self._count_refused(op, reply[1:])
+                    receipt.errback(OperationRefused(reply[1:]))
+                else:
+                    receipt.callback(reply)
+            except Exception:
+                self.log.failure("answering a stored operation failed")
+
+    def _count_refused(self, op: str | list[str], reason: str) -> None:
         if self.metrics is not None:
             self.metrics.operations_refused.labels(OPERATIONS.get(op[0], op[0])).inc()
         self._refusals.note(reason)
@@ -251,12 +287,12 @@ class StreamProducer:
         for _, d in beats:
             d.errback(failure.value)
 
-    def _number_op(self) -> list[str]:
+    def _number_op(self) -> str:
         """A batch's first operation: its number, above every earlier one (also across restarts)."""
         self._number = max(self._number + 1, time.time_ns() // 1000)
-        return ["S", self.applied_key, str(self._number)]
+        return pack("S", self.applied_key, str(self._number))
 
-    def _settle(self, outcome: Any, sent: defer.Deferred, batch: Batch, number: list[str] | None) -> None:
+    def _settle(self, outcome: Any, sent: defer.Deferred, batch: Batch, number: str | None) -> None:
         self._inflight.discard(sent)
         self._barrier.discard(sent)
         if isinstance(outcome, Failure):
@@ -275,7 +311,7 @@ class StreamProducer:
             for batch in held:
                 self._append(batch)
 
-    def _failed(self, failure: Failure, batch: Batch, number: list[str] | None) -> None:
+    def _failed(self, failure: Failure, batch: Batch, number: str | None) -> None:
         """Spool a batch Redis could not take (or refuse it: no spool, or an error that will stay)."""
         reason = failure.getErrorMessage()
         lost_reply = failure.check(RedisUnavailable) is not None
@@ -318,7 +354,7 @@ class StreamProducer:
         if isinstance(outcome, Failure):
             self.log.failure("spool: the replayer stopped", outcome)
 
-    def _append(self, batch: Batch, number: list[str] | None = None) -> None:
+    def _append(self, batch: Batch, number: str | None = None) -> None:
         """Write a batch (behind its number) to the spool; its operations succeed once it is on disk."""
         kept = []
         for op, d in batch:
@@ -328,7 +364,7 @@ class StreamProducer:
                 kept.append((op, d))
         if not kept:
             return
-        written = self.spool.append([number or self._number_op(), *(op for op, _ in kept)])
+        written = self.spool.append([unpack(number or self._number_op()), *(unpack(op) for op, _ in kept)])
         written.addCallbacks(self._spooled, self._not_spooled, (kept,), None, (kept,))
 
     def _spooled(self, _: None, kept: Batch) -> None:
@@ -388,7 +424,7 @@ class StreamProducer:
                 # Removed, and spooling ended by the caller, in this reactor step: nothing slips in between.
                 self.spool.remove(name)
                 return
-            replies = await self._run(ops)
+            replies = await self._run([pack(*op) for op in ops])
             refused = [(op, reply[1:]) for op, reply in zip(ops, replies)
                        if isinstance(reply, str) and reply.startswith(REFUSED)]
             if refused:

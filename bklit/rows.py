@@ -50,15 +50,21 @@ def pageview_row(pv: PageView, *, event_id: str, project_id: str, session_id: st
                  received_at: float, ip: str) -> dict:
     """The page_view_event row of a pageview, without geo and browser columns.
 
-    ``ip`` must already be anonymised. The referrer hostname is the client's
-    when it sent one, else parsed from the referrer; UTM parameters and click
-    ids come from the page URL.
+    ``ip`` must already be anonymised.
+    """
+    return {"project_id": project_id, "session_id": session_id, "ip": ip,
+            **pageview_columns(pv, event_id=event_id, received_at=received_at)}
+
+
+def pageview_columns(pv: PageView, *, event_id: str, received_at: float) -> dict:
+    """The columns of a pageview's row that come from the pageview itself.
+
+    The referrer hostname is the client's when it sent one, else parsed from
+    the referrer; UTM parameters and click ids come from the page URL.
     """
     parsed_host, referrer_path = enrich.referrer_parts(pv.referrer)
     row = {
         "id": event_id,
-        "project_id": project_id,
-        "session_id": session_id,
         "timestamp": event_time(pv.timestamp, received_at),
         "received_at": received_at,
         "url": pv.url,
@@ -67,9 +73,6 @@ def pageview_row(pv: PageView, *, event_id: str, project_id: str, session_id: st
         "referrer_hostname": pv.referrer_hostname or parsed_host,
         "referrer_path": referrer_path,
         "referrer_type": pv.referrer_type or "",
-    }
-    row.update(enrich.url_fields(pv.url))
-    row.update({
         "user_agent": pv.user_agent or "",
         "language": pv.language or "",
         "timezone": pv.timezone or "",
@@ -77,10 +80,10 @@ def pageview_row(pv: PageView, *, event_id: str, project_id: str, session_id: st
         "screen_height": pv.screen_height or 0,
         "viewport_width": pv.viewport_width or 0,
         "viewport_height": pv.viewport_height or 0,
-        "ip": ip,
         "is_new_visitor": _flag(pv.is_new_visitor),
         "landing_page": pv.landing_page or "",
-    })
+    }
+    row.update(enrich.url_fields(pv.url))
     return row
 
 

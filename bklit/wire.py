@@ -366,8 +366,9 @@ def auth_success() -> bytes:
 
 
 def ack(event_id: str, message_type: str) -> bytes:
-    """The acknowledgement of a durably queued pageview or event."""
-    return _encode({"type": "ack", "eventId": event_id, "messageType": message_type})
+    """The acknowledgement of a durably queued pageview or event (both names are the server's
+    own, needing no JSON escapes)."""
+    return b'{"type":"ack","eventId":"%s","messageType":"%s"}' % (event_id.encode(), message_type.encode())
 
 
 def error(code: str, message: str) -> bytes:

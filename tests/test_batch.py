@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bklit import keys
-from bklit.queue import BATCH_SCRIPT, end_op, event_op, heartbeat_op, pageview_op, script_args
+from bklit.queue import BATCH_SCRIPT, end_op, event_op, heartbeat_op, pageview_op, script_args, unpack
 from bklit.wire import valid_project_id, valid_session_id
 
 NOW = 4102444800000  # 2100-01-01: later than Redis's clock, so scores are the ones given
@@ -91,6 +91,7 @@ def beat(project, session):
 
 def typed_keys(op):
     """The keys an operation checks the type of (besides the stream and the projects set)."""
+    op = unpack(op)
     code = op[0]
     if code in ("P", "X"):
         project, session = (op[5], op[6]) if code == "P" else (op[1], op[2])

@@ -25,7 +25,7 @@ from urllib.parse import quote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bklit import agents, clickhouse, enrich, geo, live, rows, schema, wire
+from bklit import agents, clickhouse, enrich, entries, geo, rows, schema, wire
 from bklit.config import clickhouse_database
 from bklit.wire import Auth, Event, PageView, ProtocolError, parse_message
 from harness import clickhouse_rows
@@ -178,20 +178,17 @@ def accepted(payload):
 
 
 def ingest_row(record, ip="203.0.113.66"):
-    """(table, row) as ``Ingest.accept`` builds them, with its broadcast checked to be valid JSON."""
+    """(table, row) as ``Ingest.accept`` builds them (``bklit.entries``), its broadcast checked to be valid JSON."""
     event_id = str(uuid.uuid4())
+    visitor = entries.Visitor.of("p1", "s1", "n:1", enrich.anonymise_ip(ip), LOCATOR.locate(ip))
     if isinstance(record, PageView):
-        row = rows.pageview_row(record, event_id=event_id, project_id="p1", session_id="s1",
-                                received_at=NOW, ip=enrich.anonymise_ip(ip))
-        agent, place = AGENTS.describe(record.user_agent or ""), LOCATOR.locate(ip)
-        row.update(agent.columns(), is_bot=int(agent.is_bot), **place.columns())
-        row["timezone"] = row["timezone"] or place.timezone
-        head, tail = live.pageview_parts(row, NOW)
+        agent = AGENTS.describe(record.user_agent or "")
+        entry, head, tail = entries.pageview(record, visitor, agent, agent.is_bot, event_id, NOW)
         assert json.loads(head + "true" + tail)["data"]["isNewSession"] is True
-        return "page_view_event", row
-    row = rows.event_row(record, event_id=event_id, project_id="p1", session_id="s1", received_at=NOW)
-    assert json.loads(live.event_message(row, NOW))["type"] == "event"
-    return "tracked_event", row
+        return "page_view_event", json.loads(entry)["row"]
+    entry, broadcast = entries.event(record, visitor, False, event_id, NOW)
+    assert json.loads(broadcast)["type"] == "event"
+    return "tracked_event", json.loads(entry)["row"]
 
 
 def through_the_stream(table, row):

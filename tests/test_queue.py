@@ -35,7 +35,7 @@ class CountingRedis:
         self.script_calls = []
 
     def eval(self, script, keys, args):
-        self.script_calls.append((len(args) - len(HEADER)) // 4)  # the header, then E entry channel message
+        self.script_calls.append(len(args) - len(HEADER))  # the header, then one argument per operation
         return self.redis.eval(script, keys, args)
 
     def call(self, command, *args):

@@ -275,7 +275,7 @@ class HeldReplays(LosingReplies):
         self.held = []
 
     def eval(self, script, keys, args):
-        if self.lose or args[len(SCRIPT_HEADER)] != "S":
+        if self.lose or args[len(SCRIPT_HEADER)][0] != "S":  # the first operation's code
             return super().eval(script, keys, args)
         held = defer.Deferred()
         self.held.append(held)

@@ -13,6 +13,17 @@ socket's bucket as soon as its header is read; a message may have at most
 once: the rest of what it sent is thrown away unparsed, and nothing more is
 read from it.  A socket starts with a small budget and gets its full one
 when it authenticates (``widen_frame_budget``).
+
+The mixin also takes the usual frames off Autobahn's general path, which
+builds several objects per frame and formats debug lines nobody reads:
+a whole masked text frame of one message, uncompressed, within the size
+limits and valid UTF-8, is unmasked and handed to ``onMessage`` at once
+(metered like any frame); an uncompressed message we send that fits one
+frame is written with its two- or four-byte header.  Every other frame
+(control, fragmented, compressed, partial, over a limit, invalid) goes the
+general way, which then finds the buffer untouched, so errors and close
+codes are Autobahn's own.  Data is written without Autobahn's per-write
+debug line (its arguments were formatted whatever the log level).
 """
 
 from __future__ import annotations
@@ -25,6 +36,24 @@ from bklit.limits import TokenBucket
 CLOSE_POLICY = 1008
 CONTINUATION = 0
 FIRST_CONTROL_OPCODE = 8
+FIN_TEXT = 0x81  # first header byte of a whole text frame, no extension bits
+MASKED = 0x80
+STATE_OPEN = 3  # WebSocketProtocol.STATE_OPEN
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """A client frame's payload XORed with its four-byte mask (RFC 6455, 5.3)."""
+    n = len(payload)
+    key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")
+    return (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A server's unmasked, unfragmented text frame of ``payload`` (under 64 KiB)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((FIN_TEXT, n)) + payload
+    return bytes((FIN_TEXT, 126, n >> 8, n & 0xFF)) + payload
 
 
 @dataclass(frozen=True)
@@ -98,3 +127,72 @@ class FrameBudget:
     def _dataReceived(self, data: bytes) -> None:
         if not self.over_budget:
             super()._dataReceived(data)  # type: ignore[misc]
+
+    def processData(self) -> bool:
+        """One frame from the buffer: a whole text frame at once, anything else Autobahn's way."""
+        data = self.data
+        if (len(data) < 6 or data[0] != FIN_TEXT or self.current_frame is not None or self.inside_message
+                or self._perMessageCompress is not None or self.state != STATE_OPEN):
+            return super().processData()  # type: ignore[misc]
+        second = data[1]
+        length = second & 0x7F
+        if not second & MASKED or length == 127:
+            return super().processData()  # type: ignore[misc]
+        start = 6
+        if length == 126:
+            length = (data[2] << 8) | data[3] if len(data) >= 8 else 0
+            start = 8
+            if length < 126:  # not the shortest encoding (or the header is not all here)
+                return super().processData()  # type: ignore[misc]
+        end = start + length
+        if (end > len(data) or 0 < self.maxFramePayloadSize < length
+                or 0 < self.maxMessagePayloadSize < length):
+            return super().processData()  # type: ignore[misc]
+        payload = unmask(data[start:end], data[start - 4:start])
+        if not payload.isascii():
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return super().processData()  # type: ignore[misc]
+        if self.frame_bucket is not None and not self.frame_bucket.take():
+            self._refuse_frames("Too many frames")
+            return False
+        self.fragments = 1
+        self.data = data[end:]
+        stats = self.trafficStats
+        stats.incomingWebSocketFrames += 1
+        stats.incomingWebSocketMessages += 1
+        stats.incomingOctetsWebSocketLevel += length
+        stats.incomingOctetsAppLevel += length
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            self._cancelAutoPingTimeoutCall()
+        self.onMessage(payload, False)
+        return len(self.data) > 0
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False, fragmentSize: int | None = None,
+                    sync: bool = False, doNotCompress: bool = False) -> None:
+        """Send a message; one that fits a frame, uncompressed, is written at once."""
+        if (isBinary or fragmentSize is not None or sync or self.send_queue or self.state != STATE_OPEN
+                or len(payload) > 0xFFFF or self._perMessageCompress is not None
+                or 0 < self.autoFragmentSize < len(payload) or 0 < self.maxMessagePayloadSize < len(payload)):
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)  # type: ignore[misc]
+            return
+        frame = text_frame(payload)
+        self.transport.write(frame)
+        stats = self.trafficStats
+        stats.outgoingWebSocketMessages += 1
+        stats.outgoingWebSocketFrames += 1
+        stats.outgoingOctetsAppLevel += len(payload)
+        stats.outgoingOctetsWebSocketLevel += len(payload)
+        stats.outgoingOctetsWireLevel += len(frame)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Write ``data`` (prepared broadcasts, close frames); Autobahn's way when queued or chopped."""
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)  # type: ignore[misc]
+            return
+        self.transport.write(data)
+        if self.state == STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        else:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)

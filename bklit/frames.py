@@ -124,6 +124,9 @@ class FrameBudget:
     def over_frame_budget(self, reason: str) -> None:
         """A socket went over its budget and is being closed (for metrics)."""
 
+    def dataReceived(self, data: bytes) -> None:
+        self._dataReceived(data)  # (Autobahn's adapter formats a debug line first, at any log level)
+
     def _dataReceived(self, data: bytes) -> None:
         if not self.over_budget:
             super()._dataReceived(data)  # type: ignore[misc]

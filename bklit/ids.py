@@ -2,15 +2,15 @@
 
 An id is a UUID version 7 in its usual text form: 48 bits of Unix time in
 milliseconds, then a 12-bit sequence that keeps ids made in the same
-millisecond in order, then 62 random bits.
+millisecond in order, then 62 random bits (from a generator seeded by the system's: ids need
+to be unique, not unguessable).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
-
-RANDOM_CHUNK = 4096  # random bytes read at once: 512 ids
 
 
 class EventIds:
@@ -20,7 +20,7 @@ class EventIds:
         self.now_ms = now_ms
         self.last_ms = 0
         self.sequence = 0
-        self._random = memoryview(b"")
+        self._random = random.Random(os.urandom(32))  # for uniqueness, not secrecy
 
     def new(self) -> str:
         """The next id."""
@@ -34,10 +34,7 @@ class EventIds:
         else:
             self.sequence = 0
         self.last_ms = ms
-        if len(self._random) < 8:
-            self._random = memoryview(os.urandom(RANDOM_CHUNK))
-        rand = int.from_bytes(self._random[:8], "big") & ((1 << 62) - 1)
-        self._random = self._random[8:]
+        rand = self._random.getrandbits(62)
         value = (ms << 80) | (0x7 << 76) | (self.sequence << 64) | (0b10 << 62) | rand
         h = f"{value:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

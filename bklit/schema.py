@@ -10,6 +10,8 @@ Table and column names follow the original product's so its queries work.
 import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
 from datetime import datetime, timezone
 
 
@@ -178,7 +180,6 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     )),
 )
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_DATETIME = 2**32 - 1
 _UINT_MAX = {"UInt8": 2**8 - 1, "UInt16": 2**16 - 1, "UInt32": 2**32 - 1, "UInt64": 2**64 - 1}
 
@@ -196,8 +197,9 @@ def insert_columns(table: str) -> list[str]:
     return [column.name for column in _table(table)]
 
 
-def _datetime(value, where: str) -> datetime:
-    """A DateTime value as aware UTC: epoch seconds (clamped to DateTime's range), a datetime or ISO text.
+def _datetime(value, where: str) -> datetime | int:
+    """A DateTime value: whole epoch seconds (clamped to DateTime's range) from epoch seconds,
+    aware UTC from a datetime or ISO text.
 
     Only epoch seconds are clamped; ingest writes those.  A datetime or ISO
     text outside DateTime's range is passed on, and ClickHouse's refusal
@@ -213,8 +215,7 @@ def _datetime(value, where: str) -> datetime:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ValueError(f"{where}: time must be finite")
-        seconds = min(max(value, 0), _MAX_DATETIME)
-        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        return int(min(max(value, 0), _MAX_DATETIME))
     raise ValueError(f"{where}: expected epoch seconds or a datetime")
 
 
@@ -238,35 +239,55 @@ def _text(value) -> str | bytes:
     return str(value)
 
 
-def _value(table: str, column: Column, value):
-    """Convert one row value to what clickhouse-driver expects for the column's type."""
+def _converter(table: str, column: Column) -> Callable[[Any], Any]:
+    """What turns a row value into what clickhouse-driver expects for the column's type."""
     kind, where = column.type, f"{table}.{column.name}"
-    if kind.startswith("Nullable("):
-        if value is None:
-            return None
+    nullable = kind.startswith("Nullable(")
+    if nullable:
         kind = kind[len("Nullable("):-1]
     if kind == "String":
-        return "" if value is None else _text(value)
-    if kind in _UINT_MAX:
-        return 0 if value is None else _unsigned(value, _UINT_MAX[kind], where)
-    if kind == "Float64":
-        if value is None:
-            return 0.0
-        if isinstance(value, (int, float)):
-            return float(value)
-        raise ValueError(f"{where}: expected a number")
-    if kind == "DateTime":
-        return _EPOCH if value is None else _datetime(value, where)
-    raise ValueError(f"{where}: unsupported type {column.type}")
+        def convert(value: Any) -> Any:
+            return value if type(value) is str else ("" if value is None else _text(value))
+    elif kind in _UINT_MAX:
+        maximum = _UINT_MAX[kind]
+
+        def convert(value: Any) -> Any:
+            if type(value) is int and 0 <= value <= maximum:
+                return value
+            return 0 if value is None else _unsigned(value, maximum, where)
+    elif kind == "Float64":
+        def convert(value: Any) -> Any:
+            if value is None:
+                return 0.0
+            if isinstance(value, (int, float)):
+                return float(value)
+            raise ValueError(f"{where}: expected a number")
+    elif kind == "DateTime":
+        def convert(value: Any) -> Any:
+            return 0 if value is None else _datetime(value, where)
+    else:
+        raise ValueError(f"{where}: unsupported type {column.type}")
+    if not nullable:
+        return convert
+    return lambda value: None if value is None else convert(value)
+
+
+@lru_cache(maxsize=None)
+def _converters(table: str) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+    """Each column's name and converter, in order (built once per table)."""
+    return tuple((column.name, _converter(table, column)) for column in _table(table))
 
 
 def to_insert_row(table: str, row: dict) -> tuple:
     """Values of a row dict in column order, for ``INSERT INTO db.t (cols) VALUES``.
 
     Missing keys take the type's zero value ("", 0, 0.0, the epoch; None for
-    Nullable); DateTime values given as epoch seconds become aware UTC
-    datetimes. Keys that are not columns are ignored, so rows written by a
-    newer or older version still insert. Raises ValueError naming the column
-    for a value of the wrong kind.
+    Nullable); DateTime values given as epoch seconds become whole epoch
+    seconds (clamped to DateTime's range), which clickhouse-driver sends as
+    they are; a datetime or ISO text becomes an aware datetime. Keys that
+    are not columns are ignored, so rows written by a newer or older version
+    still insert. Raises ValueError naming the column for a value of the
+    wrong kind.
     """
-    return tuple(_value(table, column, row.get(column.name)) for column in _table(table))
+    get = row.get
+    return tuple([convert(get(name)) for name, convert in _converters(table)])

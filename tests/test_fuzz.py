@@ -215,9 +215,8 @@ def assert_storable(table, row):
             assert type(value) is int and 0 <= value <= UINT_MAX[kind], where
         elif kind == "Float64":
             assert isinstance(value, float) and math.isfinite(value), where
-        elif kind == "DateTime":
-            assert isinstance(value, datetime) and value.tzinfo is not None, where
-            assert 0 <= value.timestamp() < 2 ** 32, where
+        elif kind == "DateTime":  # whole epoch seconds, as clickhouse-driver sends them
+            assert type(value) is int and 0 <= value < 2 ** 32, where
         else:
             raise AssertionError(f"unexpected column type {column.type}")
     if table == "page_view_event" or table == "tracked_event":

@@ -192,7 +192,7 @@ class TestEventRow:
         assert row["timestamp"] == T0
 
     def test_row_inserts(self):
-        """The row converts to an insert tuple with datetimes."""
+        """The row converts to an insert tuple, times as whole epoch seconds."""
         values = schema.to_insert_row("tracked_event", sdk_event_row())
-        assert values[3] == datetime(2026, 11, 26, 8, 0, 1, tzinfo=timezone.utc)
+        assert values[3] == datetime(2026, 11, 26, 8, 0, 1, tzinfo=timezone.utc).timestamp()
 

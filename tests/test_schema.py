@@ -9,7 +9,6 @@ import pytest
 from bklit import schema
 from bklit.schema import MIGRATIONS, TABLES, Column, insert_columns, to_insert_row
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 ALLOWED_TYPES = {"String", "UInt8", "UInt16", "UInt32", "UInt64", "Float64", "DateTime"}
 CREATE = re.compile(r"CREATE TABLE IF NOT EXISTS \{db\}\.(\w+) \((.*)\) ENGINE = (.*)", re.S)
 ALTER = re.compile(r"ALTER TABLE \{db\}\.(\w+)\s+(.*)", re.S)
@@ -175,21 +174,21 @@ class TestToInsertRow:
         """Missing keys give each type's zero value."""
         zeros = dict(zip(insert_columns("tracked_session"), to_insert_row("tracked_session", {})))
         assert zeros["id"] == "" and zeros["duration"] == 0 and zeros["did_bounce"] == 0
-        assert zeros["started_at"] == EPOCH and zeros["ended_at"] is None and zeros["version"] == 0
+        assert zeros["started_at"] == 0 and zeros["ended_at"] is None and zeros["version"] == 0
         pv = dict(zip(insert_columns("page_view_event"), to_insert_row("page_view_event", {})))
         assert pv["lat"] == 0.0 and isinstance(pv["lat"], float)
 
-    def test_epoch_seconds_to_aware_utc(self):
-        """int and float epoch seconds become timezone-aware UTC datetimes."""
+    def test_epoch_seconds_to_whole_seconds(self):
+        """int and float epoch seconds become whole epoch seconds (what DateTime holds, sent as they are)."""
         got = value("tracked_event", {"timestamp": 1795682666.5}, "timestamp")
-        assert got == datetime(2026, 11, 26, 8, 44, 26, 500000, tzinfo=timezone.utc)
-        assert got.utcoffset() == timedelta(0)
-        assert value("tracked_event", {"received_at": 0}, "received_at") == EPOCH
+        assert type(got) is int and got == 1795682666
+        assert datetime.fromtimestamp(got, timezone.utc) == datetime(2026, 11, 26, 8, 44, 26, tzinfo=timezone.utc)
+        assert value("tracked_event", {"received_at": 0}, "received_at") == 0
 
     def test_nullable_datetime(self):
         """ended_at stays None when missing or None, converts when set."""
         assert value("tracked_session", {"ended_at": None}, "ended_at") is None
-        assert value("tracked_session", {"ended_at": 60}, "ended_at") == EPOCH + timedelta(seconds=60)
+        assert value("tracked_session", {"ended_at": 60}, "ended_at") == 60
 
     def test_datetime_inputs(self):
         """Aware datetimes pass; naive ones and ISO text are taken as UTC."""
@@ -203,9 +202,8 @@ class TestToInsertRow:
 
     def test_datetime_clamped(self):
         """Times outside DateTime's range are clamped to it."""
-        assert value("tracked_event", {"timestamp": -5}, "timestamp") == EPOCH
-        top = value("tracked_event", {"timestamp": 2**40}, "timestamp")
-        assert top == EPOCH + timedelta(seconds=2**32 - 1)
+        assert value("tracked_event", {"timestamp": -5}, "timestamp") == 0
+        assert value("tracked_event", {"timestamp": 2**40}, "timestamp") == 2**32 - 1
 
     def test_unsigned(self):
         """Booleans become 0/1, floats truncate, values clamp to the type's range."""
@@ -256,5 +254,5 @@ class TestToInsertRow:
             assert isinstance(result, tuple) and len(result) == len(insert_columns(table))
 
     def test_module_has_only_portable_defaults(self):
-        """Zero DateTime is the epoch, aware UTC."""
-        assert schema.to_insert_row("tracked_event", {})[3].tzinfo is not None
+        """Zero DateTime is the epoch as epoch seconds (no time zone to get wrong)."""
+        assert schema.to_insert_row("tracked_event", {})[3] == 0

@@ -87,9 +87,23 @@ local function next_version(key, now)
   return v
 end
 
+-- Redis's clock, asked once per call (a call is one reactor turn of one node).
+local clock_ms = nil
 local function server_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if clock_ms == nil then
+    local t = redis.call('TIME')
+    clock_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock_ms
+end
+
+-- The projects set gets each project once per call.
+local listed = {}
+local function list_project(p)
+  if not listed[p] then
+    redis.call('SADD', projects, p)
+    listed[p] = true
+  end
 end
 
 local function seconds(ms) return math.floor(tonumber(ms) / 1000) end
@@ -148,15 +162,15 @@ local function pageview(a)
     redis.call('HSET', key, 'bot', '1')
     redis.call('ZREM', LIVE .. p, s)
   end
-  st.pageviews = redis.call('HINCRBY', key, 'pageviews', 1)
+  st.pageviews = (tonumber(st.pageviews) or 0) + 1
   st.exit_page = url
-  redis.call('HSET', key, 'exit_page', url, 'last_seen', now)
+  redis.call('HSET', key, 'pageviews', st.pageviews, 'exit_page', url, 'last_seen', now)
   redis.call('PEXPIRE', key, resume_ms)
   redis.call('SADD', sockets, socket)
   redis.call('PEXPIRE', sockets, resume_ms)
   -- A pageview replayed from a spool is old: score it now, or the sweeper would end it at once.
   redis.call('ZADD', (st.bot == '1' and BOTS or LIVE) .. p, math.max(now, server_ms()), s)
-  redis.call('SADD', projects, p)
+  list_project(p)
   if is_new or resumed then session_row(p, s, st, nil, '', now, next_version(key, now)) end
   local id = redis.call('XADD', stream, '*', 'e', entry)
   publish(channel, head .. (is_new and 'true' or 'false') .. tail)
@@ -175,6 +189,7 @@ local function end_session(a)
   redis.call('ZREM', BOTS .. p, s)
   if redis.call('ZCARD', LIVE .. p) + redis.call('ZCARD', BOTS .. p) == 0 then
     redis.call('SREM', projects, p)
+    listed[p] = nil
   end
   if st.started_at == nil or st.ended_at ~= nil then return 0 end
   redis.call('DEL', sockets)

@@ -222,6 +222,17 @@ session_ids = st.text(SESSION_CHARS, min_size=1, max_size=12) | st.sampled_from(
     ["S", "S:sockets", "sockets", ":", "a:b", "a.b", "p:S", "-"])
 
 
+def test_a_project_whose_last_session_ended_is_listed_again_by_a_later_pageview_of_the_call(redis_server):
+    """The projects set is written once per project and call: an end that empties it in between
+    does not leave the project out while a session of it is live."""
+    redis_server.execute("FLUSHALL")
+    run(redis_server, [pageview("p1", "s1"), end("p1", "s1"), pageview("p1", "s2")])
+    assert redis_server.execute("SMEMBERS", keys.LIVE_PROJECTS) == [b"p1"]
+    assert redis_server.execute("ZRANGE", keys.live_sessions("p1"), "0", "-1") == [b"s2"]
+    run(redis_server, [end("p1", "s2")])
+    assert redis_server.execute("SMEMBERS", keys.LIVE_PROJECTS) == []
+
+
 @given(st.lists(st.tuples(project_ids, session_ids), min_size=2, max_size=6, unique=True))
 def test_no_two_ids_make_the_same_key(ids):
     """Over every kind of key of every (project, session), each key belongs to one kind and one id pair."""

@@ -142,7 +142,8 @@ class BklitService(MultiService):
             spool = open_spool(config)
         self.spool = spool
         self.producer = StreamProducer(self.redis, reactor, config.resume_window, spool=spool,
-                                       metrics=self.metrics)
+                                       metrics=self.metrics, min_replicas=config.redis_min_replicas,
+                                       replica_timeout=config.redis_replica_timeout)
         if spool is not None:
             self.metrics.watch_spool(spool, self.producer)
         self.ingest: Ingest | None = None

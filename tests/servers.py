@@ -370,6 +370,7 @@ class RedisServer(_Resp, Server):
                     "appendonly yes",
                     "appendfsync always",
                     'save ""',
+                    "repl-diskless-sync-delay 0",
                     *replica,
                     *self.settings,
                     "",

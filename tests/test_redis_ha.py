@@ -26,7 +26,9 @@ from test_health import health
 from test_live import open_dashboard, sdk_client
 
 BIN = Path(sys.executable).parent
-ACL = ["user default off", "user bklit on >s3cret ~* &* +@all"]
+# The user README.rst suggests: its keys and channels, no dangerous command but two.
+ACL = ["user default off",
+       "user bklit on >s3cret ~bklit:* ~live:sessions:* &bklit:* +@all -@dangerous +config|get +role"]
 
 
 @pytest.fixture
@@ -175,17 +177,33 @@ async def test_wait_for_a_replica_acks_spools_and_replays(redis_set, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_acl_user(acl_redis):
-    """redis://user:password@ authenticates as that user: commands, pub/sub and the command line."""
+async def test_acl_user(acl_redis, clickhouse_url):
+    """redis://user:password@ authenticates as that user: the daemon, pub/sub and the command line.
+
+    The user is README.rst's (only ``bklit:*`` keys, no dangerous command
+    but ``CONFIG GET`` and ``ROLE``): enough for ingest, dashboards, the
+    writer and the health check.
+    """
     url = f"redis://bklit:s3cret@127.0.0.1:{acl_redis.port}/0"
-    async with redis_connection(url) as redis:
-        assert await redis.call("ACL", "WHOAMI") == "bklit"
-        received = []
-        handler = subscriber(parse_redis_url(url), Messages, 5, channel="news", received=received)
-        try:
-            await published(redis, "news", "hello", received)
-        finally:
-            await disconnect(handler)
+    made = await deferToThread(bklit, "token", "create", "--project", "p1", env={"BKLIT_REDIS": url})
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    config = settings(acl_redis.url, clickhouse_url, health_interval="0.2").replace(redis=url)  # not a flag
+    async with running_daemon(config) as daemon:
+        assert await daemon.service.redis.call("ACL", "WHOAMI") == "bklit"
+        read = await daemon.token("p1", scope="read")
+        dash, _ = await open_dashboard(daemon.port, read)
+        client = await sdk_client(daemon.port, key)
+        client.send(sdk_pageview("p1", key=key))
+        ack = await client.next_of("ack")
+        assert (await dash.next())["data"]["eventId"] == ack["eventId"]
+        await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT id FROM page_view_event")
+                         == [(ack["eventId"],)], timeout=20)
+        code, report = await health(daemon.port)
+        assert code == 200 and report["redis"]["persistence"] == "aof-always", report
+        for socket in (client, dash):
+            socket.sendClose()
+            await socket.wait_closed()
 
     wrong = RedisService(parse_redis_url(f"redis://bklit:wrong@127.0.0.1:{acl_redis.port}/0"), 2, reactor)
     wrong.startService()
@@ -195,9 +213,6 @@ async def test_acl_user(acl_redis):
         assert not wrong.connected
     finally:
         await wrong.stopService()
-
-    made = await deferToThread(bklit, "token", "create", "--project", "p1", env={"BKLIT_REDIS": url})
-    assert made.returncode == 0, made.stderr
     nobody = await deferToThread(bklit, "token", "create", "--project", "p1",
                                  env={"BKLIT_REDIS": f"redis://127.0.0.1:{acl_redis.port}/0"})
-    assert nobody.returncode != 0
+    assert nobody.returncode != 0 and "NOAUTH" in nobody.stderr

@@ -12,22 +12,17 @@ the medians side by side with their ratio.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 from _stack import Stack
-from load import run_load
+from load import load_options, run_load
 
 SETTINGS = (0, 1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    args = load_options(__doc__)
 
     results: dict[int, list[dict]] = {n: [] for n in SETTINGS}
     with Stack(replicas=1) as stack:

@@ -165,6 +165,8 @@ async def test_wait_for_a_replica_acks_spools_and_replays(redis_set, tmp_path):
             await deferToThread(replica.stop)
             replies = await defer.gatherResults([producer.enqueue(f"late-{n}") for n in range(5)])
             assert replies == [SPOOLED["E"]] * 5 and producer.spooling
+            await pause(1.5)  # replays run meanwhile, and are not confirmed either: the spool keeps them
+            assert producer.spooling and not producer.spool.empty
 
             await deferToThread(replica.start)
             await eventually(lambda: not producer.spooling and producer.spool.empty, timeout=30)

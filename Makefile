@@ -25,10 +25,11 @@ all: $(VENV)
 packages:
 	scripts/ensure-packages redis-server clickhouse-server
 
-# The tests also drive Debian's chromium (trusting a test CA through
-# certutil) and check the systemd units with systemd-analyze.
+# The tests also run Debian's redis-sentinel (the failover tests), drive
+# Debian's chromium (trusting a test CA through certutil) and check the
+# systemd units with systemd-analyze.
 test-packages:
-	scripts/ensure-packages redis-server clickhouse-server chromium libnss3-tools systemd openssl
+	scripts/ensure-packages redis-server redis-sentinel clickhouse-server chromium libnss3-tools systemd openssl
 
 venv $(VENV): $(STAMP)
 

@@ -63,7 +63,8 @@ def rss_bytes(pid: int) -> int:
 class Stack:
     """Starts everything on enter, stops it on exit."""
 
-    def __init__(self, project: str = "bench", roles: str = "split", ingest: int = 1, **settings: str):
+    def __init__(self, project: str = "bench", roles: str = "split", ingest: int = 1, replicas: int = 0,
+                 **settings: str):
         if roles not in ("split", "all"):
             raise ValueError(f"roles must be split or all, not {roles!r}")
         if ingest > 1 and roles != "split":
@@ -71,6 +72,7 @@ class Stack:
         self.project = project
         self.roles = roles
         self.ingest = ingest
+        self.replica_count = replicas
         # Load generators send faster than a browser tab, and every socket comes from one address:
         # lift the per-socket rate limits and the per-address, per-network and per-project caps.
         self.settings = {"rate_limit": "1000000", "rate_burst": "1000000", "max_connections_per_ip": "1000000",
@@ -83,6 +85,8 @@ class Stack:
         self._tmp = tempfile.TemporaryDirectory()
         tmp = Path(self._tmp.name)
         self.redis = RedisServer(tmp / "redis").start()
+        self.replicas = [RedisServer(tmp / f"replica{n}", replica_of=self.redis).start()
+                         for n in range(self.replica_count)]
         self.clickhouse = ClickHouseServer(tmp / "clickhouse").start()
         self.clickhouse_url = self.clickhouse.url_for("bklit_bench")
         self.env = dict(os.environ, BKLIT_REDIS=self.redis.url, BKLIT_CLICKHOUSE=self.clickhouse_url,
@@ -162,5 +166,7 @@ class Stack:
         if self.writer is not self.daemon:
             stop_process(self.writer, 20)
         self.clickhouse.stop()
+        for replica in self.replicas:
+            replica.stop()
         self.redis.stop()
         self._tmp.cleanup()

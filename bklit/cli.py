@@ -173,27 +173,19 @@ async def redis_connection(config: Config) -> Any:
     """A fresh txredisapi connection (``execute_command``, ``eval``), closed at exit.
 
     The connection does not retry: when Redis cannot be reached the command
-    fails at once (within ``redis_timeout``) instead of waiting for it.
+    fails at once (within ``redis_timeout``) instead of waiting for it.  A
+    ``redis+sentinel://`` URL connects to the primary the Sentinels name.
     """
-    import txredisapi
     from twisted.internet import reactor
-    from twisted.internet.ssl import optionsForClientTLS
+
+    from bklit.redis_client import connect_once
 
     address = config.redis_address
     try:
-        connection = await txredisapi.Connection(
-            host=address.host,
-            port=address.port,
-            dbid=address.db,
-            password=address.password,
-            reconnect=False,
-            ssl_context_factory=optionsForClientTLS(address.host) if address.tls else False,
-            connectTimeout=config.redis_timeout,
-            replyTimeout=config.redis_timeout,
-            convertNumbers=False,
-        )
+        connection = await connect_once(address, config.redis_timeout)
     except Exception as e:
-        raise Failed(f"cannot reach Redis at {address.host}:{address.port}: {e}") from None
+        where = f"the primary of {address.service!r}" if address.sentinels else f"Redis at {address.host}:{address.port}"
+        raise Failed(f"cannot reach {where}: {e}") from None
     reactor.addSystemEventTrigger("before", "shutdown", connection.disconnect)
     return connection
 

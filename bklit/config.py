@@ -32,40 +32,102 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{key}: {message}" for key, message in errors))
 
 
+SENTINEL_PORT = 26379
+
+
 @dataclass(frozen=True)
 class RedisAddress:
-    """Where Redis is: parsed from ``redis://[:password@]host:port/db``."""
+    """Where Redis is: parsed from ``redis://[user:password@]host:port/db``.
+
+    With ``sentinels`` (from ``redis+sentinel://``), ``host`` and ``port``
+    are the first Sentinel's, and the primary of ``service`` is asked of the
+    Sentinels at every (re)connection.
+    """
 
     host: str
     port: int
     db: int
     password: str | None
     tls: bool
+    username: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
 
     def __repr__(self) -> str:
+        if self.sentinels:
+            hosts = ",".join(_host_port(host, port) for host, port in self.sentinels)
+            return f"RedisAddress(redis+sentinel://{hosts}/{self.service}/{self.db})"
         scheme = "rediss" if self.tls else "redis"
         return f"RedisAddress({scheme}://{self.host}:{self.port}/{self.db})"
 
 
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _credentials(userinfo: str) -> tuple[str | None, str | None]:
+    """``(user, password)`` of a URL's ``user:password`` part (``None`` where absent)."""
+    if not userinfo:
+        return None, None
+    user, sep, password = userinfo.partition(":")
+    return unquote(user) or None, unquote(password) if sep and password else None
+
+
+def _database(path: str, example: str) -> int:
+    if path and not path.isdigit():
+        raise ValueError(f"database must be a number, as in {example}")
+    return int(path or 0)
+
+
 def parse_redis_url(value: str) -> RedisAddress:
     """Parse a Redis URL; ``ValueError`` says what is wrong with it."""
+    if value.startswith("redis+sentinel://"):
+        return _parse_sentinel_url(value)
     parts = urlsplit(value)
     if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("must start with redis:// or rediss://")
+        raise ValueError("must start with redis://, rediss:// or redis+sentinel://")
     try:
         port = parts.port or 6379
     except ValueError:
         raise ValueError("has an invalid port") from None
-    path = parts.path.lstrip("/")
-    if path and not path.isdigit():
-        raise ValueError("database must be a number, as in redis://host:6379/0")
+    username, password = _credentials(parts.netloc.rpartition("@")[0])
     return RedisAddress(
         host=parts.hostname or "127.0.0.1",
         port=port,
-        db=int(path or 0),
-        password=unquote(parts.password) if parts.password else None,
+        db=_database(parts.path.lstrip("/"), "redis://host:6379/0"),
+        password=password,
         tls=parts.scheme == "rediss",
+        username=username,
     )
+
+
+def _parse_sentinel_url(value: str) -> RedisAddress:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db]``."""
+    parts = urlsplit(value)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    sentinels = tuple(_sentinel(item) for item in hosts.split(","))
+    service, _, db = parts.path.strip("/").partition("/")
+    if not service:
+        raise ValueError("names no service, as in redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/bklit/0")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", service):
+        raise ValueError(f"service name {service!r} is not a Sentinel master name")
+    username, password = _credentials(userinfo)
+    return RedisAddress(host=sentinels[0][0], port=sentinels[0][1],
+                        db=_database(db, "redis+sentinel://host:26379/bklit/0"), password=password,
+                        tls=False, username=username, sentinels=sentinels, service=service)
+
+
+def _sentinel(item: str) -> tuple[str, int]:
+    """One ``host[:port]`` of a Sentinel URL (port 26379 by default)."""
+    item = item.strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]/]+)(?::(\d+))?", item)
+    if not match:
+        raise ValueError(f"{item!r} is not a Sentinel's host:port")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4) or SENTINEL_PORT)
+    if not 0 < port < 65536:
+        raise ValueError(f"{item!r} has an invalid port")
+    return host, port
 
 
 def hide_password(url: str) -> str:
@@ -215,7 +277,7 @@ class Key:
 
 KEYS: dict[str, Key] = {
     "listen": Key("tcp:8080", _text, "Twisted endpoint string to listen on (tcp:8080, systemd:domain=INET:index=0)."),
-    "redis": Key("redis://127.0.0.1:6379/0", _redis_url, "Redis URL: redis://[:password@]host:port/db, rediss:// for TLS."),
+    "redis": Key("redis://127.0.0.1:6379/0", _redis_url, "Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS, redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db] to follow a Sentinel-managed primary."),
     "clickhouse": Key("clickhouse://default:@127.0.0.1:9000/bklit", _clickhouse_url, "ClickHouse URL as clickhouse-driver's Client.from_url reads it."),
     "tls_cert": Key("", _text, "TLS certificate chain (Let's Encrypt fullchain.pem). Empty with tls_key empty: plain ws."),
     "tls_key": Key("", _text, "TLS private key (Let's Encrypt privkey.pem), readable by the service user."),
@@ -223,6 +285,8 @@ KEYS: dict[str, Key] = {
     "role": Key("all", _choice(*ROLES), "Which parts run here: all, ingest (WebSocket endpoints) or writer (stream to ClickHouse)."),
     "auto_migrate": Key("true", _bool, "Create or upgrade the ClickHouse schema at start."),
     "redis_timeout": Key("5", _seconds(0.1, 300), "Seconds to wait for a Redis reply before events go to the spool (or, without one, are refused as overloaded)."),
+    "redis_min_replicas": Key("0", _int(0, 100), "Replicas that must confirm a batch (Redis WAIT) before its events are acked; an unconfirmed batch goes to the spool. 0: ack once the primary has it."),
+    "redis_replica_timeout": Key("1", _seconds(0.01, 60), "Seconds WAIT gives the replicas to confirm a batch (below redis_timeout)."),
     "spool_dir": Key("/var/lib/bklit/spool", _text, "Directory of the local spool that keeps acked events while Redis cannot take them. Empty: no spool."),
     "spool_max_bytes": Key("1G", _bytes(1 << 16, 1 << 50), "Size cap of the spool (K, M, G suffixes); past it events are refused as overloaded."),
     "stream_max_length": Key("1000000", _int(1, 1 << 62), "Stream length (events not yet in ClickHouse) past which /healthz and bklit_backpressure report a backlog."),
@@ -288,6 +352,8 @@ class Config:
     role: str
     auto_migrate: bool
     redis_timeout: float
+    redis_min_replicas: int
+    redis_replica_timeout: float
     spool_dir: str
     spool_max_bytes: int
     stream_max_length: int
@@ -454,6 +520,9 @@ def load_config(
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         missing = "tls_key" if values.get("tls_cert") else "tls_cert"
         errors.append((missing, "must be set together with " + ("tls_cert" if missing == "tls_key" else "tls_key")))
+    if values.get("redis_min_replicas") and values.get("redis_replica_timeout", 0) >= values.get("redis_timeout", 0):
+        errors.append(("redis_replica_timeout", f"must be below redis_timeout ({values['redis_timeout']:g} s): "
+                                                "a WAIT that outlasts it would count as a lost reply"))
     if errors:
         raise ConfigError(errors)
     return Config(**values)  # type: ignore[arg-type]

@@ -91,26 +91,22 @@ class Broadcaster:
         self.open_keys = open_keys
         self.dashboards: dict[str, set[DashboardProtocol]] = {}
         self.connection: _Subscriber | None = None
-        self.redis_factory: Any = None
+        self.redis_handler: Any = None
         self.delivered = 0
 
     def start(self) -> None:
-        """Connect (and keep reconnecting) to Redis for pub/sub."""
-        from bklit.redis_client import endpoint
+        """Connect (and keep reconnecting, to the primary of the day) to Redis for pub/sub."""
+        from bklit.redis_client import subscriber
 
-        factory = txredisapi.SubscriberFactory()
-        factory.protocol = _Subscriber
-        factory.password = self.address.password
-        factory.broadcaster = self
-        factory.reconnect = True
-        factory.startConnecting(endpoint(self.address, timeout=5))
-        self.redis_factory = factory
+        self.redis_handler = subscriber(self.address, _Subscriber, timeout=5, broadcaster=self)
 
     def stop(self) -> defer.Deferred:
         """Disconnect from Redis."""
-        if self.redis_factory is None:
+        from bklit.redis_client import disconnect
+
+        if self.redis_handler is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(self.redis_factory.disconnect).addErrback(lambda _: None)
+        return disconnect(self.redis_handler)
 
     def subscribed(self, connection: _Subscriber) -> None:
         """(Re)connected: subscribe; once Redis confirmed, check the open sockets' keys again."""

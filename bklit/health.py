@@ -4,8 +4,9 @@
 flood of health checks costs nothing): Redis answers PING, ClickHouse
 answers ``SELECT 1`` (only where the writer runs; an ingest node does not
 store), and the stream's length and pending count are read for the report
-and the metrics.  It also reads how Redis persists what it holds and the
-local spool's state.  ``HealthPage`` serves the last result as JSON (in
+and the metrics.  It also reads how Redis persists what it holds, which
+Redis primary is in use (``redis_primary``: with Sentinel, the one of the
+day) and the local spool's state.  ``HealthPage`` serves the last result as JSON (in
 full to ``metrics_networks``; anyone else gets ``{"status": ...}`` alone,
 with the same code):
 
@@ -47,6 +48,7 @@ class HealthCheck(Service):
         self.producer = producer
         self.stream_max_length = stream_max_length
         self.persistence = ""
+        self.primary = ""
         self.clock = clock
         self.metrics = metrics
         self.writer = writer
@@ -73,6 +75,7 @@ class HealthCheck(Service):
     async def check(self) -> dict:
         """Run the checks once; returns (and keeps) the report."""
         redis = await self._redis()
+        self._note_primary()
         clickhouse = await self._clickhouse()
         spool = self._spool()
         warnings = [redis[name] for name in ("persistence_warning", "backlog") if redis.get(name)]
@@ -103,6 +106,7 @@ class HealthCheck(Service):
             "checked_at": time.time(),
             "warnings": warnings,
             "redis": redis,
+            "redis_primary": self.primary,
             "clickhouse": clickhouse,
             "connections": self.connections(),
         }
@@ -129,6 +133,18 @@ class HealthCheck(Service):
                                  f"({self.stream_max_length}): ClickHouse is behind")
         report.update(await self._persistence())
         return report
+
+    def _note_primary(self) -> None:
+        """Which Redis server takes the commands (after a Sentinel failover: the new primary)."""
+        now = getattr(self.redis, "primary", "")
+        if now and now != self.primary:
+            if self.primary:
+                log.warn("Redis primary is now {address} (was {previous})", address=now, previous=self.primary)
+            else:
+                log.info("Redis primary is {address}", address=now)
+            self.primary = now
+            self.metrics.redis_primary.clear()
+            self.metrics.redis_primary.labels(now).set(1)
 
     async def _persistence(self) -> dict:
         """How Redis keeps what it holds; logged when first seen and when it changes."""

@@ -81,6 +81,9 @@ class Metrics:
             " bad_method, slow_request, too_many_connections.", ["reason"], registry=r)
         self.http_connections = Gauge("bklit_http_connections",
                                       "Open plain HTTP connections (not WebSockets).", registry=r)
+        self.redis_primary = Gauge("bklit_redis_primary_info",
+                                   "1 for the Redis server (host:port) that takes this node's commands now;"
+                                   " with Sentinel it changes at a failover.", ["address"], registry=r)
         self.up = Gauge("bklit_up", "Whether a dependency answered the last health check.", ["dependency"],
                         registry=r)
 

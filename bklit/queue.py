@@ -139,12 +139,19 @@ class StreamProducer:
     is skipped if so.  A replay cut short by a crash is skipped the same
     way for what it did.  A batch Redis refused with an error was not
     applied: it is spooled with a new number.
+
+    With ``min_replicas``, a batch's operations succeed only once ``WAIT``
+    says that many replicas have it (one ``WAIT`` after each batch, and
+    after each replayed call); a batch they did not confirm within
+    ``replica_timeout`` is spooled with its number, like one whose reply
+    was lost, so an ack survives the loss of the primary.
     """
 
     log = Logger()
 
     def __init__(self, redis: RedisService, clock: Any, resume_window: float = 1800.0,
-                 max_batch: int = 2000, spool: Spool | None = None, metrics: Any = None):
+                 max_batch: int = 2000, spool: Spool | None = None, metrics: Any = None,
+                 min_replicas: int = 0, replica_timeout: float = 1.0):
         self.redis = redis
         self.clock = clock
         self.resume_ms = int(resume_window * 1000)
@@ -152,6 +159,8 @@ class StreamProducer:
         self.spool = spool
         self.applied_key = keys.applied(spool.id) if spool is not None else ""
         self.metrics = metrics
+        self.min_replicas = min_replicas
+        self.replica_timeout_ms = max(1, int(replica_timeout * 1000))
         self._number = 0
         self.spooling = False
         self._refusing = False
@@ -254,8 +263,29 @@ class StreamProducer:
         number = self._number_op() if self.spool is not None else None
         ops = [op for op, _ in batch]
         sent = self._run([number, *ops] if number else ops)
+        if self.min_replicas:
+            sent.addCallback(self._replicated)
         self._inflight.add(sent)
         sent.addBoth(self._settle, sent, batch, number)
+
+    def _replicated(self, reply: Any) -> defer.Deferred:
+        """The script's reply, once ``min_replicas`` replicas confirmed the batch (one WAIT).
+
+        Not confirmed in time, or WAIT failing, counts as a lost reply: the
+        batch is spooled with its number, so a replay skips it where Redis
+        has it and applies it where it is missing (a promoted replica).
+        """
+        d = self.redis.call("WAIT", str(self.min_replicas), str(self.replica_timeout_ms))
+        return d.addCallbacks(self._confirmed, self._not_confirmed, (reply,))
+
+    def _confirmed(self, count: Any, reply: Any) -> Any:
+        if int(count) < self.min_replicas:
+            raise RedisUnavailable(f"{count} of {self.min_replicas} replicas confirmed a batch "
+                                   f"within {self.replica_timeout_ms} ms")
+        return reply
+
+    def _not_confirmed(self, failure: Failure) -> None:
+        raise RedisUnavailable(f"WAIT for replicas: {failure.getErrorMessage()}")
 
     def _send_beats(self, beats: Batch) -> None:
         """Heartbeats straight to Redis while spooling (unnumbered: applying one twice is harmless)."""
@@ -429,6 +459,8 @@ class StreamProducer:
                        if isinstance(reply, str) and reply.startswith(REFUSED)]
             if refused:
                 await self._dead_letter(refused)
+            if self.min_replicas:  # replicas have it before it leaves the spool
+                await self._replicated(None)
             offset = end
             if self.metrics is not None:
                 self.metrics.spool_operations.labels("replayed").inc(sum(op[0] != "S" for op in ops))

@@ -2,7 +2,9 @@
 
 ``RedisService`` owns one lazy, reconnecting connection for commands (the
 stream producer, token lookups and the writer all pipeline onto it: txredisapi
-writes each command as it is called).  ``call`` never waits for a connection
+writes each command as it is called).  With a ``redis+sentinel://`` address
+the connection is txredisapi's Sentinel one: every reconnection asks the
+Sentinels for the primary, so all of them follow a failover.  ``call`` never waits for a connection
 that is not there: when Redis is down it fails at once with
 ``RedisUnavailable``, and a reply that does not come within the configured
 timeout fails the same way, so callers can refuse work instead of piling it up.
@@ -10,6 +12,7 @@ timeout fails the same way, so callers can refuse work instead of piling it up.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import txredisapi
@@ -22,6 +25,11 @@ from bklit.config import RedisAddress
 
 
 RECONNECT_MAX_DELAY = 2.0
+# txredisapi waits this long for a Sentinel that names a primary in good
+# state; it ignores the answers of Sentinels that know the primary is down,
+# so the wait is what a failover costs on top of Sentinel's own time.
+SENTINEL_DISCOVERY_TIMEOUT = 1.0
+_SENTINELS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # handler -> its Sentinel manager
 
 
 class RedisUnavailable(Exception):
@@ -38,13 +46,18 @@ def endpoint(address: RedisAddress, timeout: float) -> Any:
 
 
 def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
-    """A txredisapi connection to ``address``.
+    """A txredisapi connection to ``address``, as its user (ACL) if it names one.
 
     Lazy (the default): returns the handler at once and (re)connects in the
     background.  Not lazy: a Deferred that fires with the handler once
     connected.  ``rediss://`` verifies the server certificate against the
-    system trust store and the host name.
+    system trust store and the host name.  A Sentinel address (always lazy)
+    connects to the primary the Sentinels name, asked again at every
+    reconnection, so the handler follows a failover; close it with
+    ``disconnect``.
     """
+    if address.sentinels:
+        return _sentinel_primary(address, timeout)
     tls = optionsForClientTLS(address.host) if address.tls else False
     make = txredisapi.lazyConnection if lazy else txredisapi.Connection
     connection = make(
@@ -52,6 +65,7 @@ def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
         port=address.port,
         dbid=address.db,
         password=address.password,
+        username=address.username,
         reconnect=True,
         ssl_context_factory=tls,
         connectTimeout=timeout,
@@ -61,6 +75,114 @@ def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
     if lazy:  # txredisapi waits up to 10 s between attempts: long for events waiting in the spool
         connection._factory.maxDelay = RECONNECT_MAX_DELAY
     return connection
+
+
+def _sentinels(address: RedisAddress, timeout: float) -> Any:
+    """txredisapi's Sentinel manager for the Sentinels of ``address``."""
+    sentinel = txredisapi.Sentinel(list(address.sentinels), connectTimeout=timeout, replyTimeout=timeout)
+    sentinel.discovery_timeout = min(timeout, SENTINEL_DISCOVERY_TIMEOUT)
+    for connection in sentinel.sentinels:
+        connection._factory.maxDelay = RECONNECT_MAX_DELAY
+    return sentinel
+
+
+def _sentinel_primary(address: RedisAddress, timeout: float, dbid: int | None = -1, **factory: Any) -> Any:
+    """A lazy handler on the primary of the address's service (a connection to a replica is dropped)."""
+    sentinel = _sentinels(address, timeout)
+    handler = sentinel.master_for(
+        address.service, dbid=address.db if dbid == -1 else dbid, password=address.password,
+        username=address.username, replyTimeout=timeout, convertNumbers=False, **factory)
+    handler._factory.maxDelay = RECONNECT_MAX_DELAY
+    _SENTINELS[handler] = sentinel
+    return handler
+
+
+def disconnect(connection: Any) -> defer.Deferred:
+    """Close a handler made here (and the Sentinel connections behind it)."""
+    sentinel = _SENTINELS.pop(connection, None)
+    closing = [defer.maybeDeferred(connection.disconnect)]
+    if sentinel is not None:
+        closing.append(defer.maybeDeferred(sentinel.disconnect))
+    return defer.gatherResults(closing, consumeErrors=True).addErrback(lambda _: None)
+
+
+def primary(connection: Any) -> str:
+    """``host:port`` of the server a handler is connected to now ("" while it is not)."""
+    for conn in connection._factory.pool:
+        if conn.connected:
+            peer = conn.transport.getPeer()
+            return f"[{peer.host}]:{peer.port}" if ":" in peer.host else f"{peer.host}:{peer.port}"
+    return ""
+
+
+async def connect_once(address: RedisAddress, timeout: float) -> Any:
+    """A connected handler that does not reconnect (for one command line run).
+
+    With Sentinels, the primary they name now; Redis not answering fails
+    within ``timeout``.
+    """
+    host, port = address.host, address.port
+    if address.sentinels:
+        sentinel = _sentinels(address, timeout)
+        sentinel.discovery_timeout = timeout
+        try:
+            host, port = await sentinel.discover_master(address.service)
+        finally:
+            await sentinel.disconnect()
+    return await txredisapi.Connection(
+        host=host, port=port, dbid=address.db, password=address.password, username=address.username,
+        reconnect=False, ssl_context_factory=optionsForClientTLS(host) if address.tls else False,
+        connectTimeout=timeout, replyTimeout=timeout, convertNumbers=False)
+
+
+class PrimaryOnly:
+    """A protocol mixin: drop a connection that reached a replica (Sentinel's answer was old).
+
+    txredisapi's own ``SentinelRedisProtocol`` does this for commands; this
+    does it for another protocol (pub/sub), whose own ``connectionMade``
+    runs once the server said it is the primary.
+    """
+
+    def connectionMade(self) -> Any:
+        if self.password is not None:
+            self.auth(self.password, self.username)
+        return self.role().addCallback(self._role_checked)
+
+    def _role_checked(self, role: Any) -> Any:
+        if not role or role[0] != "master":
+            self.transport.loseConnection()
+            return None
+        return super().connectionMade()
+
+
+class _SentinelSubscriberFactory(txredisapi.SentinelConnectionFactory):
+    """txredisapi's Sentinel factory with another protocol and attributes for it."""
+
+    def __init__(self, *args: Any, protocol: Any, attributes: dict, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.protocol = type(f"Primary{protocol.__name__}", (PrimaryOnly, protocol), {})
+        vars(self).update(attributes)
+
+
+def subscriber(address: RedisAddress, protocol: Any, timeout: float, **attributes: Any) -> Any:
+    """A reconnecting pub/sub connection of ``protocol`` (a ``SubscriberProtocol``).
+
+    ``attributes`` are set on its factory (the protocol reads them as
+    ``self.factory.<name>``).  With Sentinels it connects to the primary
+    and follows a failover.  Returns a handler for ``disconnect``.
+    """
+    if address.sentinels:
+        return _sentinel_primary(address, timeout, dbid=None, factory_class=_SentinelSubscriberFactory,
+                                 protocol=protocol, attributes=attributes)
+    factory = txredisapi.SubscriberFactory()
+    factory.protocol = protocol
+    factory.password = address.password
+    factory.username = address.username
+    factory.reconnect = True
+    factory.maxDelay = RECONNECT_MAX_DELAY
+    vars(factory).update(attributes)
+    factory.startConnecting(endpoint(address, timeout))
+    return factory.handler
 
 
 class RedisService(Service):
@@ -84,7 +206,12 @@ class RedisService(Service):
         connection, self.connection = self.connection, None
         if connection is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(connection.disconnect).addErrback(lambda _: None)
+        return disconnect(connection)
+
+    @property
+    def primary(self) -> str:
+        """``host:port`` of the Redis primary in use ("" while not connected)."""
+        return primary(self.connection) if self.connection is not None else ""
 
     @property
     def connected(self) -> bool:

@@ -59,7 +59,8 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Path of the ini file (section [bklit]); env BKLIT_CONFIG."],
         ["listen", None, None, "Twisted endpoint string to listen on (default tcp:8080)."],
-        ["redis", None, None, "Redis URL, redis://[:password@]host:port/db (rediss:// for TLS)."],
+        ["redis", None, None, "Redis URL, redis://[user:password@]host:port/db (rediss:// for TLS,"
+                              " redis+sentinel://host:port[,host:port...]/SERVICE[/db] under Sentinel)."],
         ["clickhouse", None, None, "ClickHouse URL, clickhouse://user:password@host:port/database."],
         ["role", None, None, "all, ingest or writer (default all)."],
     ]
@@ -142,9 +143,13 @@ class BklitService(MultiService):
             spool = open_spool(config)
         self.spool = spool
         self.producer = StreamProducer(self.redis, reactor, config.resume_window, spool=spool,
-                                       metrics=self.metrics)
+                                       metrics=self.metrics, min_replicas=config.redis_min_replicas,
+                                       replica_timeout=config.redis_replica_timeout)
         if spool is not None:
             self.metrics.watch_spool(spool, self.producer)
+        elif config.runs_ingest and config.redis_min_replicas:
+            self.log.warn("redis_min_replicas is {n} but there is no spool_dir: events are refused as overloaded "
+                          "while fewer replicas confirm them", n=config.redis_min_replicas)
         self.ingest: Ingest | None = None
         self.dashboards: Dashboards | None = None
         self.sessions: LiveSessions | None = None

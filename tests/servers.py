@@ -1,4 +1,4 @@
-"""Real redis-server and clickhouse-server processes for tests and development.
+"""Real redis-server, redis-sentinel and clickhouse-server processes for tests and development.
 
 Each server runs from its own directory on a loopback port, with a generated
 configuration, and can be stopped, killed and restarted on the same port and
@@ -283,46 +283,8 @@ class Server:
         return "<%s %s:%d %s>" % (type(self).__name__, self.host, self.port, self.base_dir)
 
 
-class RedisServer(Server):
-    """``redis-server`` with an append-only file fsynced on every write.
-
-    ``url`` is ``redis://127.0.0.1:PORT/0``. Data survives ``stop()``,
-    ``kill()`` and ``restart()``.
-    """
-
-    name = "redis-server"
-
-    @property
-    def url(self):
-        """The Redis URL of database 0."""
-        return "redis://%s:%d/0" % (self.host, self.port)
-
-    def command(self):
-        binary = find_binary("redis-server")
-        if binary is None:
-            raise ServerError(
-                "redis-server not found on PATH: install the Debian package "
-                "redis-server (`make packages`)"
-            )
-        data = self.base_dir / "data"
-        data.mkdir(exist_ok=True)
-        config = self.base_dir / "redis.conf"
-        config.write_text(
-            "\n".join(
-                [
-                    "port %d" % self.port,
-                    "bind %s" % self.host,
-                    "dir %s" % data,
-                    "daemonize no",
-                    'logfile ""',
-                    "appendonly yes",
-                    "appendfsync always",
-                    'save ""',
-                    "",
-                ]
-            )
-        )
-        return [binary, str(config)]
+class _Resp:
+    """Commands over fresh connections, for redis-server and redis-sentinel alike."""
 
     def ping(self):
         try:
@@ -344,6 +306,9 @@ class RedisServer(Server):
         An error reply nested in an array comes back as a ServerError in its
         place; a top-level one raises.
         """
+        auth = getattr(self, "auth", None)
+        if auth:
+            commands = [("AUTH", *auth), *commands]
         parts = []
         for args in commands:
             parts.append(b"*%d\r\n" % len(args))
@@ -357,7 +322,194 @@ class RedisServer(Server):
         for value in replies:
             if isinstance(value, ServerError):
                 raise value
-        return replies
+        return replies[1:] if auth else replies
+
+
+class RedisServer(_Resp, Server):
+    """``redis-server`` with an append-only file fsynced on every write.
+
+    ``url`` is ``redis://127.0.0.1:PORT/0``. Data survives ``stop()``,
+    ``kill()`` and ``restart()``.  ``replica_of`` (a RedisServer) makes it
+    start as that server's replica; ``settings`` are more lines of
+    ``redis.conf`` (ACL users, say), and ``auth`` the ``(user, password)``
+    this object's own commands authenticate with.
+    """
+
+    name = "redis-server"
+
+    def __init__(self, base_dir=None, port=None, detach=False, replica_of=None, settings=(), auth=None):
+        super().__init__(base_dir, port, detach)
+        self.replica_of = replica_of
+        self.settings = list(settings)
+        self.auth = auth
+
+    @property
+    def url(self):
+        """The Redis URL of database 0."""
+        return "redis://%s:%d/0" % (self.host, self.port)
+
+    def command(self):
+        binary = find_binary("redis-server")
+        if binary is None:
+            raise ServerError(
+                "redis-server not found on PATH: install the Debian package "
+                "redis-server (`make packages`)"
+            )
+        data = self.base_dir / "data"
+        data.mkdir(exist_ok=True)
+        config = self.base_dir / "redis.conf"
+        replica = ["replicaof %s %d" % (self.replica_of.host, self.replica_of.port)] if self.replica_of else []
+        config.write_text(
+            "\n".join(
+                [
+                    "port %d" % self.port,
+                    "bind %s" % self.host,
+                    "dir %s" % data,
+                    "daemonize no",
+                    'logfile ""',
+                    "appendonly yes",
+                    "appendfsync always",
+                    'save ""',
+                    "repl-diskless-sync-delay 0",
+                    *replica,
+                    *self.settings,
+                    "",
+                ]
+            )
+        )
+        return [binary, str(config)]
+
+    def role(self):
+        """``master`` or ``slave``, as ROLE says."""
+        return self.execute("ROLE")[0].decode()
+
+    def info(self, section):
+        """``INFO section`` as a dict of strings."""
+        text = self.execute("INFO", section).decode()
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+class RedisSentinel(_Resp, Server):
+    """``redis-sentinel`` (Debian's package) watching one primary as ``service``, quorum 1.
+
+    A primary not answering for ``down_after_ms`` is failed over at once.
+    The configuration is written at the first start only: Sentinel rewrites
+    it with what it learnt (the current primary, its replicas), and a
+    restarted Sentinel goes on from there.
+    """
+
+    name = "redis-sentinel"
+
+    def __init__(self, primary, base_dir=None, port=None, service="bklit", down_after_ms=1000,
+                 failover_timeout_ms=10000):
+        super().__init__(base_dir, port)
+        self.primary = primary
+        self.service = service
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    def command(self):
+        binary = find_binary("redis-sentinel")
+        if binary is None:
+            raise ServerError(
+                "redis-sentinel not found on PATH: install the Debian package "
+                "redis-sentinel (`make test-packages`)"
+            )
+        config = self.base_dir / "sentinel.conf"
+        if not config.exists():
+            config.write_text("\n".join([
+                "port %d" % self.port,
+                "bind %s" % self.host,
+                "dir %s" % self.base_dir,
+                "daemonize no",
+                'logfile ""',
+                "sentinel monitor %s %s %d 1" % (self.service, self.primary.host, self.primary.port),
+                "sentinel down-after-milliseconds %s %d" % (self.service, self.down_after_ms),
+                "sentinel failover-timeout %s %d" % (self.service, self.failover_timeout_ms),
+                "sentinel parallel-syncs %s 1" % self.service,
+                "",
+            ]))
+        return [binary, str(config)]
+
+    def primary_port(self):
+        """The port of the primary this Sentinel names now."""
+        return int(self.execute("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)[1])
+
+    def replicas(self):
+        """How many replicas of the primary this Sentinel knows and sees up."""
+        flat = self.execute("SENTINEL", "REPLICAS", self.service)
+        states = [dict(zip(entry[::2], entry[1::2])) for entry in flat]
+        return sum(b"s_down" not in state.get(b"flags", b"") for state in states)
+
+
+class RedisSet:
+    """A primary, ``replicas`` replicas and one Sentinel, for failover tests.
+
+    ``url`` is the ``redis+sentinel://`` URL of database 0; ``primary()``
+    the server the Sentinel names now.  ``start`` returns once the
+    replicas are in sync and the Sentinel knows them.
+    """
+
+    def __init__(self, base_dir, replicas=1, service="bklit"):
+        base = Path(base_dir)
+        first = RedisServer(base / "redis-0")
+        self.servers = [first] + [RedisServer(base / ("redis-%d" % n), replica_of=first)
+                                  for n in range(1, replicas + 1)]
+        self.sentinel = RedisSentinel(first, base / "sentinel", service=service)
+        self.service = service
+
+    @property
+    def url(self):
+        """The Sentinel URL of database 0."""
+        return "redis+sentinel://%s:%d/%s/0" % (self.sentinel.host, self.sentinel.port, self.service)
+
+    def start(self, timeout=30.0):
+        """Start every server, then the Sentinel; wait until replication and the Sentinel are up."""
+        for server in self.servers:
+            server.ensure_running()
+        replicas = len(self.servers) - 1
+        self.wait(lambda: int(self.servers[0].info("replication").get("connected_slaves", 0)) == replicas
+                  and all(r.info("replication").get("master_link_status") == "up" for r in self.servers[1:]),
+                  timeout, "replicas in sync")
+        self.sentinel.ensure_running()
+        self.wait(lambda: self.sentinel.replicas() == replicas, timeout, "the Sentinel sees the replicas")
+        return self
+
+    def ensure_running(self):
+        """Start whatever a test left stopped (after a failover, the old primary comes back as a replica)."""
+        for server in [*self.servers, self.sentinel]:
+            server.ensure_running()
+        return self
+
+    def primary(self):
+        """The RedisServer the Sentinel names as primary now."""
+        port = self.sentinel.primary_port()
+        return next(server for server in self.servers if server.port == port)
+
+    def wait_failover(self, old, timeout=30.0):
+        """Wait until the Sentinel names a primary other than ``old`` and it says it is one; return it."""
+        self.wait(lambda: self.sentinel.primary_port() != old.port and self.primary().role() == "master",
+                  timeout, "a failover away from %s" % old)
+        return self.primary()
+
+    @staticmethod
+    def wait(condition, timeout, what):
+        """Poll ``condition`` until true; ServerError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if condition():
+                    return
+            except (OSError, ServerError):
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError("not within %.0f s: %s" % (timeout, what))
+            time.sleep(0.1)
+
+    def cleanup(self):
+        """Stop everything."""
+        for server in [self.sentinel, *self.servers]:
+            server.stop()
 
 
 def _read_reply(reply):

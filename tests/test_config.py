@@ -239,7 +239,8 @@ class TestRedisAddress:
         ("redis://cache.internal", RedisAddress("cache.internal", 6379, 0, None, False)),
         ("redis://cache.internal:6380/3", RedisAddress("cache.internal", 6380, 3, None, False)),
         ("redis://:s3cret@cache:6379/1", RedisAddress("cache", 6379, 1, "s3cret", False)),
-        ("redis://user:p%40ss%2Fword@cache/2", RedisAddress("cache", 6379, 2, "p@ss/word", False)),
+        ("redis://user:p%40ss%2Fword@cache/2", RedisAddress("cache", 6379, 2, "p@ss/word", False, "user")),
+        ("redis://bklit:pw@cache:6379/0", RedisAddress("cache", 6379, 0, "pw", False, "bklit")),
         ("rediss://:s3cret@cache.example.com:6380/0",
          RedisAddress("cache.example.com", 6380, 0, "s3cret", True)),
         ("redis://[::1]:6379/0", RedisAddress("::1", 6379, 0, None, False)),
@@ -247,6 +248,52 @@ class TestRedisAddress:
     def test_parse(self, url, address):
         """Host, port, database, password (unquoted) and TLS come from the URL."""
         assert parse_redis_url(url) == address
+
+    @pytest.mark.parametrize("url,address", [
+        ("redis+sentinel://10.0.0.1:26379,10.0.0.2:26380/bklit/3",
+         RedisAddress("10.0.0.1", 26379, 3, None, False, None, (("10.0.0.1", 26379), ("10.0.0.2", 26380)), "bklit")),
+        ("redis+sentinel://:s3cret@s1/mymaster",
+         RedisAddress("s1", 26379, 0, "s3cret", False, None, (("s1", 26379),), "mymaster")),
+        ("redis+sentinel://app:p%40ss@[::1]:5000,s2/bklit/0",
+         RedisAddress("::1", 5000, 0, "p@ss", False, "app", (("::1", 5000), ("s2", 26379)), "bklit")),
+    ])
+    def test_parse_sentinel(self, url, address):
+        """A Sentinel URL lists the Sentinels (port 26379 by default), the service and the database."""
+        assert parse_redis_url(url) == address
+
+    @pytest.mark.parametrize("url,message", [
+        ("redis+sentinel://s1:26379", "names no service"),
+        ("redis+sentinel://s1:26379/bklit/x", "database must be a number"),
+        ("redis+sentinel://s1:99999/bklit", "invalid port"),
+        ("redis+sentinel://s1:26379,/bklit", "is not a Sentinel's host:port"),
+        ("redis+sentinel://s1/bad name", "is not a Sentinel master name"),
+        ("rediss+sentinel://s1/bklit", "must start with"),
+    ])
+    def test_bad_sentinel_url(self, url, message):
+        """Each mistake in a Sentinel URL is one clear error naming the key."""
+        with pytest.raises(ConfigError) as raised:
+            load_config(None, {"BKLIT_REDIS": url})
+        [(key, text)] = raised.value.errors
+        assert key == "redis" and message in text
+
+    def test_sentinel_repr_hides_password(self):
+        """A Sentinel address shows its Sentinels and service, never the password."""
+        address = parse_redis_url("redis+sentinel://u:s3cret@a:1,[::1]:2/bklit/4")
+        assert repr(address) == "RedisAddress(redis+sentinel://a:1,[::1]:2/bklit/4)"
+        config = load_config(None, {"BKLIT_REDIS": "redis+sentinel://u:s3cret@a:1,b:2/bklit/4"})
+        assert "s3cret" not in repr(config) and "a:1,b:2" in repr(config)
+
+    def test_replica_settings(self):
+        """redis_min_replicas and redis_replica_timeout; the timeout must stay below redis_timeout."""
+        config = load_config(None, {"BKLIT_REDIS_MIN_REPLICAS": "1", "BKLIT_REDIS_REPLICA_TIMEOUT": "0.5"})
+        assert (config.redis_min_replicas, config.redis_replica_timeout) == (1, 0.5)
+        assert (load_config(None, {}).redis_min_replicas, load_config(None, {}).redis_replica_timeout) == (0, 1.0)
+        with pytest.raises(ConfigError) as raised:
+            load_config(None, {"BKLIT_REDIS_MIN_REPLICAS": "1", "BKLIT_REDIS_TIMEOUT": "1"})
+        assert keys_of(raised.value.errors) == ["redis_replica_timeout"]
+        with pytest.raises(ConfigError) as raised:
+            load_config(None, {"BKLIT_REDIS_MIN_REPLICAS": "-1"})
+        assert keys_of(raised.value.errors) == ["redis_min_replicas"]
 
     def test_repr_hides_password(self):
         """The password never appears in repr() or str(), so logging an address is safe."""

@@ -67,6 +67,9 @@ async def test_healthz_follows_redis_and_clickhouse(redis_server, clickhouse_ser
         report = await until_health(daemon.port, 200)
         assert report["status"] == "ok" and report["redis"]["up"] and report["clickhouse"] == {"up": True}
         assert report["redis"]["stream_length"] == 0
+        assert report["redis_primary"] == f"127.0.0.1:{redis_server.port}"
+        samples = _parse(daemon.service.metrics.render().decode())
+        assert value(samples, "bklit_redis_primary_info", address=f"127.0.0.1:{redis_server.port}") == 1
 
         await deferToThread(redis_server.stop)
         try:

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from bklit import __version__
 from bklit.config import Config, ConfigError, load_config
 from bklit.tokens import SCOPES, TokenStore
 
@@ -42,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     top = argparse.ArgumentParser(prog="bklit", description="Administer a bklit deployment.")
+    top.add_argument("--version", action="version", version=f"bklit {__version__}")
     groups = top.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     token = groups.add_parser("token", help="manage API keys").add_subparsers(dest="action", required=True, metavar="ACTION")

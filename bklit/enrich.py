@@ -8,7 +8,7 @@ extracts UTM parameters and ad click ids from a page URL, and
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -167,15 +167,24 @@ def url_fields(url: str) -> dict:
     surrounding blanks, and capped at 512 characters.
     """
     fields = dict.fromkeys(URL_PARAMETERS, "")
-    if not isinstance(url, str):
+    if not isinstance(url, str) or "?" not in url:
         return fields
     seen = set()
-    for name, value in parse_qsl(_query(url), keep_blank_values=True):
-        key = name.lower()
+    # As parse_qsl(query, keep_blank_values=True), decoding only the pairs looked at.
+    for pair in _query(url).split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        key = _unquote(name).lower()
         if key in fields and key not in seen:
             seen.add(key)
-            fields[key] = _clean_value(value)
+            fields[key] = _clean_value(_unquote(value))
     return fields
+
+
+def _unquote(text: str) -> str:
+    """Percent-decoded, "+" a space (unquote_plus, as parse_qsl decodes)."""
+    return unquote_plus(text) if "%" in text or "+" in text else text
 
 
 def referrer_parts(referrer: str | None) -> tuple[str, str]:

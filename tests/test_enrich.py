@@ -1,8 +1,11 @@
 """Tests for bklit.enrich: trusted proxies, client address, anonymisation, URL fields."""
 
 import ipaddress
+from urllib.parse import parse_qsl
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bklit import enrich
 from bklit.enrich import anonymise_ip, client_ip, parse_proxies, referrer_parts, url_fields
@@ -230,3 +233,21 @@ class TestReferrerParts:
     def test_absent_or_unparseable(self, referrer):
         """("", "") when there is nothing to split."""
         assert referrer_parts(referrer) == ("", "")
+
+
+QUERY_PARTS = ["utm_source", "UTM_Medium", "utm%5Fcampaign", "gclid", "x", "", "=", "&", "+", "%20", "%zz", "%",
+               "a b", "é", "%C3%A9", "utm_source=", "#", "?", ";"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(QUERY_PARTS), max_size=14))
+def test_url_fields_read_a_query_as_parse_qsl_does(parts):
+    """url_fields' own query loop gives what parse_qsl(keep_blank_values=True) gave."""
+    url = "https://example.com/p?" + "".join(parts)
+    expected = dict.fromkeys(enrich.URL_PARAMETERS, "")
+    seen = set()
+    for name, value in parse_qsl(enrich._query(url), keep_blank_values=True):
+        if name.lower() in expected and name.lower() not in seen:
+            seen.add(name.lower())
+            expected[name.lower()] = enrich._clean_value(value)
+    assert enrich.url_fields(url) == expected

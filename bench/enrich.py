@@ -10,7 +10,7 @@ and the record's size, not on how many networks the file holds.
 
 Per connection (SdkProtocol.onConnect): one geo lookup of the full address
 and one verdict on the handshake's User-Agent.  Per pageview
-(Ingest.accept): one verdict on data.userAgent (the cache hits: same
+(Ingest.queue): one verdict on data.userAgent (the cache hits: same
 string) and merging the columns into the row.
 """
 
@@ -124,7 +124,7 @@ def main() -> None:
     print(f"    of which the crawler patterns        {per_call(parser_.is_crawler, fresh, len(fresh)):7.2f} µs")
     print(f"  verdict, cached                        {per_call(parser_.describe, fresh[:1000], args.repeat):7.2f} µs")
 
-    print("per event (Ingest.accept, pageview)")
+    print("per event (Ingest.queue, pageview)")
     place = geo.Locator().locate("193.0.6.139")
     ua = fresh[0]
     parser_.describe(ua)

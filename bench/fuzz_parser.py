@@ -5,7 +5,7 @@
 ``make fuzz FUZZ_SECONDS=60`` installs atheris and runs this.  Each input is
 one frame's payload; ``parse_message`` may refuse it with a ProtocolError
 carrying a documented code, and anything it accepts must become a row (by
-the steps ``Ingest.accept`` takes), survive the stream's JSON and turn into
+the steps ``Ingest.queue`` takes), survive the stream's JSON and turn into
 ClickHouse insert values.  Any other exception, or a failed assertion, is a
 crash: libFuzzer stops and writes the input to ``crash-*`` under the
 artifact prefix.  The corpus (default ``.run/fuzz-parser``) starts from the

@@ -47,7 +47,7 @@ from autobahn.websocket.types import ConnectionDeny
 from bklit import enrich, wire
 from bklit.config import RedisAddress
 from bklit.frames import FrameBudget, FrameLimits
-from bklit.ingest import CLOSE_INTERNAL, close_and_wait, socket_options
+from bklit.websocket import CLOSE_INTERNAL, CLOSE_POLICY, Closable, ServerFactory, close_and_wait, socket_options
 from bklit.limits import Admission, ConnectRate, Denied, client_key
 from bklit.live import snapshot_message
 from bklit.keys import REVOKED_CHANNEL, channel_project, live_channel
@@ -55,7 +55,6 @@ from bklit.revocation import OpenKeys
 from bklit.sessions import LiveSessions
 from bklit.tokens import TokenVerifier, key_digest, null_origin
 
-CLOSE_POLICY = 1008
 log = Logger()
 
 
@@ -149,7 +148,7 @@ class Broadcaster:
 
 
 @implementer(IPushProducer)
-class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
+class DashboardProtocol(FrameBudget, Closable, WebSocketServerProtocol):
     """One dashboard socket: authorization, snapshot, then live events.
 
     (Autobahn's own ``self.log`` is kept to errors, as on SDK sockets: its
@@ -248,6 +247,7 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
         if self.authorized:
             self.dash.broadcaster.remove(self)
             self.dash.connected.discard(self)
+        self.closed_now()
 
     def check(self, key: str) -> None:
         """Verify a read key for this project."""
@@ -399,7 +399,7 @@ class Dashboards:
         await close_and_wait(self.connected, self.clock, timeout)
 
 
-class DashboardFactory(WebSocketServerFactory):
+class DashboardFactory(ServerFactory):
     """Builds dashboard sockets; read-only, so incoming messages stay small."""
 
     protocol = DashboardProtocol

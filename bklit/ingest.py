@@ -36,29 +36,24 @@ from functools import partial
 from typing import Any, Callable
 
 import txaio
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from bklit import agents, enrich, entries, geo, keys, wire
 from bklit.config import Config
+from bklit.entries import Visitor
 from bklit.frames import FrameBudget, FrameLimits
 from bklit.ids import EventIds
 from bklit.limits import Admission, Denied, ProjectBudgets, TokenBucket, client_key
 from bklit.metrics import Metrics
-from bklit.entries import Visitor
 from bklit.queue import OperationRefused, StreamProducer, event_op, pageview_op
 from bklit.revocation import OpenKeys
 from bklit.sessions import LiveSessions
 from bklit.tokens import TokenVerifier, key_digest
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_UNSUPPORTED = 1003
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL = 1011
+from bklit.websocket import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_UNSUPPORTED, Closable, ServerFactory,
+                             close_and_wait, socket_options)
 
 MAX_WAITING = 100  # messages held while a key is being checked
 CLOSE_WAIT = 1.5  # seconds a close waits for the acks and key checks its socket still owes
@@ -106,11 +101,9 @@ class Ingest:
     async def close_all(self, timeout: float = 3.0) -> None:
         """Close every SDK socket with 1001 once the acks it owes went out (up to
         ``CLOSE_WAIT``), and wait (up to ``timeout``) for them."""
-        for sock in list(self.connections):
-            sock.go_away()
-        await wait_gone(self.connections, self.clock, timeout)
+        await close_and_wait(self.connections, self.clock, timeout, close=SdkProtocol.go_away)
 
-    def accept(self, message: wire.PageView | wire.Event, conn: "SdkProtocol", kind: str) -> None:
+    def queue(self, message: wire.PageView | wire.Event, conn: "SdkProtocol", kind: str) -> None:
         """Queue an accepted event and its broadcast; its socket is answered through a ``Receipt``.
 
         A pageview also starts, continues or resumes the connection's session,
@@ -136,10 +129,8 @@ class Ingest:
             if not conn.joined:
                 conn.joined = True
                 self.sessions.attach(visitor.project, visitor.session)
-            place = visitor.place
-            op = pageview_op(entry, visitor.project, visitor.session, visitor.socket, int(received_at * 1000),
-                             message.url, head, tail, message.user_agent or "", place.country, place.country_code,
-                             place.city, bot=conn.bot)
+            op = pageview_op(entry, visitor, int(received_at * 1000), message.url, head, tail,
+                             message.user_agent or "", bot=conn.bot)
         else:
             entry, broadcast = entries.event(message, visitor, conn.bot, receipt.event_id, received_at)
             op = event_op(entry, keys.live_channel(visitor.project), broadcast)
@@ -151,8 +142,8 @@ class Ingest:
         conn.in_project = refusal is None
         return refusal
 
-    def closed(self, conn: "SdkProtocol") -> None:
-        """A socket closed: it leaves its session, which ends if it was the last."""
+    def leave(self, conn: "SdkProtocol") -> None:
+        """A socket closed: it leaves its project's budgets and its session, which ends if it was the last."""
         self.connections.discard(conn)
         if conn.in_project:
             conn.in_project = False
@@ -186,23 +177,7 @@ class Receipt:
         self.conn.not_stored(self, error)
 
 
-async def close_and_wait(sockets: set, clock: Any, timeout: float) -> None:
-    """Close every socket of ``sockets`` with 1001; wait until their ``onClose``
-    removed them from the set, or ``timeout`` passed (shutdown must not hang)."""
-    for sock in list(sockets):
-        sock.close(CLOSE_GOING_AWAY, "Server shutting down")
-    await wait_gone(sockets, clock, timeout)
-
-
-async def wait_gone(sockets: set, clock: Any, timeout: float) -> None:
-    """Wait until ``sockets`` is empty, or ``timeout`` passed."""
-    waited = 0.0
-    while sockets and waited < timeout:
-        await task.deferLater(clock, 0.05, lambda: None)
-        waited += 0.05
-
-
-class SdkProtocol(FrameBudget, WebSocketServerProtocol):
+class SdkProtocol(FrameBudget, Closable, WebSocketServerProtocol):
     """One SDK socket: ids from the query string, the auth gate, acks.
 
     (Logging goes through the module's ``log``.  Autobahn's ``self.log`` is
@@ -338,7 +313,8 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             self.admitted = False
             self.ingest.admission.release(self.client)
         if hasattr(self, "ingest"):
-            self.ingest.closed(self)
+            self.ingest.leave(self)
+        self.closed_now()
 
     # The auth gate ----------------------------------------------------------
 
@@ -396,7 +372,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
                 break
             self.receive(message)
         if self.closed:
-            self.ingest.closed(self)
+            self.ingest.leave(self)
         self.settle()
 
     def verify_failed(self, failure: Any) -> None:
@@ -429,14 +405,15 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         self.send(wire.auth_success())
 
     def handle_pageview(self, message: wire.PageView) -> None:
-        """Accept a pageview (ack once queued)."""
-        self.accept(message, "pageview")
+        """Take a pageview (acked once queued)."""
+        self.take(message, "pageview")
 
     def handle_event(self, message: wire.Event) -> None:
-        """Accept a custom event (ack once queued)."""
-        self.accept(message, "event")
+        """Take a custom event (acked once queued)."""
+        self.take(message, "event")
 
-    def accept(self, message: wire.PageView | wire.Event, kind: str) -> None:
+    def take(self, message: wire.PageView | wire.Event, kind: str) -> None:
+        """An event whose ids match the socket's goes to ``Ingest.queue``; others are refused."""
         if message.project_id is not None and message.project_id != self.project_id:
             self.reject("project_mismatch", "data.projectId does not match the connection", kind)
             return
@@ -444,7 +421,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             self.reject("project_mismatch", "data.sessionId does not match the connection", kind)
             return
         self.unanswered += 1
-        self.ingest.accept(message, self, kind)
+        self.ingest.queue(message, self, kind)
 
     def stored(self, receipt: Receipt, reply: Any) -> None:
         """Redis (or the spool) has the event: ack it (``reply`` None: a bot's, dropped)."""
@@ -544,7 +521,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
             self.close(CLOSE_POLICY, "Too many errors")
 
 
-class SdkFactory(WebSocketServerFactory):
+class SdkFactory(ServerFactory):
     """Builds ``SdkProtocol``s sharing one ``Ingest``, with limits from config.
 
     Its sockets share one ``TrafficStats`` (Autobahn's byte and frame
@@ -559,61 +536,3 @@ class SdkFactory(WebSocketServerFactory):
         self.traffic = TrafficStats()
         config = ingest.config
         self.setProtocolOptions(**socket_options(config, config.max_message_size))
-
-    def setProtocolOptions(self, **options: Any) -> None:
-        super().setProtocolOptions(**options)
-        self.protocol = with_options(type(self).protocol, self)
-
-
-def with_options(protocol: type, factory: WebSocketServerFactory) -> type:
-    """A subclass of ``protocol`` holding ``factory``'s Autobahn options as class attributes.
-
-    Autobahn copies every option it finds missing on a new protocol
-    instance into that instance, and pretty-prints the list for a debug
-    line whatever the log level: about a millisecond per connection and
-    some forty attributes more in each socket's ``__dict__``.  On this
-    subclass none is missing, so nothing is copied or formatted.
-    """
-    options = {name: getattr(factory, name) for name in protocol.CONFIG_ATTRS}
-    # A function option (perMessageCompressionAccept) must not become a method of the class.
-    options = {name: staticmethod(value) if callable(value) else value for name, value in options.items()}
-    return type(protocol.__name__, (protocol,), {**options, "CONFIG_ATTRS": (), "__doc__": protocol.__doc__})
-
-
-def socket_options(config: Config, max_message: int) -> dict:
-    """Autobahn options from config: its own defaults allow anything.
-
-    Sizes bound what one frame or message may make us buffer (an over-size
-    one closes with 1009); pings find dead peers; per-message-deflate is
-    off unless ``compression`` is on, and then a message is bounded after
-    decompression too, so a small compressed bomb still closes with 1009.
-
-    ``Origin: null`` (and ``file://``) passes the handshake: what may come
-    from it is the key's business (a key with domains refuses it) or, on
-    the dashboard, the read key's.  It must be given on every call, as
-    Autobahn resets it to False whenever it is left out.
-    """
-    options: dict[str, Any] = dict(
-        allowNullOrigin=True,
-        maxMessagePayloadSize=max_message,
-        maxFramePayloadSize=max_message,
-        openHandshakeTimeout=config.handshake_timeout,
-        closeHandshakeTimeout=2,
-        autoPingInterval=config.ping_interval,
-        autoPingTimeout=config.ping_timeout,
-        failByDrop=False,
-        # A GET without upgrade would render Autobahn's status page, which
-        # also redirects to any ?redirect= URL: an open redirect on our name.
-        webStatus=False,
-    )
-    if config.compression:
-        from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
-
-        def accept(offers: list) -> Any:
-            for offer in offers:
-                if isinstance(offer, PerMessageDeflateOffer):
-                    return PerMessageDeflateOfferAccept(offer)
-            return None
-
-        options["perMessageCompressionAccept"] = accept
-    return options

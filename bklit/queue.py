@@ -32,7 +32,6 @@ from bklit.keys import DEAD_STREAM, STREAM
 from bklit.redis_client import RedisService, RedisUnavailable
 from bklit.spool import Spool, SpoolError
 
-SESSION_CHANGES = ("", "started", "resumed")
 SPOOLED = {"E": "spooled", "P": ["spooled", "0"], "X": 0}  # a spooled operation's reply
 REPLAY_BATCH = 500
 REPLAY_RETRY = (0.1, 2.0)  # seconds between replay attempts while Redis cannot take them
@@ -71,12 +70,22 @@ def event_op(entry: str, channel: str = "", message: str = "") -> str:
     return pack("E", entry, channel, message)
 
 
-def pageview_op(entry: str, project: str, session: str, socket: str, now_ms: int, url: str,
-                head: str, tail: str, user_agent: str = "", country: str = "", country_code: str = "",
-                city: str = "", bot: bool = False) -> str:
-    """Append a pageview and start, continue or resume its session (see ``StreamProducer.pageview``)."""
-    return pack("P", entry, keys.live_channel(project), head, tail, project, session, socket, str(now_ms), url,
-                user_agent, country, country_code, city, "1" if bot else "0")
+def pageview_op(entry: str, visitor: Any, now_ms: int, url: str, head: str, tail: str,
+                user_agent: str = "", bot: bool = False) -> str:
+    """Append a pageview and start, continue or resume its session.
+
+    ``visitor`` (a ``bklit.entries.Visitor``) names the project, session and
+    socket, and the place a new session keeps.  The broadcast is ``head +
+    "true"|"false" + tail``: whether this pageview started the session is
+    only known inside Redis.  A ``bot`` session is live apart from people's.
+    The reply is ``[stream id, change]``, change 1 when the session
+    started, 2 when it resumed, else 0 (also when spooled: it is decided at
+    replay).
+    """
+    place = visitor.place
+    return pack("P", entry, keys.live_channel(visitor.project), head, tail, visitor.project, visitor.session,
+                visitor.socket, str(now_ms), url, user_agent, place.country, place.country_code, place.city,
+                "1" if bot else "0")
 
 
 def end_op(project: str, session: str, socket: str, now_ms: int, ended_ms: int, reason: str,
@@ -198,29 +207,15 @@ class StreamProducer:
         if self._scheduled is None:
             self._scheduled = self.clock.callLater(0, self.flush)
 
-    def _add(self, op: str) -> defer.Deferred:
+    def apply(self, op: str) -> defer.Deferred:
+        """Queue a packed operation; fires with its reply (see ``submit``)."""
         d: defer.Deferred = defer.Deferred()
         self.submit(op, d)
         return d
 
     def enqueue(self, entry: str, channel: str = "", message: str = "") -> defer.Deferred:
         """Append a stream entry (and publish ``message``); fires with its stream id."""
-        return self._add(event_op(entry, channel, message))
-
-    def pageview(self, entry: str, project: str, session: str, socket: str, now_ms: int,
-                 url: str, head: str, tail: str, user_agent: str = "", country: str = "",
-                 country_code: str = "", city: str = "", bot: bool = False) -> defer.Deferred:
-        """Append a pageview and start, continue or resume its session.
-
-        The broadcast is ``head + "true"|"false" + tail``: whether this
-        pageview started the session is only known inside Redis.  A ``bot``
-        session is live apart from people's.  Fires with ``(stream id,
-        change)``, change being ``"started"``, ``"resumed"`` or ``""`` (also
-        when spooled: it is decided at replay).
-        """
-        d = self._add(pageview_op(entry, project, session, socket, now_ms, url, head, tail,
-                                  user_agent, country, country_code, city, bot))
-        return d.addCallback(lambda reply: (reply[0], SESSION_CHANGES[int(reply[1])]))
+        return self.apply(event_op(entry, channel, message))
 
     def end_session(self, project: str, session: str, socket: str, now_ms: int, ended_ms: int,
                     reason: str, message: str) -> defer.Deferred:
@@ -230,12 +225,12 @@ class StreamProducer:
         Fires with True when the session ended (stored and broadcast; False
         when spooled, as that is decided at replay).
         """
-        d = self._add(end_op(project, session, socket, now_ms, ended_ms, reason, message))
+        d = self.apply(end_op(project, session, socket, now_ms, ended_ms, reason, message))
         return d.addCallback(lambda ended: ended == 1)
 
     def heartbeat(self, project: str, session: str, now_ms: int) -> defer.Deferred:
         """Refresh a live session's score (only if it is still live)."""
-        return self._add(heartbeat_op(project, session, now_ms))
+        return self.apply(heartbeat_op(project, session, now_ms))
 
     def flush(self) -> None:
         """Send everything gathered so far (runs once per reactor turn)."""

@@ -16,6 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bklit import keys
+from bklit.entries import Visitor
+from bklit.geo import NOWHERE
 from bklit.queue import BATCH_SCRIPT, end_op, event_op, heartbeat_op, pageview_op, script_args, unpack
 from bklit.wire import valid_project_id, valid_session_id
 
@@ -73,7 +75,7 @@ def without_ids(reply):
 
 def pageview(project, session, socket="n:1", url="https://example.com/"):
     entry = json.dumps({"table": "page_view_event", "row": {"session_id": session, "url": url}})
-    return pageview_op(entry, project, session, socket, NOW, url, '{"isNewSession":', "}")
+    return pageview_op(entry, Visitor.of(project, session, socket, "", NOWHERE), NOW, url, '{"isNewSession":', "}")
 
 
 def event(project, session):
@@ -207,7 +209,7 @@ def test_a_session_that_comes_back_after_its_state_expired_is_a_new_visit(redis_
     redis_server.execute("FLUSHALL")
     run(redis_server, [pageview("p1", "s1"), pageview("p1", "s1"), end("p1", "s1")])
     redis_server.execute("DEL", keys.session_state("p1", "s1"))  # as when it expires
-    later = pageview_op("{}", "p1", "s1", "n:1", NOW + 3_600_000, "https://example.com/b", "", "")
+    later = pageview_op("{}", Visitor.of("p1", "s1", "n:1", "", NOWHERE), NOW + 3_600_000, "https://example.com/b", "", "")
     run(redis_server, [later])
     records = [json.loads(fields[1]) for _, fields in _decoded(redis_server.execute("XRANGE", keys.STREAM, "-", "+"))]
     rows = [r["row"] for r in records if r.get("table") == "tracked_session"]

@@ -9,7 +9,7 @@ spliced.  Whatever comes in:
 
 - ``parse_message`` returns a record or raises ``ProtocolError`` with a
   documented code, nothing else;
-- an accepted message becomes, by the steps ``Ingest.accept`` takes, a row
+- an accepted message becomes, by the steps ``Ingest.queue`` takes, a row
   and a broadcast without raising; the row survives the stream's JSON and
   ``schema.to_insert_row`` as values ClickHouse's column types hold;
 - and a fixed sample of such rows goes into a real ClickHouse as it is,
@@ -178,7 +178,7 @@ def accepted(payload):
 
 
 def ingest_row(record, ip="203.0.113.66"):
-    """(table, row) as ``Ingest.accept`` builds them (``bklit.entries``), its broadcast checked to be valid JSON."""
+    """(table, row) as ``Ingest.queue`` builds them (``bklit.entries``), its broadcast checked to be valid JSON."""
     event_id = str(uuid.uuid4())
     visitor = entries.Visitor.of("p1", "s1", "n:1", enrich.anonymise_ip(ip), LOCATOR.locate(ip))
     if isinstance(record, PageView):

@@ -13,7 +13,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
 from bklit.keys import SCRIPT_PREFIXES, STREAM, session_state
-from bklit.queue import StreamProducer
+from bklit.entries import Visitor
+from bklit.geo import NOWHERE
+from bklit.queue import StreamProducer, pageview_op
 from bklit.redis_client import RedisUnavailable
 
 from harness import eventually, redis_connection
@@ -143,7 +145,8 @@ async def test_an_old_pageview_is_scored_live_now_but_keeps_its_times(redis_serv
         producer = StreamProducer(redis, reactor)
         hour_ago = int(time.time() * 1000) - 3_600_000
         before = int(time.time() * 1000)
-        await within(producer.pageview('{"n":1}', "p1", "s1", "sock", hour_ago, "https://e.com/", "", ""))
+        visitor = Visitor.of("p1", "s1", "sock", "", NOWHERE)
+        await within(producer.apply(pageview_op('{"n":1}', visitor, hour_ago, "https://e.com/", "", "")))
         score = float(await redis.call("ZSCORE", "live:sessions:p1", "s1"))
         assert before - 1000 <= score <= time.time() * 1000 + 1000
         assert int(await redis.call("HGET", session_state("p1", "s1"), "started_at")) == hour_ago

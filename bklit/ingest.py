@@ -116,7 +116,7 @@ class Ingest:
         """
         receipt = Receipt(conn, kind, self.ids.new(), time.monotonic())
         received_at = time.time()
-        visitor = conn.visitor
+        visitor = conn.visitor or conn.first_event()
         if kind == "pageview":
             agent = self.agents.describe(message.user_agent or "")
             conn.bot = conn.bot or agent.is_bot
@@ -210,6 +210,7 @@ class SdkProtocol(FrameBudget, Closable, WebSocketServerProtocol):
         self.ours = False  # we sent a close frame: nothing more is handled
         self.finish: Callable[[], Any] | None = None  # the close that waits for what is owed
         self.finish_timer: Any = None
+        self.visitor: Visitor | None = None
 
     # Autobahn callbacks ---------------------------------------------------
 
@@ -236,7 +237,6 @@ class SdkProtocol(FrameBudget, Closable, WebSocketServerProtocol):
         self.place = self.ingest.locator.locate(full_ip)  # looked up once; the full address is not kept
         self.bot = self.ingest.agents.describe(request.headers.get("user-agent", "")).is_bot
         self.client = client_key(full_ip)
-        self.visitor = Visitor.of(self.project_id, self.session_id, self.socket_id, self.ip, self.place)
         try:
             self.ingest.admission.admit(self.client)
         except Denied as e:
@@ -422,6 +422,11 @@ class SdkProtocol(FrameBudget, Closable, WebSocketServerProtocol):
             return
         self.unanswered += 1
         self.ingest.queue(message, self, kind)
+
+    def first_event(self) -> Visitor:
+        """The socket's visitor record, made at its first event (an idle socket keeps none)."""
+        self.visitor = Visitor.of(self.project_id, self.session_id, self.socket_id, self.ip, self.place)
+        return self.visitor
 
     def stored(self, receipt: Receipt, reply: Any) -> None:
         """Redis (or the spool) has the event: ack it (``reply`` None: a bot's, dropped)."""

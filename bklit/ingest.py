@@ -41,7 +41,7 @@ from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
-from bklit import agents, enrich, entries, geo, keys, wire
+from bklit import agents, enrich, entries, geo, keys, typed, wire
 from bklit.config import Config
 from bklit.entries import Visitor
 from bklit.frames import FrameBudget, FrameLimits
@@ -267,7 +267,7 @@ class SdkProtocol(FrameBudget, Closable, WebSocketServerProtocol):
             self.reject("rate_limited", f"More than {self.ingest.config.rate_limit:g} messages a second; dropped")
             return
         try:
-            message = wire.parse_message(payload, self.ingest.limits)
+            message = typed.parse_message(payload, self.ingest.limits)
         except wire.ProtocolError as e:
             self.reject(e.code, e.message)
             return

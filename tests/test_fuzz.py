@@ -22,10 +22,11 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bklit import agents, clickhouse, enrich, entries, geo, rows, schema, wire
+from bklit import agents, clickhouse, enrich, entries, geo, rows, schema, typed, wire
 from bklit.config import clickhouse_database
 from bklit.wire import Auth, Event, PageView, ProtocolError, parse_message
 from harness import clickhouse_rows
@@ -298,3 +299,47 @@ def test_sample_of_accepted_rows_goes_into_clickhouse(clickhouse_url):
             clickhouse_url, f"SELECT id, {', '.join(columns)} FROM {database}.{table}")}
         sent = {row["id"]: tuple(row[column] for column in columns) for row in sample[table]}
         assert stored == sent
+
+
+# ---------------------------------------------------------------- the typed parser
+
+def outcome(parse, payload):
+    """What a parser makes of a payload: its record, or its error's code and message."""
+    try:
+        return parse(payload)
+    except ProtocolError as error:
+        return (error.code, error.message)
+
+
+@st.composite
+def repeated_keys(draw):
+    """A valid message's text with one of its keys (top level or in data) given twice."""
+    message = draw(VALID)
+    place = message["data"] if "data" in message and draw(st.booleans()) else message
+    name = draw(st.sampled_from(sorted(place)))
+    text = json.dumps(message, separators=(",", ":"))
+    inner = json.dumps(place, separators=(",", ":"))
+    again = json.dumps({name: draw(ANYTHING)}, separators=(",", ":"))[1:-1]
+    spliced = inner[:1] + again + "," + inner[1:] if draw(st.booleans()) else inner[:-1] + "," + again + "}"
+    return text.replace(inner, spliced, 1).encode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames(near_misses()) | frames(VALID) | repeated_keys())
+def test_the_typed_parser_answers_as_the_general_one(payload):
+    """bklit.typed.parse_message gives the same record or the same error as wire.parse_message."""
+    assert outcome(typed.parse_message, payload) == outcome(parse_message, payload)
+
+
+def test_the_typed_parser_takes_the_sdks_pageview_itself():
+    """The SDK's own pageview is decoded the typed way (not left to the general parser)."""
+    sdk = json.dumps({"type": "pageview", "apiKey": "bk_x", "data": {
+        "url": "https://example.com/a?utm_source=x", "timestamp": "2026-11-26T08:00:00.000Z", "referrer": None,
+        "referrerHostname": None, "referrerType": "direct", "userAgent": "Mozilla/5.0",
+        "viewport": {"width": 1280, "height": 720}, "screen": {"width": 1920, "height": 1080},
+        "language": "en-US", "timezone": "Europe/Berlin", "sessionId": "s1", "projectId": "p1",
+        "isNewVisitor": True, "landingPage": "https://example.com/"}}).encode()
+    record = typed._typed(sdk, wire.Limits())
+    assert record == parse_message(sdk)
+    with pytest.raises(typed._Doubt):  # a repeated key is left to the general parser, which refuses it
+        typed._typed(sdk.replace(b'{"type"', b'{"type":"auth","type"'), wire.Limits())

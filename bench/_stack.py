@@ -74,10 +74,11 @@ class Stack:
         self.roles = roles
         self.ingest = ingest
         # Load generators send faster than a browser tab, and every socket comes from one address:
-        # lift the per-socket rate limits and the per-address, per-network and per-project caps.
+        # lift the per-socket rate limits and the per-address (dashboards too), per-network and per-project caps.
         self.settings = {"rate_limit": "1000000", "rate_burst": "1000000", "max_connections_per_ip": "1000000",
                          "max_connections_per_network": "1000000", "max_http_connections_per_ip": "1000000",
                          "max_sockets_per_project": "1000000", "max_new_sessions_per_minute": "1000000",
+                         "dashboard_connects_per_minute": "1000000",
                          "frame_rate": "1000000", "frame_burst": "1000000", **settings}
 
     def __enter__(self) -> "Stack":

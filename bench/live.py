@@ -39,6 +39,10 @@ class Client(WebSocketClientProtocol):
         self.inbox = defer.DeferredQueue()
         self.factory.opened.callback(self)
 
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.factory.opened.called:  # refused upgrade: say so rather than wait forever
+            self.factory.opened.errback(RuntimeError(f"{self.factory.url}: closed before open ({reason})"))
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         message = json.loads(payload)
         message["_at"] = time.perf_counter()
@@ -57,7 +61,7 @@ class Client(WebSocketClientProtocol):
 async def connect(port: int, path: str, headers: dict | None = None) -> Client:
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", headers=headers or {})
     factory.protocol = Client
-    factory.opened = defer.Deferred()
+    factory.opened = defer.Deferred().addTimeout(30, reactor)
     await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
     return await factory.opened
 

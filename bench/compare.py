@@ -44,12 +44,13 @@ their CPU is reported, as they share the machine's cores with the servers.
 Ratios are bklit / peer and bklit / ceiling.  The run ends with issue 16's
 targets, each with its measured ratio and met / not met.
 
-    python bench/compare.py [--connections 500] [--seconds 8] [--runs 3] [--idle 1000]
-                            [--many 10000] [--paced-seconds 10] [--ingest N] [--loadgens 2]
+    python bench/compare.py [--connections 500] [--seconds 6] [--runs 3] [--idle 1000]
+                            [--many 10000] [--paced-seconds 8] [--ingest N] [--loadgens 2]
                             [--sample 50] [--dashboards 100]
 
-Needs node and ``npm ci`` in bench/peers (``make bench`` runs it; about 8
-minutes on a 2-core machine).
+Between two loads, each server is left to settle (its sockets' sessions end)
+until its processes are idle.  Needs node and ``npm ci`` in bench/peers
+(``make bench`` runs it; 10 to 12 minutes on a shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ class Loadgens:
 
     def stop(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
+            if not process.stdin.closed:
                 process.stdin.close()
         for process in self.processes:
             try:
@@ -270,6 +271,17 @@ class Loadgens:
 
 def cpu_marks(server) -> dict[str, float]:
     return {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in server.pids().items()}
+
+
+def settle(server, quiet: float = 0.15, longest: float = 30) -> None:
+    """Wait (up to ``longest`` s) until the server's processes use less than ``quiet`` of a core:
+    sockets closed after a load end their sessions, which must not be billed to the next server."""
+    deadline = time.monotonic() + longest
+    while time.monotonic() < deadline:
+        before = sum(cpu_marks(server).values())
+        time.sleep(0.5)
+        if (sum(cpu_marks(server).values()) - before) / 0.5 < quiet:
+            return
 
 
 def add_cpu(result: dict, before: dict[str, float], after: dict[str, float], window: tuple[float, float]) -> None:
@@ -301,6 +313,7 @@ def closed_loop(server, args: argparse.Namespace) -> dict:
     ender.start()
     result, window = loadgens.run(args.seconds, watcher.add if watcher else None)
     ender.join()
+    loadgens.stop()
     window = (window[0], timer["at"])
     result["errors"] += loadgens.errors
     add_cpu(result, before, timer["cpu"], window)
@@ -384,12 +397,12 @@ def print_table(names: list[str], rows: list[tuple[str, list, str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=500)
-    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--idle", type=int, default=1000, help="idle authenticated sockets, first RSS measurement")
     parser.add_argument("--many", type=int, default=10000,
                         help="sockets of the second RSS measurement and of the fixed-rate load (0: skip both)")
-    parser.add_argument("--paced-seconds", type=float, default=10, help="length of the fixed-rate load")
+    parser.add_argument("--paced-seconds", type=float, default=8, help="length of the fixed-rate load")
     parser.add_argument("--ingest", type=int, default=os.cpu_count() or 2,
                         help="ingest processes on one port of the second bklit row (default: one per core)")
     parser.add_argument("--loadgens", type=int, default=2, help="load generator processes splitting the sockets")
@@ -426,6 +439,7 @@ def main() -> None:
             for run in range(args.runs):
                 for name, server in servers.items():
                     r = closed_loop(server, args)
+                    settle(server)
                     closed[name].append(r)
                     cpus = "  ".join(f"{role} {r['cpu_' + role]:4.2f}" for role in server.pids())
                     stored = (f"  stored {r['stored_rate']:6.0f}/s  visible p99 {r['visible_p99']:5.0f} ms"
@@ -440,6 +454,7 @@ def main() -> None:
                     fixed[name] = paced(server, holders, args)
                 finally:
                     holders.stop()
+                settle(server)
                 r = fixed[name]
                 print(f"{since()} {name:10} {args.many} idle: {many[name]['kb']:.1f} KB per socket ({many[name]['ready']}"
                       f" authenticated, {many[name]['failed']} failed); at {rate:.0f}/s: {r['rate']:.0f} acked/s"

@@ -7,6 +7,8 @@
 one ``--role ingest`` process (``stack.daemon``, the listener) and one
 ``--role writer`` process (``stack.writer``).  ``roles="all"`` runs one
 process doing both (``stack.writer`` is then ``stack.daemon``).
+``stack.add_listeners(N, name)`` starts N more ingest processes on a port of
+their own against the same Redis, writer and ClickHouse.
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ class Stack:
         self.ingest = ingest
         self.replica_count = replicas
         # Load generators send faster than a browser tab, and every socket comes from one address:
-        # lift the per-socket rate limits and the per-address, per-network and per-project caps.
+        # lift the per-socket rate limits and the per-address (dashboards too), per-network and per-project caps.
         self.settings = {"rate_limit": "1000000", "rate_burst": "1000000", "max_connections_per_ip": "1000000",
                          "max_connections_per_network": "1000000", "max_http_connections_per_ip": "1000000",
                          "max_sockets_per_project": "1000000", "max_new_sessions_per_minute": "1000000",
+                         "dashboard_connects_per_minute": "1000000",
                          "frame_rate": "1000000", "frame_burst": "1000000", **settings}
 
     def __enter__(self) -> "Stack":
@@ -94,8 +97,9 @@ class Stack:
         subprocess.run([BIN / "bklit", "schema", "migrate"], env=self.env, check=True, capture_output=True)
         self.key = self._token("ingest")
         self.read_key = self._token("read")
-        self.port = free_port()
-        self.daemons: list[subprocess.Popen] = []
+        self.groups: list[Listeners] = []
+        self.listeners = Listeners(self, self.ingest, "daemon")
+        self.port = self.listeners.port
         self.restart_daemon()
         self.writer = self.daemon
         if self.roles == "split":
@@ -109,31 +113,30 @@ class Stack:
         """The (first) listening process."""
         return self.daemons[0]
 
+    @property
+    def daemons(self) -> list[subprocess.Popen]:
+        """The listening processes."""
+        return self.listeners.processes
+
     def restart_daemon(self) -> subprocess.Popen:
         """(Re)start the listening processes on the same port; returns once it accepts connections.
 
         With ``ingest`` > 1 they share the port (``reuseport:``), each with a spool of its own.
         """
-        for daemon in self.daemons:
-            stop_process(daemon, 20)
-        role = ["--role", "ingest"] if self.roles == "split" else []
-        scheme = "reuseport" if self.ingest > 1 else "tcp"
-        tmp = Path(self._tmp.name)
-        self.daemons = [
-            subprocess.Popen(
-                [BIN / "twistd", "-n", "--pidfile=", "--logfile", str(tmp / f"daemon{n}.log"), "bklit",
-                 "--listen", f"{scheme}:{self.port}:interface=127.0.0.1", *role],
-                env=dict(self.env, BKLIT_SPOOL_DIR=str(tmp / f"spool{n}")))
-            for n in range(self.ingest)]
+        self.listeners.restart()
         if self.roles == "all":
             self.writer = self.daemon
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            time.sleep(0.05)
         return self.daemon
+
+    def add_listeners(self, count: int, name: str) -> "Listeners":
+        """``count`` more ``--role ingest`` processes on a port of their own, fed to the same
+        Redis, writer and ClickHouse (roles split); started, stopped on exit."""
+        if self.roles != "split":
+            raise ValueError("more listeners need roles split")
+        group = Listeners(self, count, name)
+        group.restart()
+        self.groups.append(group)
+        return group
 
     def _token(self, scope: str) -> str:
         return subprocess.run([BIN / "bklit", "token", "create", "--project", self.project, "--scope", scope],
@@ -161,12 +164,57 @@ class Stack:
         return {**{f"ingest{n + 1}": d.pid for n, d in enumerate(self.daemons)}, "writer": self.writer.pid}
 
     def __exit__(self, *exc: object) -> None:
-        for daemon in self.daemons:
-            stop_process(daemon, 20)
-        if self.writer is not self.daemon:
+        separate_writer = self.roles == "split"
+        for group in (self.listeners, *self.groups):
+            group.stop()
+        if separate_writer:
             stop_process(self.writer, 20)
         self.clickhouse.stop()
         for replica in self.replicas:
             replica.stop()
         self.redis.stop()
         self._tmp.cleanup()
+
+
+class Listeners:
+    """``count`` bklit listening processes of a stack on one port (``reuseport:`` when more than one).
+
+    Each has a log and a spool of its own (``NAME0.log``, ``spoolNAME0``, ...).
+    """
+
+    def __init__(self, stack: Stack, count: int, name: str):
+        self.stack = stack
+        self.count = count
+        self.name = name
+        self.port = free_port()
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def restart(self) -> list[int]:
+        """(Re)start the processes; returns their pids once the port accepts connections."""
+        self.stop()
+        stack = self.stack
+        role = ["--role", "ingest"] if stack.roles == "split" else []
+        scheme = "reuseport" if self.count > 1 else "tcp"
+        tmp = Path(stack._tmp.name)
+        self.processes = [
+            subprocess.Popen(
+                [BIN / "twistd", "-n", "--pidfile=", "--logfile", str(tmp / f"{self.name}{n}.log"), "bklit",
+                 "--listen", f"{scheme}:{self.port}:interface=127.0.0.1", *role],
+                env=dict(stack.env, BKLIT_SPOOL_DIR=str(tmp / f"spool{self.name}{n}")))
+            for n in range(self.count)]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.05)
+        return self.pids
+
+    def stop(self) -> None:
+        for process in self.processes:
+            stop_process(process, 20)
+        self.processes = []

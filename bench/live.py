@@ -9,14 +9,21 @@
    sends ``--events`` pageviews closed-loop.  Reports the daemon's CPU per
    event compared with the same run without dashboards, and how long after
    the ack the last dashboard had the pageview (p50/p99).
+
+With ``--port``, ``--key``, ``--read-key`` and ``--pid`` it measures a
+daemon already running (bench/compare.py runs it so, against its stack)
+instead of starting a stack of its own; ``--json`` prints one JSON object
+instead of the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor, task
@@ -31,6 +38,10 @@ class Client(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.inbox = defer.DeferredQueue()
         self.factory.opened.callback(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.factory.opened.called:  # refused upgrade: say so rather than wait forever
+            self.factory.opened.errback(RuntimeError(f"{self.factory.url}: closed before open ({reason})"))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         message = json.loads(payload)
@@ -50,7 +61,7 @@ class Client(WebSocketClientProtocol):
 async def connect(port: int, path: str, headers: dict | None = None) -> Client:
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", headers=headers or {})
     factory.protocol = Client
-    factory.opened = defer.Deferred()
+    factory.opened = defer.Deferred().addTimeout(30, reactor)
     await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
     return await factory.opened
 
@@ -118,22 +129,47 @@ async def broadcast(stack: Stack, dashboards: int, events: int) -> tuple[float, 
     return cpu, delays
 
 
+def summary(args: argparse.Namespace, ends: list[float], base_cpu: float, fan_cpu: float,
+            delays: list[float]) -> dict:
+    """The numbers of both measurements (ms, us); NaN where no event reached every dashboard."""
+    nan = float("nan")
+    return {
+        "end_p50": statistics.median(ends), "end_p99": pct(ends, 99), "end_worst": max(ends),
+        "cpu_0": base_cpu / args.events * 1e6, "cpu_n": fan_cpu / args.events * 1e6,
+        "per_dashboard": (fan_cpu - base_cpu) / args.events / max(1, args.dashboards) * 1e6,
+        "fan_p50": statistics.median(delays) if delays else nan, "fan_p99": pct(delays, 99) if delays else nan,
+        "seen": len(delays), "dashboards": args.dashboards, "events": args.events,
+    }
+
+
+def stack_for(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """A stack of its own, or the running daemon that the options name."""
+    if args.port is None:
+        return Stack()
+    daemon = SimpleNamespace(pid=args.pid)
+    return contextlib.nullcontext(SimpleNamespace(port=args.port, key=args.key, read_key=args.read_key,
+                                                  project=args.project, daemon=daemon))
+
+
 async def main(reactor_: object, args: argparse.Namespace) -> None:
-    with Stack() as stack:
+    with stack_for(args) as stack:
         ends = await session_ends(stack, args.closes)
         base_cpu, _ = await broadcast(stack, 0, args.events)
         fan_cpu, delays = await broadcast(stack, args.dashboards, args.events)
+    result = summary(args, ends, base_cpu, fan_cpu, delays)
+    if args.json:
+        print(json.dumps(result))
+        return
     print(f"{'metric':48} {'value':>10}")
-    print(f"{'session end at dashboard, median (ms)':48} {statistics.median(ends):10.2f}")
-    print(f"{'session end at dashboard, p99 (ms)':48} {pct(ends, 99):10.2f}")
-    print(f"{'session end at dashboard, worst (ms)':48} {max(ends):10.2f}")
-    print(f"{'daemon CPU per pageview, 0 dashboards (us)':48} {base_cpu / args.events * 1e6:10.0f}")
-    print(f"{f'daemon CPU per pageview, {args.dashboards} dashboards (us)':48} {fan_cpu / args.events * 1e6:10.0f}")
-    per = (fan_cpu - base_cpu) / args.events / max(1, args.dashboards) * 1e6
-    print(f"{'broadcast cost per dashboard per event (us)':48} {per:10.1f}")
+    print(f"{'session end at dashboard, median (ms)':48} {result['end_p50']:10.2f}")
+    print(f"{'session end at dashboard, p99 (ms)':48} {result['end_p99']:10.2f}")
+    print(f"{'session end at dashboard, worst (ms)':48} {result['end_worst']:10.2f}")
+    print(f"{'daemon CPU per pageview, 0 dashboards (us)':48} {result['cpu_0']:10.0f}")
+    print(f"{f'daemon CPU per pageview, {args.dashboards} dashboards (us)':48} {result['cpu_n']:10.0f}")
+    print(f"{'broadcast cost per dashboard per event (us)':48} {result['per_dashboard']:10.1f}")
     if delays:
-        print(f"{f'ack to last of {args.dashboards} dashboards, p50 (ms)':48} {statistics.median(delays):10.2f}")
-        print(f"{f'ack to last of {args.dashboards} dashboards, p99 (ms)':48} {pct(delays, 99):10.2f}")
+        print(f"{f'ack to last of {args.dashboards} dashboards, p50 (ms)':48} {result['fan_p50']:10.2f}")
+        print(f"{f'ack to last of {args.dashboards} dashboards, p99 (ms)':48} {result['fan_p99']:10.2f}")
     print(f"{'events seen by every dashboard':48} {len(delays):10d} of {args.events}")
 
 
@@ -142,5 +178,13 @@ if __name__ == "__main__":
     parser.add_argument("--closes", type=int, default=100)
     parser.add_argument("--dashboards", type=int, default=100)
     parser.add_argument("--events", type=int, default=500)
+    parser.add_argument("--port", type=int, help="a running daemon's port (else a stack of its own)")
+    parser.add_argument("--key", help="its ingest key (with --port)")
+    parser.add_argument("--read-key", help="its read key (with --port)")
+    parser.add_argument("--project", default="bench", help="the keys' project (with --port)")
+    parser.add_argument("--pid", type=int, help="the pid of its listening process (with --port)")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     arguments = parser.parse_args()
+    if arguments.port is not None and None in (arguments.key, arguments.read_key, arguments.pid):
+        parser.error("--port needs --key, --read-key and --pid")
     task.react(lambda r: defer.ensureDeferred(main(r, arguments)))

@@ -1,12 +1,22 @@
 // The comparison peer for bench/compare.py: a minimal reproduction, written
 // for this benchmark, of the original product's WebSocket server hot path
-// (Node `ws` + `ioredis`).  Per pageview/event message: JSON.parse, ZADD the
-// session, LPUSH the event, PUBLISH a debug log line, broadcast to the
-// project's dashboards, ack.  The three Redis commands are awaited one after
-// the other per message, as the original did; that is the point of the
-// comparison, so do not pipeline them here.
+// (Node `ws` + `ioredis`).  Per pageview, each Redis command awaited in turn
+// as the original did:
 //
-//     PORT=8081 REDIS_URL=redis://127.0.0.1:6379 node bench/peers/server.mjs [PORT]
+//   1. ZADD live:sessions:<project> now <session>, then ZCARD of it (the
+//      session tracking);
+//   2. LPUSH of the queued event (id, type, payload, queuedAt, projectId);
+//   3. PUBLISH of an "Event queued" debug record (the queue's own log);
+//   4. PUBLISH of a "Pageview received via WebSocket" debug record;
+//
+// then the pageview is broadcast to the project's dashboards and acked.  A
+// custom event is queued (2, 3), logged ("Custom event received") and
+// broadcast, with no session tracking.  Do not pipeline the commands here:
+// awaiting them one by one is what the comparison measures.  Geolocation
+// (an HTTP call per pageview in the original) and the console logging are
+// left out, so the peer does less than the original per message.
+//
+//     REDIS_URL=redis://127.0.0.1:6379 node bench/peers/server.mjs [PORT]
 //
 // Prints "listening PORT" on stdout once it accepts connections.
 
@@ -16,10 +26,64 @@ import { WebSocketServer } from "ws";
 
 const port = Number(process.argv[2] || process.env.PORT || 8081);
 const redis = new Redis(process.env.REDIS_URL || "redis://127.0.0.1:6379");
+const QUEUE = "analytics:queue";
+const DEBUG_CHANNEL = "debug-logs";
 
 // projectId -> Set of dashboard sockets
 const dashboards = new Map();
+// sessions seen since they connected (the original's isNewSession)
+const seenSessions = new Set();
 
+function debugLog(stage, message, data, eventId, projectId, duration) {
+  const record = { timestamp: new Date().toISOString(), stage, level: "info", message, data, eventId, projectId };
+  if (duration !== undefined) record.duration = duration;
+  return redis.publish(DEBUG_CHANNEL, JSON.stringify(record));
+}
+
+async function trackSession(projectId, sessionId) {
+  const key = `live:sessions:${projectId}`;
+  await redis.zadd(key, Date.now(), sessionId);
+  await redis.zcard(key);
+}
+
+async function queue(event) {
+  const started = Date.now();
+  await redis.lpush(QUEUE, JSON.stringify(event));
+  await debugLog("queue", "Event queued", { queueKey: QUEUE, eventType: event.type }, event.id,
+    event.projectId, Date.now() - started);
+}
+
+function broadcast(projectId, message) {
+  const sockets = dashboards.get(projectId);
+  if (!sockets) return;
+  const payload = JSON.stringify(message);
+  for (const dashboard of sockets) dashboard.send(payload);
+}
+
+async function pageview(message, projectId, sessionId) {
+  const eventId = randomUUID();
+  await trackSession(projectId, sessionId);
+  const isNewSession = !seenSessions.has(sessionId);
+  if (isNewSession) seenSessions.add(sessionId);
+  const payload = { ...message.data, sessionId, isNewSession };
+  await queue({ id: eventId, type: "pageview", payload, queuedAt: new Date().toISOString(), projectId });
+  await debugLog("websocket", "Pageview received via WebSocket",
+    { url: message.data?.url, sessionId, isNewSession }, eventId, projectId);
+  broadcast(projectId, { type: "pageview", data: payload, timestamp: new Date().toISOString() });
+  return eventId;
+}
+
+async function customEvent(message, projectId, sessionId) {
+  const eventId = randomUUID();
+  const payload = { ...message.data, sessionId };
+  await queue({ id: eventId, type: "event", payload, queuedAt: new Date().toISOString(), projectId });
+  await debugLog("websocket", "Custom event received via WebSocket",
+    { trackingId: message.data?.trackingId, eventType: message.data?.eventType, sessionId }, eventId, projectId);
+  broadcast(projectId, { type: "event", data: payload, timestamp: new Date().toISOString() });
+  return eventId;
+}
+
+const handlers = new Map([["pageview", pageview], ["event", customEvent]]);
 const wss = new WebSocketServer({ host: "127.0.0.1", port });
 
 wss.on("connection", (socket, request) => {
@@ -40,6 +104,7 @@ wss.on("connection", (socket, request) => {
   }
 
   socket.send(JSON.stringify({ type: "connected", projectId, sessionId, timestamp: new Date().toISOString() }));
+  socket.on("close", () => seenSessions.delete(sessionId));
 
   socket.on("message", async (raw) => {
     let message;
@@ -55,23 +120,14 @@ wss.on("connection", (socket, request) => {
       socket.send(JSON.stringify({ type: "auth_success" }));
       return;
     }
-    if (message.type !== "pageview" && message.type !== "event") return;
-    const eventId = randomUUID();
-    const event = { ...message.data, id: eventId, type: message.type, projectId, sessionId };
+    const handler = handlers.get(message.type);
+    if (!handler) return;
     try {
-      await redis.zadd(`live:sessions:${projectId}`, Date.now(), sessionId);
-      await redis.lpush("events", JSON.stringify(event));
-      await redis.publish("debug", `[ws] ${message.type} ${eventId} project=${projectId} session=${sessionId}`);
+      const eventId = await handler(message, projectId, sessionId);
+      socket.send(JSON.stringify({ type: "ack", eventId, messageType: message.type }));
     } catch (error) {
       socket.send(JSON.stringify({ type: "error", message: String(error) }));
-      return;
     }
-    const sockets = dashboards.get(projectId);
-    if (sockets) {
-      const payload = JSON.stringify({ type: "live_event", event });
-      for (const dashboard of sockets) dashboard.send(payload);
-    }
-    socket.send(JSON.stringify({ type: "ack", eventId, messageType: message.type }));
   });
 });
 

@@ -9,11 +9,16 @@ twistd before the reactor runs, with one line per bad key), and
    and the HTTP resources, on the configured endpoint string;
 3. ``WriterService`` (role ``all`` or ``writer``) — the stream into
    ClickHouse, which first brings the schema up to date when
-   ``auto_migrate`` is on.
+   ``auto_migrate`` is on;
+4. with ``status_listen``, every role: this process's own /healthz and
+   /metrics on an address of its own.
 
 They stop in reverse: stop listening and close the sockets, write the last
 batch (to Redis, or to the local spool while Redis cannot take it), then
 close Redis.
+
+A config error exits ``EXIT_CONFIG`` (78) with one line per bad key, and a
+port that cannot be bound ``EXIT_LISTEN`` (75) with one log line.
 """
 
 from __future__ import annotations
@@ -157,6 +162,7 @@ class BklitService(MultiService):
     """The daemon: starts its parts in order, stops them in reverse."""
 
     log = Logger()
+    log_observer: Any = None  # makeService's choice of log observer, for twistd's application
 
     def __init__(self, config: Any, reactor: Any, tls_pair: LoadedPair | None = None,
                  spool: Spool | None = None):
@@ -294,8 +300,6 @@ class BklitService(MultiService):
         timer = TimerService(seconds, step)
         timer.clock = self.reactor
         timer.setServiceParent(self)
-
-    log_observer: Any = None  # makeService's choice of log observer, for twistd's application
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd asks its application for an ILogObserver component before it

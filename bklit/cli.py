@@ -3,7 +3,8 @@
 ``bklit token create|list|revoke`` manages API keys; ``bklit schema
 migrate`` creates or upgrades the ClickHouse schema; ``bklit probe`` checks a
 running server.  The operating commands (``queue status|retry-dead``,
-``sessions list|end``, ``stats``) live in ``bklit.admin``.  Settings (``--redis``,
+``sessions list|end``, ``stats``) live in ``bklit.admin``; ``bklit config
+check`` validates the daemon's settings (exit 1 when they are bad).  Settings (``--redis``,
 ``--clickhouse``, ``--config``) are read like the daemon's: defaults < ini
 file < ``BKLIT_*`` environment < flags.  Exit codes: 0 done, 1 failed,
 2 usage or configuration error.
@@ -110,6 +111,18 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--minutes", type=positive_number, default=5.0, help="how long to play (default 5)")
     demo.add_argument("--seed", type=int, help="seed of the random choices, to play the same visits again")
     demo.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    config = groups.add_parser("config", help="the daemon's settings").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    check = config.add_parser(
+        "check", help="validate the settings; print those in effect, passwords hidden",
+        description="Read the settings as twistd bklit would (defaults < ini file < BKLIT_* environment < "
+                    "flags), check every value, the endpoint strings, the TLS pair and the GeoIP database, "
+                    "and print the settings in effect with passwords replaced by ***. "
+                    "Exit 0 when they are good, 1 when not (each error on a line of its own).")
+    check.add_argument("--config", "-c", help="ini file (section [bklit]); env BKLIT_CONFIG")
+    for flag in ("listen", "redis", "clickhouse", "role"):
+        check.add_argument(f"--{flag}", help=f"as twistd bklit's --{flag}")
 
     stats = groups.add_parser("stats", parents=[common], help="pageviews, sessions, live count and top pages",
                               description="Counts of a project from ClickHouse (exact, duplicates removed) "
@@ -352,9 +365,36 @@ COMMANDS = {
 }
 
 
+def config_check(args: argparse.Namespace) -> int:
+    """``bklit config check``: 0 with the settings in effect on stdout, 1 with the errors on stderr."""
+    from bklit.config import unknown_variables
+    from bklit.geo import GeoError
+    from bklit.tap import checked_config, check_files
+    from bklit.tls import TLSError
+
+    ini = args.config or os.environ.get("BKLIT_CONFIG")
+    flags = {name: getattr(args, name) for name in ("listen", "redis", "clickhouse", "role")}
+    try:
+        config = checked_config(ini, os.environ, flags)
+        check_files(config)
+    except (ConfigError, TLSError, GeoError) as e:
+        key = "tls_cert" if isinstance(e, TLSError) else "geoip_db" if isinstance(e, GeoError) else ""
+        for line in str(e).splitlines():
+            say(f"bklit: config error: {key + ': ' if key else ''}{line}")
+        return 1
+    for name in unknown_variables(os.environ):
+        say(f"bklit: warning: {name} is not a bklit setting; ignored")
+    print("[bklit]")
+    for name, value in config.as_text().items():
+        print(f"{name} = {value}".rstrip())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``bklit`` command; returns the exit code."""
     args = parser().parse_args(argv)
+    if args.group == "config":
+        return config_check(args)
     try:
         config = settings(args)
     except ConfigError as e:

@@ -3,14 +3,17 @@
 Defaults < the ini file (section ``[bklit]``) < environment variables
 ``BKLIT_<KEY>`` < command-line flags.  Every key is declared once in
 ``KEYS`` with its parser and the one line of help ``etc/bklit.ini`` repeats;
-unknown keys are refused, and every bad value is reported at once, each
-error naming its key.
+unknown keys in the file are refused, and so are ``BKLIT_`` variables that
+look like a misspelt setting (others are only warned about:
+``unknown_variables``), and every bad value is reported at once, each error
+naming its key.
 """
 
 from __future__ import annotations
 
 import configparser
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from typing import Callable, Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 ROLES = ("all", "ingest", "writer")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
 class ConfigError(Exception):
@@ -227,6 +231,13 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _instance(value: str) -> str:
+    value = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{0,64}", value) or value.startswith("."):
+        raise ValueError(f"must be up to 64 of A-Z a-z 0-9 _ . - (not starting with a dot), not {value!r}")
+    return value
+
+
 def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
@@ -276,7 +287,9 @@ class Key:
 
 
 KEYS: dict[str, Key] = {
-    "listen": Key("tcp:8080", _text, "Twisted endpoint string to listen on (tcp:8080, systemd:domain=INET:index=0)."),
+    "listen": Key(r"tcp6:8080:interface=\:\:", _text, r"Twisted endpoint string to listen on (tcp6:8080:interface=\:\: takes IPv6 and IPv4 clients; tcp:8080 IPv4 only; reuseport:8080:interface=\:\: shared by several processes; systemd:domain=INET:index=0)."),
+    "status_listen": Key("", _text, "Endpoint string of this process's own /healthz and /metrics (tcp:9100:interface=127.0.0.1, unix:/run/bklit/status.sock); %i stands for instance. Empty: none."),
+    "instance": Key("", _instance, "Name of this process among several of one host (bklit-ingest@.service sets BKLIT_INSTANCE to its instance name); %i in status_listen is replaced by it."),
     "redis": Key("redis://127.0.0.1:6379/0", _redis_url, "Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS, redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db] to follow a Sentinel-managed primary."),
     "clickhouse": Key("clickhouse://default:@127.0.0.1:9000/bklit", _clickhouse_url, "ClickHouse URL as clickhouse-driver's Client.from_url reads it."),
     "tls_cert": Key("", _text, "TLS certificate chain (Let's Encrypt fullchain.pem). Empty with tls_key empty: plain ws."),
@@ -335,6 +348,8 @@ KEYS: dict[str, Key] = {
     "trusted_proxies": Key("", _proxies, "Comma-separated addresses or networks of HTTP proxies whose client_ip_header is believed."),
     "client_ip_header": Key("x-forwarded-for", _choice("x-forwarded-for", "x-real-ip"), "The header a trusted proxy puts the client address in (the only one believed): x-forwarded-for or x-real-ip."),
     "geoip_db": Key("", _text, "MaxMind-format database (GeoLite2-City, DB-IP Lite City .mmdb) for region, city and coordinates. Empty: country only."),
+    "log_level": Key("info", _choice(*LOG_LEVELS), "Least severe log lines written: debug, info, warn, error or critical."),
+    "log_journal": Key("auto", _choice("auto", "true", "false"), "Start each log line with its priority (<4>) for journald: auto (when standard output is the journal, as under systemd), true or false."),
     "bot_policy": Key("drop", _choice("drop", "mark"), "Events from crawlers and headless browsers: drop (acked, not stored) or mark (stored with is_bot = 1, live apart from people)."),
 }
 
@@ -344,6 +359,8 @@ class Config:
     """The daemon's settings, validated.  Build it with ``load_config``."""
 
     listen: str
+    status_listen: str
+    instance: str
     tls_cert: str
     tls_key: str
     tls_check_interval: float
@@ -402,6 +419,8 @@ class Config:
     trusted_proxies: tuple[str, ...]
     client_ip_header: str
     geoip_db: str
+    log_level: str
+    log_journal: str
     bot_policy: str
 
     @property
@@ -413,6 +432,11 @@ class Config:
     def clickhouse_database(self) -> str:
         """The ClickHouse database events are stored in."""
         return clickhouse_database(self.clickhouse)
+
+    @property
+    def status_endpoint(self) -> str:
+        """``status_listen`` with ``%i`` replaced by ``instance`` (empty: no status listener)."""
+        return self.status_listen.replace("%i", self.instance)
 
     @property
     def tls(self) -> bool:
@@ -436,12 +460,27 @@ class Config:
         values["clickhouse"] = hide_password(self.clickhouse)
         return f"Config({', '.join(f'{name}={value!r}' for name, value in values.items())})"
 
+    def as_text(self) -> dict[str, str]:
+        """Every setting as an ini file would write it, passwords replaced by ``***``."""
+        return {f.name: _as_text(getattr(self, f.name)) for f in dataclasses.fields(self)} | {
+            "redis": hide_password(self.redis), "clickhouse": hide_password(self.clickhouse)}
+
     def replace(self, **changes: object) -> "Config":
         """A copy with some values changed (already parsed values)."""
         return dataclasses.replace(self, **changes)
 
 
 assert set(KEYS) == {f.name for f in dataclasses.fields(Config)}
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join("=".join(item) if isinstance(item, tuple) else str(item) for item in value)
+    return str(value)
 
 
 def read_ini(path: str) -> dict[str, str]:
@@ -461,6 +500,25 @@ def read_ini(path: str) -> dict[str, str]:
     if not parser.has_section("bklit"):
         raise ConfigError([("config", f"{path} has no [bklit] section")])
     return dict(parser.items("bklit"))
+
+
+#: ``BKLIT_`` variables that are not settings: the ini file's path, and those
+#: of ``bklit probe`` and the certbot deploy hook.
+OTHER_VARIABLES = frozenset({"config", "probe_key", "tls_dir", "group", "reload_command"})
+#: How alike (difflib's ratio) an unknown name and a setting must be for the
+#: name to count as a misspelling of it.
+MISSPELT = 0.8
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``BKLIT_`` variables that are neither settings nor misspelt ones (those are errors): to warn about."""
+    found = []
+    for env_name in environ:
+        name = env_name[len("BKLIT_"):].lower()
+        if (env_name.startswith("BKLIT_") and name not in KEYS and name not in OTHER_VARIABLES
+                and not difflib.get_close_matches(name, KEYS, n=1, cutoff=MISSPELT)):
+            found.append(env_name)
+    return sorted(found)
 
 
 def _has_password(url: str) -> bool:
@@ -500,8 +558,10 @@ def load_config(
         name = env_name[len("BKLIT_"):].lower()
         if name in KEYS:
             raw[name] = (value, env_name)
-        elif name != "config":
-            errors.append((env_name, "unknown setting"))
+        elif name not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(name, KEYS, n=1, cutoff=MISSPELT)
+            if close:
+                errors.append((env_name, f"unknown setting; did you mean BKLIT_{close[0].upper()}?"))
     for name, value in (flags or {}).items():
         if value is None:
             continue
@@ -517,6 +577,8 @@ def load_config(
         except ValueError as e:
             where = "" if source in ("default", f"--{name}") else f" (from {source})"
             errors.append((name, f"{e}{where}"))
+    if "%i" in str(values.get("status_listen", "")) and not values.get("instance"):
+        errors.append(("status_listen", "has %i but instance is empty (bklit-ingest@.service sets BKLIT_INSTANCE)"))
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         missing = "tls_key" if values.get("tls_cert") else "tls_cert"
         errors.append((missing, "must be set together with " + ("tls_cert" if missing == "tls_key" else "tls_key")))

@@ -5,7 +5,8 @@ Several ``--role ingest`` processes on one host, each listening with
 kernel (``SO_REUSEPORT``, Linux 3.9 and later; only processes of the same
 user may join).  One CPython process uses one core; this is how an ingest
 host uses all of them.  Options as for ``tcp:``: ``interface`` and
-``backlog``.  Twisted finds the parser through the plugin in
+``backlog``; an IPv6 interface (``interface=\\:\\:``) takes IPv4 clients
+too.  Twisted finds the parser through the plugin in
 ``twisted/plugins/bklit_endpoints.py``.
 """
 
@@ -40,6 +41,8 @@ class ReusePortEndpoint:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # interface=\:\: takes IPv4 clients too, whatever bindv6only says
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((self.interface, self.port))
             sock.listen(self.backlog)
             sock.setblocking(False)

@@ -29,7 +29,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from bklit.httpd import Page
 from bklit.keys import GROUP, STREAM
@@ -99,7 +99,9 @@ class HealthCheck(Service):
         if "up" in clickhouse:
             self.metrics.up.labels("clickhouse").set(int(clickhouse["up"]))
         if status != self.state.get("status") and self.state.get("status") != "starting":
-            log.warn("health: {status}", status=status)
+            # Back to ok is news, not a warning; degraded warns, unavailable is an error.
+            level = {"ok": LogLevel.info, "degraded": LogLevel.warn}.get(status, LogLevel.error)
+            log.emit(level, "health: {status}", status=status)
         self.healthy = healthy
         self.state = {
             "status": status,

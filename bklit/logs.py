@@ -1,24 +1,126 @@
-"""Logs as JSON, one object per line: ``twistd --logger bklit.logs.json_observer``.
+"""The daemon's log lines: their least level, journald priorities, and JSON.
 
-Each line has ``time`` (ISO 8601 UTC), ``level``, ``namespace``, ``message``
-(the formatted text) and the event's own fields (those a format names and
-any other plain value), so log pipelines can filter on ``count`` or
-``subject`` without parsing prose.  Failures add ``traceback``.  The daemon
-never logs API keys or client addresses, so neither can appear here.
+``log_level`` drops lines less severe than it.  Under systemd (standard
+output is the journal: ``JOURNAL_STREAM`` names it) or with
+``log_journal = true``, every line starts with its syslog priority, ``<4>``
+for a warning, which journald reads and strips, so ``journalctl -p warning``
+works; a traceback's lines all carry it.  The text is twistd's own
+(``time [namespace#level] message``).  ``makeService`` picks the observer:
+this one on standard output (``twistd --nodaemon`` without ``--logfile``),
+or ``json_observer`` when twistd is run with ``--logger
+bklit.logs.json_observer``; a ``--logfile`` or ``--syslog`` is left to twistd.
+
+JSON lines have ``time`` (ISO 8601 UTC), ``level``, ``namespace``,
+``message`` (the formatted text) and the event's own fields (those a format
+names and any other plain value), so log pipelines can filter on ``count``
+or ``subject`` without parsing prose.  Failures add ``traceback``.  The
+daemon never logs API keys or client addresses, so neither can appear here.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, Callable
 
-from twisted.logger import ILogObserver, formatEvent
+from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, PredicateResult,
+                            formatEvent, formatEventAsClassicLogText)
 from zope.interface import provider
 
 PLAIN = (str, int, float, bool, type(None))
+
+#: syslog priorities (RFC 5424) of twisted.logger's levels.
+PRIORITIES = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3, LogLevel.critical: 2}
+ORDER = [LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical]
+
+
+class Choice:
+    """What ``configure`` chose: the least level, and whether to write priorities (``auto``: for journald)."""
+
+    level = LogLevel.info
+    journal = "auto"
+
+
+def configure(level: str, journal: str) -> None:
+    """Take ``log_level`` and ``log_journal``; the observers made from now on follow them."""
+    Choice.level = LogLevel.levelWithName(level)
+    Choice.journal = journal
+
+
+def is_journal(out: IO[str], environ: Any = None) -> bool:
+    """Whether ``out`` is a stream to journald: ``JOURNAL_STREAM`` is its ``device:inode``."""
+    stream = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(out.fileno())
+    except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO)
+        return False
+    return bool(stream) and stream == f"{info.st_dev}:{info.st_ino}"
+
+
+def with_priorities(out: IO[str]) -> bool:
+    """Whether lines written to ``out`` start with their priority, as ``log_journal`` says."""
+    return Choice.journal == "true" or (Choice.journal == "auto" and is_journal(out))
+
+
+def prefixed(text: str, level: Any) -> str:
+    """``text`` with each of its lines started by ``level``'s ``<N>`` (info when unknown)."""
+    prefix = f"<{PRIORITIES.get(level, 6)}>"
+    return "".join(prefix + line for line in text.splitlines(keepends=True))
+
+
+def least(level: Any) -> Callable[[dict], Any]:
+    """A predicate passing events of ``level`` or worse (and those of no known level)."""
+    rank = ORDER.index(level)
+
+    def predicate(event: dict) -> Any:
+        event_level = event.get("log_level")
+        if event_level in PRIORITIES and ORDER.index(event_level) < rank:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+    return predicate
+
+
+def filtered(observer: Any) -> Any:
+    """``observer`` without the events below the chosen level."""
+    return FilteringLogObserver(observer, [least(Choice.level)])
+
+
+def text_file_observer(out: IO[str], priorities: bool) -> Any:
+    """twistd's text lines on ``out``, each started by its priority when ``priorities``."""
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        text = formatEventAsClassicLogText(event)
+        if text is None:
+            return
+        out.write(prefixed(text, event.get("log_level")) if priorities else text)
+        out.flush()
+
+    return observe
+
+
+def stdout_observer() -> Any:
+    """Text lines on standard output, as configured."""
+    return filtered(text_file_observer(sys.stdout, with_priorities(sys.stdout)))
+
+
+def twistd_observer(options: Any) -> Any:
+    """The observer for twistd's ``options`` (its ServerOptions), or None to leave it to twistd.
+
+    Only the log twistd would write to standard output is taken over:
+    ``--logger`` (``json_observer`` follows the choice itself), ``--syslog``
+    and ``--logfile`` keep twistd's own.
+    """
+    if options is None or options.get("logger") or options.get("syslog"):
+        return None
+    logfile = options.get("logfile") or ""
+    if logfile == "-" or (not logfile and options.get("nodaemon")):
+        return stdout_observer()
+    return None
 
 
 def event_as_json(event: dict) -> str:
@@ -39,17 +141,18 @@ def event_as_json(event: dict) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
-def json_file_observer(out: IO[str]) -> Any:
-    """An observer writing JSON lines to ``out``."""
+def json_file_observer(out: IO[str], priorities: bool = False) -> Any:
+    """An observer writing JSON lines to ``out`` (each after its priority when ``priorities``)."""
 
     @provider(ILogObserver)
     def observe(event: dict) -> None:
-        out.write(event_as_json(event) + "\n")
+        line = event_as_json(event) + "\n"
+        out.write(prefixed(line, event.get("log_level")) if priorities else line)
         out.flush()
 
     return observe
 
 
 def json_observer() -> Any:
-    """The observer factory ``twistd --logger`` takes: JSON lines on stdout."""
-    return json_file_observer(sys.stdout)
+    """The observer factory ``twistd --logger`` takes: JSON lines on stdout, as configured."""
+    return filtered(json_file_observer(sys.stdout, with_priorities(sys.stdout)))

@@ -2,19 +2,29 @@
 
 Counters and histograms are updated where things happen; gauges that are
 cheaper to read than to track (connections, dashboards, the stream) are
-read when ``/metrics`` is scraped.  ``MetricsPage`` serves the text format,
+read when ``/metrics`` is scraped, and so are the process's own
+(``process_open_fds`` against ``process_max_fds``, resident memory, CPU
+seconds, ``python_gc_*``) and ``bklit_build_info``.  No counter or
+histogram has a ``_created`` series (they would double what is scraped and
+stored, for a time Prometheus does not need).  ``MetricsPage`` serves the text format,
 only to the networks in ``metrics_networks`` (``Networks``, loopback by
 default): the port faces the internet.
 """
 
 from __future__ import annotations
 
+import platform
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
-from bklit import enrich
+import prometheus_client
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, GCCollector, Gauge, Histogram,
+                               ProcessCollector, generate_latest)
+from twisted.internet.address import UNIXAddress
+
+from bklit import __version__, enrich
 from bklit.httpd import Page
+
+prometheus_client.disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 50000)
@@ -26,20 +36,24 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        Gauge("bklit_build_info", "Always 1: the version of bklit and of Python this process runs.",
+              ["version", "python"], registry=r).labels(__version__, platform.python_version()).set(1)
         self.connections = Gauge("bklit_connections", "Open WebSocket connections by kind.", ["kind"], registry=r)
         self.messages = Counter("bklit_messages", "SDK messages by type and outcome (acked or an error code).",
                                 ["type", "outcome"], registry=r)
         self.acks_undelivered = Counter("bklit_acks_undelivered",
                                         "Accepted events whose ack could not be sent: their socket had gone.",
                                         ["type"], registry=r)
-        self.ack_latency = Histogram("bklit_ack_latency_seconds", "From an event's arrival to its ack.",
+        self.ack_latency = Histogram("bklit_ack_duration_seconds", "From an event's arrival to its ack.",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.stream_length = Gauge("bklit_stream_length", "Entries in the events stream (not yet stored).", registry=r)
         self.stream_pending = Gauge("bklit_stream_pending", "Entries read by writers but not yet acknowledged.",
                                     registry=r)
         self.batch_rows = Histogram("bklit_writer_batch_rows", "Rows per writer batch.", buckets=BATCH_BUCKETS,
                                     registry=r)
-        self.insert_latency = Histogram("bklit_insert_seconds", "Duration of one ClickHouse insert.",
+        self.insert_latency = Histogram("bklit_insert_duration_seconds", "Duration of one ClickHouse insert.",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.insert_failures = Counter("bklit_insert_failures", "ClickHouse inserts that failed (retried).",
                                        registry=r)
@@ -102,14 +116,22 @@ class Metrics:
 
 
 class Networks:
-    """The networks of ``metrics_networks``: who may read /metrics and all of /healthz."""
+    """The networks of ``metrics_networks``: who may read /metrics and all of /healthz.
 
-    def __init__(self, networks: tuple[str, ...]):
+    With ``unix``, a peer on a unix socket is let in too: the socket's
+    folder decides who may connect (``status_listen``).
+    """
+
+    def __init__(self, networks: tuple[str, ...], unix: bool = False):
         self.networks = enrich.parse_proxies(networks)
+        self.unix = unix
 
     def allow(self, request: Any) -> bool:
         """Whether the request's peer (the TCP or PROXY-protocol address) is in one."""
-        return enrich.in_networks(getattr(request.getClientAddress(), "host", ""), self.networks)
+        peer = request.getClientAddress()
+        if self.unix and isinstance(peer, UNIXAddress):
+            return True
+        return enrich.in_networks(getattr(peer, "host", ""), self.networks)
 
 
 class MetricsPage(Page):

@@ -9,30 +9,39 @@ twistd before the reactor runs, with one line per bad key), and
    and the HTTP resources, on the configured endpoint string;
 3. ``WriterService`` (role ``all`` or ``writer``) — the stream into
    ClickHouse, which first brings the schema up to date when
-   ``auto_migrate`` is on.
+   ``auto_migrate`` is on;
+4. with ``status_listen``, every role: this process's own /healthz and
+   /metrics on an address of its own.
 
 They stop in reverse: stop listening and close the sockets, write the last
 batch (to Redis, or to the local spool while Redis cannot take it), then
 close Redis.
+
+A config error exits ``EXIT_CONFIG`` (78) with one line per bad key, and a
+port that cannot be bound ``EXIT_LISTEN`` (75) with one log line.
 """
 
 from __future__ import annotations
 
+import errno
 import signal
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import endpoints
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
 from bklit.api import Api
 from bklit.clickhouse import Inserter, thd_migrate
-from bklit.config import ConfigError, load_config
+from bklit import logs
+from bklit.config import ConfigError, load_config, unknown_variables
 from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
 from bklit.geo import GeoError, load_city_db
 from bklit.health import HealthCheck, HealthPage
@@ -49,8 +58,13 @@ from bklit.revocation import OpenKeys
 from bklit.spool import Spool, SpoolError
 from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSError, TLSServerEndpoint, load_pair
 from bklit.tokens import TokenStore, TokenVerifier
-from bklit.web import LiveCount, Lockout, UpgradeResource, make_site
+from bklit.web import LiveCount, Lockout, UpgradeResource, make_site, make_status_site
 from bklit.writer import WriterService, consumer_name
+
+#: Exit statuses (sysexits.h): a setting is wrong (the units do not restart
+#: on it), or a port cannot be bound (busy: they try again).
+EXIT_CONFIG = 78
+EXIT_LISTEN = 75
 
 
 class Options(usage.Options):
@@ -72,22 +86,18 @@ class Options(usage.Options):
         ini = self["config"] or os.environ.get("BKLIT_CONFIG")
         flags = {name: self[name] for name in ("listen", "redis", "clickhouse", "role")}
         try:
-            self.config = load_config(ini, os.environ, flags)
-            if self.config.runs_ingest:
-                check_endpoint(self.config.listen)
+            self.config = checked_config(ini, os.environ, flags)
         except ConfigError as e:
-            raise SystemExit("\n".join(f"bklit: config error: {line}" for line in str(e).splitlines()))
-        self.tls_pair = None
-        if self.config.runs_ingest and self.config.tls:
-            try:
-                self.tls_pair = load_pair(self.config.tls_cert, self.config.tls_key)
-            except TLSError as e:
-                raise SystemExit(f"bklit: TLS error: {e}")
-        if self.config.runs_ingest and self.config.geoip_db:
-            try:  # checked here for a one-line error; Ingest reads it again
-                load_city_db(self.config.geoip_db).close()
-            except GeoError as e:
-                raise SystemExit(f"bklit: GeoIP database error: {e}")
+            for line in str(e).splitlines():
+                print(f"bklit: config error: {line}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG)
+        self.unknown_variables = unknown_variables(os.environ)
+        try:
+            self.tls_pair = check_files(self.config)
+        except TLSError as e:  # not EXIT_CONFIG: a renewed pair or file may come
+            raise SystemExit(f"bklit: TLS error: {e}")
+        except GeoError as e:
+            raise SystemExit(f"bklit: GeoIP database error: {e}")
         self.spool = None
         if self.config.runs_ingest and self.config.spool_dir:
             try:
@@ -105,8 +115,27 @@ def open_spool(config: Any) -> Spool:
     return spool
 
 
-def check_endpoint(description: str) -> None:
-    """Raise ``ConfigError`` on ``listen`` unless Twisted can parse ``description``.
+def checked_config(ini: str | None, environ: Any, flags: dict) -> Any:
+    """``load_config``, and the endpoint strings it would listen on parsed (``ConfigError`` otherwise)."""
+    config = load_config(ini, environ, flags)
+    if config.runs_ingest:
+        check_endpoint(config.listen)
+    if config.status_endpoint:
+        check_endpoint(config.status_endpoint, "status_listen")
+    return config
+
+
+def check_files(config: Any) -> LoadedPair | None:
+    """Load the TLS pair (None without TLS) and open the GeoIP database once,
+    for a one-line error (``TLSError``, ``GeoError``) at start; Ingest reads it again."""
+    pair = load_pair(config.tls_cert, config.tls_key) if config.runs_ingest and config.tls else None
+    if config.runs_ingest and config.geoip_db:
+        load_city_db(config.geoip_db).close()
+    return pair
+
+
+def check_endpoint(description: str, key: str = "listen") -> None:
+    """Raise ``ConfigError`` on ``key`` unless Twisted can parse ``description``.
 
     Parsing makes the endpoint without listening on it, so a typo is one
     config error line at start-up rather than a traceback from makeService.
@@ -116,15 +145,24 @@ def check_endpoint(description: str) -> None:
     try:
         endpoints.serverFromString(reactor, description)
     except IndexError:  # systemd: no socket passed at that index
-        raise ConfigError([("listen", f"{description!r}: no socket was passed at that index")]) from None
+        raise ConfigError([(key, f"{description!r}: no socket was passed at that index")]) from None
     except Exception as e:
-        raise ConfigError([("listen", f"{description!r} is not a usable endpoint string: {e}")]) from None
+        raise ConfigError([(key, f"{description!r} is not a usable endpoint string: {e}")]) from None
+
+
+def listen_reason(error: CannotListenError) -> str:
+    """Why a port could not be bound, in a few words."""
+    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+    if getattr(error.socketError, "errno", None) == errno.EADDRINUSE:
+        reason += " (another process has it; processes sharing a port listen with reuseport:)"
+    return reason
 
 
 class BklitService(MultiService):
     """The daemon: starts its parts in order, stops them in reverse."""
 
     log = Logger()
+    log_observer: Any = None  # makeService's choice of log observer, for twistd's application
 
     def __init__(self, config: Any, reactor: Any, tls_pair: LoadedPair | None = None,
                  spool: Spool | None = None):
@@ -173,9 +211,25 @@ class BklitService(MultiService):
                                   stream_max_length=config.stream_max_length)
         self.health.setServiceParent(self)
         if self.site is not None:
-            networks = Networks(config.metrics_networks)
-            self.site.resource.named[b"healthz"] = HealthPage(self.health, networks)
-            self.site.resource.named[b"metrics"] = MetricsPage(self.metrics, networks)
+            self.site.resource.named.update(self._status_pages(Networks(config.metrics_networks)))
+        self.status: Any = None
+        if config.status_endpoint:
+            self._build_status()
+
+    def _status_pages(self, networks: Networks) -> dict[bytes, Any]:
+        return {b"healthz": HealthPage(self.health, networks), b"metrics": MetricsPage(self.metrics, networks)}
+
+    def _build_status(self) -> None:
+        """This process's own /healthz and /metrics on ``status_listen`` (every role)."""
+        config = self.config
+        limits = HttpLimits(self.reactor, Refusals(self.reactor, self.metrics.http_refused),
+                            handshake_timeout=config.handshake_timeout, idle_timeout=config.http_idle_timeout,
+                            max_per_client=config.max_http_connections_per_ip)
+        site = make_status_site(self._status_pages(Networks(config.metrics_networks, unix=True)), limits)
+        self.status = StreamServerEndpointService(
+            endpoints.serverFromString(self.reactor, config.status_endpoint), site)
+        self.status._raiseSynchronously = True
+        self.status.setServiceParent(self)
 
     def _connection_counts(self) -> dict[str, int]:
         return {"sdk": len(self.ingest.connections) if self.ingest else 0,
@@ -247,11 +301,24 @@ class BklitService(MultiService):
         timer.clock = self.reactor
         timer.setServiceParent(self)
 
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd asks its application for an ILogObserver component before it
+        # makes its own; this is how log_level and journald priorities apply.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
     def privilegedStartService(self) -> None:
         # twistd binds the port here, before the reactor runs startService: a
         # SIGHUP (systemctl reload) must not meet the default action, exit.
         self._handle_sighup()
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:  # one line, not twistd's traceback
+            failed = "status_listen" if getattr(self.status, "_waitingForPort", None) else "listen"
+            self.log.critical("cannot listen on {endpoint} ({key}): {reason}", key=failed, reason=listen_reason(e),
+                              endpoint=self.config.status_endpoint if failed == "status_listen" else self.config.listen)
+            raise SystemExit(EXIT_LISTEN) from None
 
     def _handle_sighup(self) -> None:
         if getattr(self, "_previous_sighup", None) is None:
@@ -318,6 +385,7 @@ class BklitService(MultiService):
             ("stop the writer", self.writer and self.writer.stopService),
             ("stop pub/sub", self.dashboards and self.dashboards.broadcaster.stop),
             ("close Redis", self.redis.stopService),
+            ("stop the status listener", self.status and self.status.stopService),
         ]
         for what, step in steps:
             if not step:
@@ -332,4 +400,9 @@ def makeService(options: Options, reactor: Any = None) -> BklitService:
     """The service tree for ``twistd bklit``."""
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
-    return BklitService(options.config, reactor, options.tls_pair, options.spool)
+    logs.configure(options.config.log_level, options.config.log_journal)
+    service = BklitService(options.config, reactor, options.tls_pair, options.spool)
+    service.log_observer = logs.twistd_observer(options.parent)
+    for name in getattr(options, "unknown_variables", ()):  # logged once logging began
+        service.log.warn("{name} is not a bklit setting; ignored", name=name)
+    return service

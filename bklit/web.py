@@ -14,6 +14,7 @@ from typing import Any
 import txaio
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
+from twisted.web import pages
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -181,8 +182,15 @@ def _quiet_handshakes(protocol: type, name: str, refusals: Refusals) -> type:
 def make_site(sdk_factory: SdkFactory, limits: HttpLimits,
               children: dict[bytes, Resource] | None = None) -> Site:
     """The site serving the SDK endpoint and the named resources."""
-    root = Root(UpgradeResource(sdk_factory, "sdk", limits.refusals), children or {})
-    site = QuietSite(root, limits)
+    return _quiet(QuietSite(Root(UpgradeResource(sdk_factory, "sdk", limits.refusals), children or {}), limits))
+
+
+def make_status_site(children: dict[bytes, Resource], limits: HttpLimits) -> Site:
+    """The site of ``status_listen``: the named resources alone, 404 for any other path."""
+    return _quiet(QuietSite(Root(pages.notFound(), children), limits))
+
+
+def _quiet(site: Site) -> Site:
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -339,6 +339,7 @@ class Outcome:
     stored: int = 0
     lost: int = 0
     duplicated: int = 0
+    unacked: int = 0  # stored, but no ack reached the client
     recovery: float | None = None
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -626,8 +627,9 @@ class FaultCase:
         outcome.stored, outcome.lost, outcome.duplicated = len(stored), len(lost), len(doubled)
         if before_merge.reinserted:
             self.note(f"{before_merge.reinserted} rows inserted twice, merged by id")
-        if stored - acked:
-            self.note(f"{len(stored - acked)} stored without an ack")
+        outcome.unacked = len(stored - acked)
+        if outcome.unacked:
+            self.note(f"{outcome.unacked} stored without an ack")
         if self.lossy:
             self._time_lossy_recovery(stored)
             self.note(f"{len(lost)} acked events lost" + (f", e.g. {sample(lost)}" if lost else ""))

@@ -16,7 +16,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from clickhouse_driver import Client
 from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import TCP6ClientEndpoint, clientFromString
 from twisted.internet.protocol import Factory, Protocol
 
 from bklit.config import load_config
@@ -168,8 +168,10 @@ class ProxyHeaderEndpoint:
 async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
                   headers: dict | None = None, origin: str | None = None,
                   trust: bytes | None = None, host: str = "localhost",
-                  protocol: type[SocketClient] = SocketClient, proxied_from: str | None = None) -> SocketClient:
-    """An open ``SocketClient`` (or subclass ``protocol``) to ``ws://127.0.0.1:<port><path>``.
+                  protocol: type[SocketClient] = SocketClient, proxied_from: str | None = None,
+                  address: str = "127.0.0.1") -> SocketClient:
+    """An open ``SocketClient`` (or subclass ``protocol``) to ``ws://<address>:<port><path>``
+    (``address`` 127.0.0.1, or ``::1`` for IPv6).
 
     With ``trust`` (a PEM CA certificate) it speaks wss and verifies the
     server's certificate against that CA and ``host`` (service-identity).
@@ -177,7 +179,8 @@ async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
     scheme = "wss" if trust is not None else "ws"
     factory = WebSocketClientFactory(f"{scheme}://{host}:{port}{path}", headers=headers or {}, origin=origin)
     factory.protocol = protocol
-    endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
+    endpoint = (TCP6ClientEndpoint(reactor, address, port) if ":" in address
+                else clientFromString(reactor, f"tcp:{address}:{port}"))
     if proxied_from is not None:  # a PROXY protocol line first (before TLS), as from a TCP balancer
         endpoint = ProxyHeaderEndpoint(endpoint, proxied_from)
     if trust is not None:

@@ -228,11 +228,11 @@ class TestSettings:
 
     def test_bad_environment_exits_2(self):
         """Bad BKLIT_* settings are reported each with its key, all at once."""
-        done = bklit("token", "list", env={"BKLIT_REDIS": "redis://h:port/0", "BKLIT_NOPE": "1"})
+        done = bklit("token", "list", env={"BKLIT_REDIS": "redis://h:port/0", "BKLIT_REDIS_TIMOUT": "1"})
         assert done.returncode == 2
         lines = done.stderr.splitlines()
         assert any(line.startswith("bklit: config error: redis: ") and "BKLIT_REDIS" in line for line in lines)
-        assert any(line.startswith("bklit: config error: BKLIT_NOPE: ") for line in lines)
+        assert "bklit: config error: BKLIT_REDIS_TIMOUT: unknown setting; did you mean BKLIT_REDIS_TIMEOUT?" in lines
 
     def test_settings_from_ini_file(self, tmp_path, redis_url):
         """--config reads the ini file, and BKLIT_CONFIG does the same."""
@@ -318,3 +318,60 @@ def test_revoke_reads_the_key_from_standard_input(redis_url, redis_server):
     assert redis_server.execute("HGET", token_key(key_digest(key)), "revoked") == b"1"
     empty = bklit("token", "revoke", "-", "--redis", redis_url, stdin="")
     assert empty.returncode == 2 and "expected the key on standard input" in empty.stderr
+
+
+class TestConfigCheck:
+    """``bklit config check``: the daemon's settings checked as twistd bklit reads them."""
+
+    def test_prints_the_settings_in_effect_with_passwords_hidden(self, tmp_path):
+        """Exit 0; stdout is an ini of every setting, each from its layer, no password in it."""
+        ini = tmp_path / "bklit.ini"
+        ini.write_text("[bklit]\nbatch_size = 100\nrole = writer\n")
+        done = bklit("config", "check", "--config", str(ini), "--role", "ingest",
+                     env={"BKLIT_REDIS": "redis://:s3cret@db.example:6380/1", "BKLIT_FLUSH_INTERVAL": "0.5"})
+        assert done.returncode == 0, done.stderr
+        assert "s3cret" not in done.stdout + done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0] == "[bklit]"
+        settings = dict(line.split(" = ", 1) if " = " in line else (line.rstrip(" ="), "") for line in lines[1:])
+        from bklit.config import KEYS
+
+        assert set(settings) == set(KEYS)
+        assert (settings["batch_size"], settings["role"], settings["flush_interval"]) == ("100", "ingest", "0.5")
+        assert settings["redis"] == "redis://:***@db.example:6380/1"
+        assert settings["listen"] == r"tcp6:8080:interface=\:\:"
+
+    def test_the_installed_ini_is_good(self):
+        """etc/bklit.ini as shipped passes."""
+        done = bklit("config", "check", "--config", os.path.join(os.path.dirname(__file__), "..", "etc", "bklit.ini"))
+        assert done.returncode == 0, done.stderr
+
+    @pytest.mark.parametrize("args,env,key", [
+        (["--config", "missing.ini"], {}, "config"),
+        ([], {"BKLIT_BATCH_SIZE": "lots"}, "batch_size"),
+        ([], {"BKLIT_BATCHSIZE": "10"}, "BKLIT_BATCHSIZE"),
+        (["--listen", "tcp:eighty"], {}, "listen"),
+        ([], {"BKLIT_STATUS_LISTEN": "unix:/run/bklit-%i.sock"}, "status_listen"),
+        ([], {"BKLIT_TLS_CERT": "/nonexistent/fullchain.pem", "BKLIT_TLS_KEY": "/nonexistent/privkey.pem"},
+         "tls_cert"),
+        ([], {"BKLIT_GEOIP_DB": "/nonexistent/city.mmdb"}, "geoip_db"),
+    ])
+    def test_a_bad_setting_exits_1_naming_it(self, tmp_path, args, env, key):
+        """Exit 1, the error on stderr naming its key, nothing on stdout, no traceback."""
+        done = subprocess.run([BKLIT, "config", "check", *args], capture_output=True, text=True, timeout=30,
+                              cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if not k.startswith("BKLIT_")},
+                                                 **env})
+        assert done.returncode == 1, done
+        assert done.stdout == ""
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"bklit: config error: {key}: "), line
+
+    def test_a_variable_that_is_no_setting_is_a_warning(self):
+        """Exit 0 with one warning line naming it."""
+        done = bklit("config", "check", env={"BKLIT_DEPLOY_COLOUR": "blue"})
+        assert done.returncode == 0
+        assert done.stderr.splitlines() == ["bklit: warning: BKLIT_DEPLOY_COLOUR is not a bklit setting; ignored"]
+
+    def test_usage_error_exits_2(self):
+        done = bklit("config", "check", "--bogus")
+        assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bklit.config import (KEYS, Config, ConfigError, RedisAddress, load_config,
-                          parse_redis_url, read_ini)
+                          parse_redis_url, read_ini, unknown_variables)
 
 SAMPLE_INI = Path(__file__).resolve().parent.parent / "etc" / "bklit.ini"
 
@@ -32,25 +32,42 @@ def keys_of(errors):
     return [key for key, _ in errors]
 
 
+DEFAULT_LINE = re.compile(r"#([a-z_]+) =(?: (.*))?$")
+
+
+def commented_defaults():
+    """``{key: value}`` of the sample's ``#key = value`` lines."""
+    found = {}
+    for line in SAMPLE_INI.read_text().splitlines():
+        match = DEFAULT_LINE.match(line)
+        if match:
+            assert match[1] not in found, f"{match[1]} listed twice in etc/bklit.ini"
+            found[match[1]] = match[2] or ""
+    return found
+
+
 class TestSampleIni:
-    """etc/bklit.ini documents exactly the keys the daemon reads."""
+    """etc/bklit.ini documents exactly the keys the daemon reads, each default commented out."""
+
+    def test_sets_nothing(self):
+        """Parsed, its [bklit] section is empty: every default is commented out."""
+        assert read_ini(str(SAMPLE_INI)) == {}
 
     def test_names_exactly_the_keys(self):
-        """Every key of KEYS is in the sample, and nothing else is."""
-        names = set(read_ini(str(SAMPLE_INI)))
+        """Every key of KEYS is listed (``#key = default``), and nothing else is."""
+        names = set(commented_defaults())
         assert sorted(set(KEYS) - names) == [], "keys missing from etc/bklit.ini"
         assert sorted(names - set(KEYS)) == [], "unknown keys in etc/bklit.ini"
 
     def test_values_are_the_defaults(self):
-        """The sample's values are the built-in defaults, so installing it changes nothing."""
-        values = read_ini(str(SAMPLE_INI))
-        assert {name: values[name] for name in KEYS} == {name: key.default for name, key in KEYS.items()}
+        """The commented values are the built-in defaults, so uncommenting one changes nothing."""
+        assert commented_defaults() == {name: key.default for name, key in KEYS.items()}
 
     def test_help_line_above_every_key(self):
         """Each key is preceded by a comment block holding its help line."""
         lines = SAMPLE_INI.read_text().splitlines()
         for name, key in KEYS.items():
-            [index] = [i for i, line in enumerate(lines) if re.match(rf"{name}\s*=", line)]
+            [index] = [i for i, line in enumerate(lines) if re.match(rf"#{name} =", line)]
             comments = []
             for line in reversed(lines[:index]):
                 if not line.startswith("#"):
@@ -58,9 +75,19 @@ class TestSampleIni:
                 comments.append(line[1:].strip())
             assert key.help in comments, f"{name}: help line missing or changed in etc/bklit.ini"
 
-    def test_load_config_accepts_it(self):
-        """The sample loads as it is and gives the same Config as no file at all."""
-        assert load_config(str(SAMPLE_INI), {}) == load_config(None, {})
+    def test_parsing_it_gives_the_built_in_defaults(self):
+        """The sample loads as it is and gives the same Config as no file at all, and that
+        is the defaults of KEYS."""
+        config = load_config(str(SAMPLE_INI), {})
+        assert config == load_config(None, {})
+        assert config == Config(**{name: key.parse(key.default) for name, key in KEYS.items()})
+
+    def test_each_default_uncommented_still_gives_the_defaults(self, tmp_path):
+        """With every ``#`` of a default removed the file still changes nothing."""
+        text = re.sub(r"^#([a-z_]+ =)", r"\1", SAMPLE_INI.read_text(), flags=re.M)
+        ini = write_ini(tmp_path, text)
+        assert set(read_ini(ini)) == set(KEYS)
+        assert load_config(ini, {}) == load_config(None, {})
 
 
 class TestLayering:
@@ -69,7 +96,7 @@ class TestLayering:
     def test_defaults(self):
         """With nothing given, every key has its documented default."""
         config = load_config(None, {})
-        assert config.listen == "tcp:8080"
+        assert config.listen == r"tcp6:8080:interface=\:\:"
         assert config.role == "all"
         assert config.auto_migrate is True
         assert config.batch_size == 5000
@@ -82,7 +109,7 @@ class TestLayering:
         """A value in [bklit] replaces the default; keys it omits keep theirs."""
         ini = write_ini(tmp_path, "[bklit]\nbatch_size = 100\nrole = writer\n")
         config = load_config(ini, {})
-        assert (config.batch_size, config.role, config.listen) == (100, "writer", "tcp:8080")
+        assert (config.batch_size, config.role, config.listen) == (100, "writer", r"tcp6:8080:interface=\:\:")
         assert not config.runs_ingest and config.runs_writer
 
     def test_env_overrides_ini(self, tmp_path):
@@ -161,10 +188,10 @@ class TestErrors:
     def test_all_errors_at_once(self, tmp_path):
         """Bad ini values, unknown keys, unknown env vars and bad flags come in one error."""
         ini = write_ini(tmp_path, "[bklit]\nbatch_size = lots\nbatchsize = 5\nauto_migrate = maybe\n")
-        errors = errors_of(ini_path=ini, environ={"BKLIT_FLUSH_INTERVAL": "-1", "BKLIT_NOPE": "1"},
+        errors = errors_of(ini_path=ini, environ={"BKLIT_FLUSH_INTERVAL": "-1", "BKLIT_BATCH_SISE": "1"},
                            flags={"role": "both", "redis": "redis://[::1"})
         assert sorted(keys_of(errors)) == sorted([
-            "batch_size", "batchsize", "auto_migrate", "flush_interval", "BKLIT_NOPE", "role", "redis"])
+            "batch_size", "batchsize", "auto_migrate", "flush_interval", "BKLIT_BATCH_SISE", "role", "redis"])
 
     def test_str_has_one_line_per_error_starting_with_the_key(self):
         """str(ConfigError) is one ``key: message`` line per error."""
@@ -181,10 +208,49 @@ class TestErrors:
         assert key == "batch_sise"
         assert "unknown key" in message and ini in message
 
-    def test_unknown_env_variable(self):
-        """A BKLIT_ variable that is no key is refused; other variables are ignored."""
-        [(key, message)] = errors_of(environ={"BKLIT_BATCHSIZE": "10", "HOME": "/root"})
-        assert key == "BKLIT_BATCHSIZE" and "unknown" in message
+    @pytest.mark.parametrize("name,meant", [
+        ("BKLIT_BATCHSIZE", "BKLIT_BATCH_SIZE"),
+        ("BKLIT_FLUSH_INTERVALL", "BKLIT_FLUSH_INTERVAL"),
+        ("BKLIT_REDDIS", "BKLIT_REDIS"),
+        ("BKLIT_TLS_CRET", "BKLIT_TLS_CERT"),
+        ("BKLIT_LOGLEVEL", "BKLIT_LOG_LEVEL"),
+    ])
+    def test_misspelt_env_variable(self, name, meant):
+        """A BKLIT_ variable that looks like a misspelt setting is refused, naming the setting."""
+        [(key, message)] = errors_of(environ={name: "10", "HOME": "/root"})
+        assert key == name and message == f"unknown setting; did you mean {meant}?"
+
+    def test_other_env_variables_are_only_warned_about(self):
+        """A BKLIT_ variable like no setting is ignored by load_config and listed by
+        unknown_variables, once; the project's other variables are neither."""
+        environ = {"BKLIT_NOPE": "1", "BKLIT_DEPLOY_COLOUR": "blue", "BKLIT_CONFIG": "/nowhere.ini",
+                   "BKLIT_PROBE_KEY": "k", "BKLIT_TLS_DIR": "/etc/bklit/tls", "BKLIT_GROUP": "bklit",
+                   "BKLIT_RELOAD_COMMAND": "true", "BKLIT_BATCH_SIZE": "7", "BKLIT_BATCHSIZE_": "8"}
+        with pytest.raises(ConfigError):  # the last one is misspelt
+            load_config(None, environ)
+        del environ["BKLIT_BATCHSIZE_"]
+        assert load_config(None, environ).batch_size == 7
+        assert unknown_variables(environ) == ["BKLIT_DEPLOY_COLOUR", "BKLIT_NOPE"]
+
+    def test_status_listen_with_instance(self):
+        """``%i`` in status_listen is the instance; without one it is an error on status_listen."""
+        config = load_config(None, {"BKLIT_STATUS_LISTEN": "unix:/run/bklit-ingest-%i/status.sock",
+                                    "BKLIT_INSTANCE": "3"})
+        assert config.status_endpoint == "unix:/run/bklit-ingest-3/status.sock"
+        assert load_config(None, {}).status_endpoint == ""
+        [(key, message)] = errors_of(environ={"BKLIT_STATUS_LISTEN": "tcp:91%i"})
+        assert key == "status_listen" and "instance" in message
+        [(key, _)] = errors_of(environ={"BKLIT_INSTANCE": "../etc"})
+        assert key == "instance"
+
+    def test_as_text_hides_passwords_and_reads_back(self, tmp_path):
+        """as_text() is an ini a daemon could read: the same Config, passwords aside."""
+        config = load_config(None, {"BKLIT_REDIS": "redis://:s3cret@db:6379/2", "BKLIT_COMPRESSION": "yes",
+                                    "BKLIT_DASHBOARD_ORIGINS": "p1=https://a.example", "BKLIT_RATE_LIMIT": "2.5"})
+        text = config.as_text()
+        assert text["redis"] == "redis://:***@db:6379/2" and "s3cret" not in repr(text)
+        ini = write_ini(tmp_path, "[bklit]\n" + "".join(f"{k} = {v}\n" for k, v in text.items()))
+        assert load_config(ini, {}) == config.replace(redis="redis://:***@db:6379/2")
 
     def test_missing_ini_file(self, tmp_path):
         """A file that cannot be read is an error on ``config`` naming the path."""

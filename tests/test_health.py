@@ -137,7 +137,7 @@ async def test_metrics_move_with_their_causes(redis_url, clickhouse_url, tmp_pat
         assert value(s, "bklit_messages_total", type="pageview", outcome="acked") == 1
         assert value(s, "bklit_messages_total", type="event", outcome="acked") == 1
         assert value(s, "bklit_messages_total", type="unknown", outcome="bad_json") == 1
-        assert value(s, "bklit_ack_latency_seconds_count") == 2
+        assert value(s, "bklit_ack_duration_seconds_count") == 2
         assert value(s, "bklit_sessions_started_total", kind="started") == 1
         assert value(s, "bklit_tls_certificate_expiry_timestamp_seconds") > 0
 
@@ -148,7 +148,7 @@ async def test_metrics_move_with_their_causes(redis_url, clickhouse_url, tmp_pat
                                       and value(x, "bklit_sessions_ended_total", reason="disconnect") == 1
                                       else None)(_parse(daemon.service.metrics.render().decode())))
         assert value(s, "bklit_connections", kind="sdk") == 0
-        assert value(s, "bklit_insert_seconds_count") >= 1
+        assert value(s, "bklit_insert_duration_seconds_count") >= 1
 
         os.kill(os.getpid(), __import__("signal").SIGHUP)
         await eventually(lambda: value(_parse(daemon.service.metrics.render().decode()),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from bklit.tap import EXIT_CONFIG, EXIT_LISTEN
 from servers import free_port
 from tlscerts import CertificateAuthority
 
@@ -30,8 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = ["bklit.service", "bklit-ingest.service", "bklit-ingest@.service", "bklit-writer.service", "bklit.socket"]
 ROLES = {"bklit.service": "all", "bklit-ingest.service": "ingest", "bklit-ingest@.service": "ingest",
          "bklit-writer.service": "writer"}
-#: What a unit passes after --role: the template's instances share the port.
-EXTRA_ARGS = {"bklit-ingest@.service": ["--listen", "reuseport:8080"]}
 HOOK = REPO / "etc" / "certbot-deploy-hook"
 INSTALLED_BIN = "/opt/bklit/bin"
 #: The venv running these tests: it has twistd and bklit, as /opt/bklit/bin will.
@@ -122,7 +121,7 @@ class TestUnits:
         bklit's config check, which names only the bad key."""
         argv = setting(name, "ExecStart").split()
         assert argv[:4] == [f"{INSTALLED_BIN}/twistd", "--nodaemon", "--pidfile=", "bklit"]
-        assert argv[4:] == ["--config", "/etc/bklit/bklit.ini", "--role", role, *EXTRA_ARGS.get(name, [])]
+        assert argv[4:] == ["--config", "/etc/bklit/bklit.ini", "--role", role]
         ini = tmp_path / "bklit.ini"
         ini.write_text("[bklit]\nbatch_size = lots\n")
         argv = [os.path.join(BIN, "twistd"), *argv[1:5], str(ini), *argv[6:]]
@@ -130,8 +129,25 @@ class TestUnits:
         done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         errors = [line for line in done.stdout.splitlines() + done.stderr.splitlines()
                   if line.startswith("bklit: config error: ")]
-        assert done.returncode != 0
+        assert done.returncode == EXIT_CONFIG
         assert [line.split(":")[2].strip() for line in errors] == ["batch_size"], done
+
+    @pytest.mark.parametrize("name", list(ROLES))
+    def test_a_config_error_is_not_restarted(self, name):
+        """The exit status of a config error is in RestartPreventExitStatus= (a broken ini would
+        otherwise restart every RestartSec= forever); a busy port's is not (it may free up)."""
+        assert setting(name, "Restart") == "on-failure"
+        assert setting(name, "RestartPreventExitStatus").split() == [str(EXIT_CONFIG)]
+        assert EXIT_LISTEN != EXIT_CONFIG
+
+    def test_instances_are_named_for_status_listen(self):
+        """Each bklit-ingest@ instance gets BKLIT_INSTANCE (for %i in status_listen), its own spool
+        and its own runtime folder (where a unix status socket can go); the port comes from the ini."""
+        environment = [value for key, value in directives("bklit-ingest@.service") if key == "Environment"]
+        assert "BKLIT_INSTANCE=%i" in environment
+        assert "BKLIT_SPOOL_DIR=/var/lib/bklit/spool-%i" in environment
+        assert setting("bklit-ingest@.service", "RuntimeDirectory") == "bklit-ingest-%i"
+        assert "--listen" not in setting("bklit-ingest@.service", "ExecStart")
 
     @pytest.mark.parametrize("name", ["bklit.service", "bklit-ingest.service", "bklit-ingest@.service"])
     def test_reload_sends_sighup(self, name):

@@ -180,8 +180,10 @@ def test_twistd_exits_non_zero_naming_the_file(ca, tmp_path, redis_url, clickhou
     assert "Traceback" not in output
 
 
-def test_cert_without_key_is_a_config_error(pair):
-    """tls_cert without tls_key names the missing key."""
+def test_cert_without_key_is_a_config_error(pair, capsys):
+    """tls_cert without tls_key names the missing key; a config error's exit status."""
+    from bklit.tap import EXIT_CONFIG
+
     options = Options()
     with pytest.raises(SystemExit) as e:
         os.environ["BKLIT_TLS_CERT"] = str(pair[0])
@@ -189,7 +191,8 @@ def test_cert_without_key_is_a_config_error(pair):
             options.parseOptions([])
         finally:
             del os.environ["BKLIT_TLS_CERT"]
-    assert "tls_key: must be set together with tls_cert" in str(e.value)
+    assert e.value.code == EXIT_CONFIG
+    assert "bklit: config error: tls_key: must be set together with tls_cert" in capsys.readouterr().err
 
 
 def test_sighup_without_tls_keeps_the_daemon_running(tmp_path, redis_url, clickhouse_url):

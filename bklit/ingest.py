@@ -43,7 +43,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from bklit import agents, enrich, geo, keys, live, rows, wire
+from bklit import agents, compat, enrich, geo, keys, live, rows, wire
 from bklit.config import Config
 from bklit.frames import FrameBudget, FrameLimits
 from bklit.ids import EventIds
@@ -550,22 +550,7 @@ class SdkFactory(WebSocketServerFactory):
 
     def setProtocolOptions(self, **options: Any) -> None:
         super().setProtocolOptions(**options)
-        self.protocol = with_options(type(self).protocol, self)
-
-
-def with_options(protocol: type, factory: WebSocketServerFactory) -> type:
-    """A subclass of ``protocol`` holding ``factory``'s Autobahn options as class attributes.
-
-    Autobahn copies every option it finds missing on a new protocol
-    instance into that instance, and pretty-prints the list for a debug
-    line whatever the log level: about a millisecond per connection and
-    some forty attributes more in each socket's ``__dict__``.  On this
-    subclass none is missing, so nothing is copied or formatted.
-    """
-    options = {name: getattr(factory, name) for name in protocol.CONFIG_ATTRS}
-    # A function option (perMessageCompressionAccept) must not become a method of the class.
-    options = {name: staticmethod(value) if callable(value) else value for name, value in options.items()}
-    return type(protocol.__name__, (protocol,), {**options, "CONFIG_ATTRS": (), "__doc__": protocol.__doc__})
+        self.protocol = compat.with_options(type(self).protocol, self)
 
 
 def socket_options(config: Config, max_message: int) -> dict:

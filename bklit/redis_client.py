@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
+from bklit import compat
 from bklit.config import RedisAddress
 
 
@@ -37,17 +38,15 @@ def endpoint(address: RedisAddress, timeout: float) -> Any:
     return wrapClientTLS(optionsForClientTLS(address.host), plain) if address.tls else plain
 
 
-def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
-    """A txredisapi connection to ``address``.
+def connect(address: RedisAddress, timeout: float) -> Any:
+    """A lazy txredisapi connection to ``address``.
 
-    Lazy (the default): returns the handler at once and (re)connects in the
-    background.  Not lazy: a Deferred that fires with the handler once
-    connected.  ``rediss://`` verifies the server certificate against the
-    system trust store and the host name.
+    Returns the handler at once and (re)connects in the background.
+    ``rediss://`` verifies the server certificate against the system trust
+    store and the host name.
     """
     tls = optionsForClientTLS(address.host) if address.tls else False
-    make = txredisapi.lazyConnection if lazy else txredisapi.Connection
-    connection = make(
+    connection = txredisapi.lazyConnection(
         host=address.host,
         port=address.port,
         dbid=address.db,
@@ -58,8 +57,8 @@ def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
         replyTimeout=timeout,
         convertNumbers=False,
     )
-    if lazy:  # txredisapi waits up to 10 s between attempts: long for events waiting in the spool
-        connection._factory.maxDelay = RECONNECT_MAX_DELAY
+    # txredisapi waits up to 10 s between attempts: long for events waiting in the spool
+    compat.set_reconnect_delay(connection, RECONNECT_MAX_DELAY)
     return connection
 
 
@@ -68,10 +67,9 @@ class RedisService(Service):
 
     log = Logger()
 
-    def __init__(self, address: RedisAddress, timeout: float, clock: Any):
+    def __init__(self, address: RedisAddress, timeout: float):
         self.address = address
         self.timeout = timeout
-        self.clock = clock
         self.connection: Any = None
 
     def startService(self) -> None:
@@ -89,14 +87,11 @@ class RedisService(Service):
     @property
     def connected(self) -> bool:
         """Whether a live connection to Redis is open right now."""
-        if self.connection is None:
-            return False
-        factory = self.connection._factory
-        return any(conn.connected for conn in factory.pool)
+        return self.connection is not None and compat.redis_connected(self.connection)
 
     def ready(self) -> defer.Deferred:
         """Fires once the first connection is made (for start-up ordering)."""
-        return self.connection._connected
+        return compat.first_connection(self.connection)
 
     def call(self, command: str, *args: Any) -> defer.Deferred:
         """Run one Redis command; fails with ``RedisUnavailable`` when down.

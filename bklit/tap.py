@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
+from bklit import compat
 from bklit.api import Api
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit.config import ConfigError, load_config
@@ -136,7 +137,7 @@ class BklitService(MultiService):
             pair = tls_pair or load_pair(config.tls_cert, config.tls_key)
             self.tls = ReloadableTLS(config.tls_cert, config.tls_key, pair, self.metrics)
         self.node = consumer_name()
-        self.redis = RedisService(config.redis_address, config.redis_timeout, reactor)
+        self.redis = RedisService(config.redis_address, config.redis_timeout)
         self.redis.setServiceParent(self)
         if spool is None and config.runs_ingest and config.spool_dir:
             spool = open_spool(config)
@@ -233,7 +234,7 @@ class BklitService(MultiService):
         else:
             self.log.warn("no tls_cert configured: serving plain ws:// on {listen}", listen=config.listen)
         self.listener = StreamServerEndpointService(endpoint, site)
-        self.listener._raiseSynchronously = True  # a failed bind stops start-up, as strports does
+        compat.raise_bind_errors(self.listener)  # a failed bind stops start-up, as strports does
         self.listener.setServiceParent(self)
 
     def _every(self, seconds: float, step: Any) -> None:

@@ -19,6 +19,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory, Protocol
 
+from bklit import compat
 from bklit.config import load_config
 from bklit.tap import BklitService
 from bklit.tokens import TokenStore
@@ -223,7 +224,7 @@ async def running_daemon(config: Any):
     service.startService()
     port = None
     if service.listener is not None:
-        listening = await service.listener._waitingForPort
+        listening = await compat.listening_port(service.listener)
         port = listening.getHost().port
     await service.redis.ready().addTimeout(TIMEOUT, reactor)
     if service.writer is not None:
@@ -249,7 +250,7 @@ async def redis_connection(redis_url: str, reply_timeout: float = 5.0):
     from bklit.config import parse_redis_url
     from bklit.redis_client import RedisService
 
-    redis = RedisService(parse_redis_url(redis_url), reply_timeout, reactor)
+    redis = RedisService(parse_redis_url(redis_url), reply_timeout)
     redis.startService()
     try:
         await redis.ready().addTimeout(10, reactor)

@@ -3,7 +3,8 @@
 ``bklit token create|list|revoke`` manages API keys; ``bklit schema
 migrate`` creates or upgrades the ClickHouse schema; ``bklit probe`` checks a
 running server.  The operating commands (``queue status|retry-dead``,
-``sessions list|end``, ``stats``) live in ``bklit.admin``.  Settings (``--redis``,
+``sessions list|end``, ``stats``) live in ``bklit.admin``, and what
+every command shares (errors, output, Redis) in ``bklit.command``.  Settings (``--redis``,
 ``--clickhouse``, ``--config``) are read like the daemon's: defaults < ini
 file < ``BKLIT_*`` environment < flags.  Exit codes: 0 done, 1 failed,
 2 usage or configuration error.
@@ -19,6 +20,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from bklit import admin
+from bklit.command import Failed, UsageProblem, redis_call, run as run_command, say
 from bklit.config import Config, ConfigError, load_config
 from bklit.tokens import SCOPES, TokenStore
 
@@ -27,10 +30,6 @@ DOMAIN = re.compile(r"(\*\.)?([a-z0-9-]+\.)*[a-z0-9-]+")
 MAX_EXPIRES_DAYS = 36500
 SPAN = re.compile(r"([0-9]{1,7})([mhd])")
 SPAN_SECONDS = {"m": 60, "h": 3600, "d": 86400}
-
-
-class Failed(Exception):
-    """The command could not do its job (exit 1); the message says why."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -164,45 +163,6 @@ def split_list(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
-async def redis_call(config: Config) -> Any:
-    """A ``call(command, *args)`` bound to a fresh Redis connection."""
-    return (await redis_connection(config)).execute_command
-
-
-async def redis_connection(config: Config) -> Any:
-    """A fresh txredisapi connection (``execute_command``, ``eval``), closed at exit.
-
-    The connection does not retry: when Redis cannot be reached the command
-    fails at once (within ``redis_timeout``) instead of waiting for it.
-    """
-    import txredisapi
-    from twisted.internet import reactor
-    from twisted.internet.ssl import optionsForClientTLS
-
-    address = config.redis_address
-    try:
-        connection = await txredisapi.Connection(
-            host=address.host,
-            port=address.port,
-            dbid=address.db,
-            password=address.password,
-            reconnect=False,
-            ssl_context_factory=optionsForClientTLS(address.host) if address.tls else False,
-            connectTimeout=config.redis_timeout,
-            replyTimeout=config.redis_timeout,
-            convertNumbers=False,
-        )
-    except Exception as e:
-        raise Failed(f"cannot reach Redis at {address.host}:{address.port}: {e}") from None
-    reactor.addSystemEventTrigger("before", "shutdown", connection.disconnect)
-    return connection
-
-
-def say(*parts: object) -> None:
-    """Details for people: on stderr, so stdout stays parseable."""
-    print(*parts, file=sys.stderr)
-
-
 async def token_create(args: argparse.Namespace, config: Config) -> None:
     projects = split_list(args.project)
     bad = [p for p in projects if not PROJECT.fullmatch(p)]
@@ -325,20 +285,6 @@ async def play_demo(args: argparse.Namespace, config: Config) -> None:
     await demo.run(args, reactor, from_stdin(args.key))
 
 
-class UsageProblem(Exception):
-    """A bad argument value (exit 2)."""
-
-
-def operating(name: str) -> Any:
-    """The command ``name`` of ``bklit.admin``, imported only when it runs."""
-    async def command(args: argparse.Namespace, config: Config) -> None:
-        from bklit import admin
-
-        await admin.run(name, args, config)
-    command.__name__ = name
-    return command
-
-
 COMMANDS = {
     ("probe", None): probe_server,
     ("demo", None): play_demo,
@@ -346,11 +292,11 @@ COMMANDS = {
     ("token", "list"): token_list,
     ("token", "revoke"): token_revoke,
     ("schema", "migrate"): schema_migrate,
-    ("queue", "status"): operating("queue_status"),
-    ("queue", "retry-dead"): operating("queue_retry_dead"),
-    ("sessions", "list"): operating("sessions_list"),
-    ("sessions", "end"): operating("sessions_end"),
-    ("stats", None): operating("stats"),
+    ("queue", "status"): admin.queue_status,
+    ("queue", "retry-dead"): admin.queue_retry_dead,
+    ("sessions", "list"): admin.sessions_list,
+    ("sessions", "end"): admin.sessions_end,
+    ("stats", None): admin.stats,
 }
 
 
@@ -368,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def run(reactor: Any) -> None:
         try:
-            await command(args, config)
+            await run_command(command, args, config)
             outcome["code"] = 0
         except UsageProblem as e:
             say(f"bklit: {e}")
@@ -388,8 +334,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Through the imported module, so ``bklit.admin`` raises the very
-    # exceptions ``main`` catches.
-    from bklit.cli import main as imported_main
-
-    sys.exit(imported_main())
+    sys.exit(main())

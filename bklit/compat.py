@@ -76,6 +76,18 @@ def with_options(protocol: type, factory: Any) -> type:
     return type(protocol.__name__, (protocol,), {**options, "CONFIG_ATTRS": (), "__doc__": protocol.__doc__})
 
 
+def cancel_close_timeout(protocol: Any) -> None:
+    """Cancel the closing-handshake timer Autobahn leaves running once the connection is gone.
+
+    Autobahn cancels it only when the peer's close frame answers ours; a
+    connection lost first (bklit closes without waiting for the answer)
+    keeps it, and it fires seconds later on a dead protocol.
+    """
+    call, protocol.closeHandshakeTimeoutCall = getattr(protocol, "closeHandshakeTimeoutCall", None), None
+    if call is not None:
+        call.cancel()
+
+
 def discard_input(protocol: Any) -> None:
     """Drop what an Autobahn protocol has buffered and not parsed yet (its ``data``)."""
     protocol.data = b""

@@ -37,6 +37,7 @@ from typing import Any
 import txaio
 import txredisapi
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -44,7 +45,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from autobahn.websocket.types import ConnectionDeny
 
-from bklit import enrich, wire
+from bklit import compat, enrich, wire
 from bklit.config import RedisAddress
 from bklit.frames import FrameBudget, FrameLimits
 from bklit.ingest import CLOSE_INTERNAL, close_and_wait, socket_options
@@ -82,8 +83,10 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         super().connectionLost(why)
 
 
-class Broadcaster:
+class Broadcaster(Service):
     """Per-node fan-out of Redis pub/sub messages to local dashboards."""
+
+    name = "broadcaster"
 
     def __init__(self, address: RedisAddress, factory: WebSocketServerFactory, open_keys: OpenKeys):
         self.address = address
@@ -92,12 +95,12 @@ class Broadcaster:
         self.dashboards: dict[str, set[DashboardProtocol]] = {}
         self.connection: _Subscriber | None = None
         self.redis_factory: Any = None
-        self.delivered = 0
 
-    def start(self) -> None:
+    def startService(self) -> None:
         """Connect (and keep reconnecting) to Redis for pub/sub."""
         from bklit.redis_client import endpoint
 
+        super().startService()
         factory = txredisapi.SubscriberFactory()
         factory.protocol = _Subscriber
         factory.password = self.address.password
@@ -106,8 +109,9 @@ class Broadcaster:
         factory.startConnecting(endpoint(self.address, timeout=5))
         self.redis_factory = factory
 
-    def stop(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred:
         """Disconnect from Redis."""
+        super().stopService()
         if self.redis_factory is None:
             return defer.succeed(None)
         return defer.maybeDeferred(self.redis_factory.disconnect).addErrback(lambda _: None)
@@ -149,7 +153,6 @@ class Broadcaster:
         prepared = self.ws_factory.prepareMessage(payload)
         for dashboard in list(local):
             dashboard.push(prepared)
-        self.delivered += 1
 
 
 @implementer(IPushProducer)
@@ -241,6 +244,7 @@ class DashboardProtocol(FrameBudget, WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         self.gone = True
+        compat.cancel_close_timeout(self)
         if self.admitted:
             self.admitted = False
             self.dash.admission.release(self.client)

@@ -324,6 +324,7 @@ class SdkProtocol(FrameBudget, WebSocketServerProtocol):
         # Messages waiting for their key check stay: verified() stores them.
         self.closed = True
         self.finish = None
+        compat.cancel_close_timeout(self)
         for timer in (self.auth_timer, self.finish_timer):
             if timer is not None and timer.active():
                 timer.cancel()

@@ -18,6 +18,8 @@ from clickhouse_driver import Client
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
 from bklit import compat
 from bklit.config import load_config
@@ -189,6 +191,41 @@ async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
     client = await endpoint.connect(factory)
     await client.opened.addTimeout(TIMEOUT, reactor)
     return client
+
+
+async def two_nodes(stack, redis_url, clickhouse_url, **values):
+    """Start node A and node B on one Redis and one ClickHouse."""
+    a = await stack.enter_async_context(running_daemon(settings(redis_url, clickhouse_url, **values)))
+    b = await stack.enter_async_context(running_daemon(settings(redis_url, clickhouse_url, **values)))
+    return a, b
+
+
+async def open_dashboard(port, key, project="p1", trust=None):
+    """A dashboard authorized with a Bearer read key, past its snapshot (wss when given a CA)."""
+    dash = await connect(port, path=f"/dashboard?projectId={project}", headers={"Authorization": f"Bearer {key}"},
+                         trust=trust)
+    assert (await dash.next())["type"] == "connected"
+    snapshot = await dash.next()
+    assert snapshot["type"] == "snapshot"
+    return dash, snapshot
+
+
+async def sdk_client(port, key, session=SESSION, origin=None, trust=None):
+    """An SDK socket for project p1, authenticated (from ``origin`` if given; wss when given a CA)."""
+    client = await connect(port, path=f"/?projectId=p1&sessionId={session}", origin=origin, trust=trust)
+    await client.next_of("connected")
+    client.send({"type": "auth", "apiKey": key})
+    assert await client.next() == {"type": "auth_success"}
+    return client
+
+
+async def http_get(port, path, key=None, extra=None):
+    """Status and JSON body of a GET, with a Bearer key when given (and ``extra`` headers)."""
+    headers = Headers({b"authorization": [f"Bearer {key}".encode()]} if key else {})
+    for name, value in (extra or {}).items():
+        headers.addRawHeader(name.encode(), value.encode())
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), headers)
+    return response.code, json.loads(await readBody(response))
 
 
 SPOOLS = tempfile.TemporaryDirectory(prefix="bklit-test-spools-")

@@ -23,7 +23,7 @@ from harness import (SESSION, clickhouse_rows, eventually, redis_connection, run
                      sdk_pageview, settings)
 from servers import free_port
 from test_cli import BKLIT, bklit
-from test_live import open_dashboard, sdk_client
+from harness import open_dashboard, sdk_client
 
 OTHER = "1732608000001-other1"
 

@@ -28,7 +28,7 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.web import resource, server
 
 from harness import clickhouse_rows, eventually, running_daemon, settings
-from test_live import open_dashboard
+from harness import open_dashboard
 from tlscerts import CertificateAuthority
 
 pytestmark = pytest.mark.browser
@@ -394,7 +394,7 @@ async def test_headless_user_agent_is_acked_but_dropped_as_a_bot(browser_tools, 
         assert 'bklit_bots_dropped_total{type="pageview"} 3.0' in scraped
         assert 'bklit_bots_dropped_total{type="event"} 1.0' in scraped
         # a keyed pageview of a normal client, sent after, is stored: so the bot's would have been by then
-        from test_live import sdk_client
+        from harness import sdk_client
         from harness import sdk_pageview
 
         client = await sdk_client(daemon.port, key, session="s-person")

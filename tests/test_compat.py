@@ -106,6 +106,19 @@ def test_with_options_makes_the_options_class_attributes():
     assert "maxMessagePayloadSize" not in vars(instance)
 
 
+def test_autobahn_keeps_its_close_handshake_timer_after_the_connection_is_lost():
+    """``closeHandshakeTimeoutCall`` is still set by ``sendCloseFrame`` and not cancelled when the connection goes."""
+    assert "closeHandshakeTimeoutCall" in inspect.getsource(WebSocketProtocol.sendCloseFrame)
+    assert "closeHandshakeTimeoutCall" not in inspect.getsource(WebSocketProtocol._connectionLost), \
+        "Autobahn now cancels the close timer itself: cancel_close_timeout may go"
+    cancelled = []
+    protocol = WebSocketServerProtocol()
+    protocol.closeHandshakeTimeoutCall = type("Call", (), {"cancel": lambda self: cancelled.append(1)})()
+    compat.cancel_close_timeout(protocol)
+    compat.cancel_close_timeout(protocol)
+    assert cancelled == [1] and protocol.closeHandshakeTimeoutCall is None
+
+
 def test_autobahn_buffers_unparsed_input_in_data():
     """Autobahn parses what is in ``self.data``: emptying it drops what is buffered."""
     assert "self.data" in inspect.getsource(WebSocketProtocol._dataReceived)

@@ -12,7 +12,7 @@ from twisted.web.client import Agent, readBody
 
 from harness import (connect, eventually, free_port, port_open, running_daemon, sdk_event, sdk_pageview,
                      settings)
-from test_live import open_dashboard, sdk_client
+from harness import open_dashboard, sdk_client
 from twisted.internet import reactor
 
 FAST = {"health_interval": "0.1"}

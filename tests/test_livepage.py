@@ -348,7 +348,7 @@ async def test_without_clickhouse_the_page_still_shows_the_live_parts(browser_to
 @pytest_twisted.ensureDeferred
 async def test_the_page_gets_snapshots_of_many_live_sessions(redis_url, clickhouse_url):
     """60 live sessions make a snapshot of some 9 KB, over the 4 KiB a dashboard may send: it still arrives."""
-    from test_live import open_dashboard
+    from harness import open_dashboard
 
     async with running_daemon(settings(redis_url, clickhouse_url, max_connections_per_ip="1000")) as daemon:
         key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")

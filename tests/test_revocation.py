@@ -201,9 +201,13 @@ class BroadcasterTests(SynchronousTestCase):
     """The broadcaster's pub/sub connection carries the revocation channel."""
 
     def setUp(self):
-        self.broadcaster = Broadcaster(None, None, self)  # this test case stands in for OpenKeys
+        self.broadcaster = Broadcaster(None, self, self)  # this test case stands in for the factory and OpenKeys
         self.revoked_digests = []
         self.rechecks = 0
+        self.framed = []
+
+    def prepareMessage(self, payload):
+        self.framed.append(payload)
 
     def revoked(self, digest):
         self.revoked_digests.append(digest)
@@ -229,4 +233,4 @@ class BroadcasterTests(SynchronousTestCase):
         """A message on the revocation channel names a digest for OpenKeys, and no dashboard gets it."""
         self.broadcaster.deliver(REVOKED_CHANNEL, "ab" * 32)
         assert self.revoked_digests == ["ab" * 32]
-        assert self.broadcaster.delivered == 0
+        assert self.framed == []

@@ -1,6 +1,6 @@
 """Tests for bklit.revocation (OpenKeys) and the Broadcaster's revocation channel.
 
-Pure: the ``FakeRedis`` of test_tokens behind a real ``TokenVerifier``, a
+Pure: the ``FakeRedis`` of fakes.py behind a real ``TokenVerifier``, a
 ``Clock``, and sockets that record what they were refused with.  The same
 behaviour on real daemons and Redis is in test_revocation_live.py and the
 catalogue (test_bad_protocol.py).
@@ -14,7 +14,7 @@ from bklit.dashboard import Broadcaster
 from bklit.keys import REVOKED_CHANNEL, live_channel
 from bklit.revocation import OpenKeys
 from bklit.tokens import TokenStore, TokenVerifier, token_key
-from test_tokens import FakeRedis
+from fakes import FakeRedis
 
 
 class FakeSocket:

@@ -36,7 +36,8 @@ from bklit import compat
 from bklit.api import Api
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit.config import ConfigError, load_config
-from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
+from bklit.broadcast import Broadcaster
+from bklit.dashboard import DashboardFactory, Dashboards
 from bklit.geo import GeoError, load_city_db
 from bklit.health import HealthCheck, HealthPage
 from bklit.httpd import HttpLimits, Refusals

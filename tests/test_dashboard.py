@@ -13,7 +13,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
-from bklit.dashboard import Broadcaster, DashboardProtocol, Dashboards
+from bklit.broadcast import Broadcaster
+from bklit.dashboard import DashboardProtocol, Dashboards
 from bklit.frames import FrameLimits
 from bklit.metrics import Metrics
 from bklit.revocation import OpenKeys

@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from bklit.dashboard import Broadcaster
+from bklit.broadcast import Broadcaster
 from bklit.keys import REVOKED_CHANNEL, live_channel
 from bklit.revocation import OpenKeys
 from bklit.tokens import TokenStore, TokenVerifier, token_key

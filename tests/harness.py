@@ -9,6 +9,9 @@ every message and the close code.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,7 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from bklit import compat
+from bklit import compat, schema
 from bklit.config import load_config
 from bklit.tap import BklitService
 from bklit.tokens import TokenStore
@@ -328,3 +331,35 @@ async def eventually(check, timeout: float = 5.0, interval: float = 0.1) -> Any:
             raise AssertionError(f"condition not met within {timeout} s (last value {value!r})")
         await task.deferLater(reactor, interval, lambda: None)
         waited += interval
+
+
+BKLIT = os.path.join(os.path.dirname(sys.executable), "bklit")
+
+
+def bklit(*args, env=None, timeout=30, stdin=None):
+    """Run ``bklit ARGS`` with no BKLIT_* settings from the outside; the CompletedProcess."""
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("BKLIT_")}
+    environ.update(env or {})
+    return subprocess.run([BKLIT, *args], capture_output=True, text=True, timeout=timeout, env=environ,
+                          input=stdin)
+
+
+def insert(clickhouse_url: str, table: str, rows: list[dict]) -> None:
+    """Store row dicts as the writer does (``to_insert_row``)."""
+    client = Client.from_url(clickhouse_url)
+    try:
+        columns = ", ".join(schema.insert_columns(table))
+        client.execute(f"INSERT INTO {table} ({columns}) VALUES", [schema.to_insert_row(table, r) for r in rows])
+    finally:
+        client.disconnect()
+
+
+async def get(port, path):
+    """Status and body of a GET to the daemon."""
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    return response.code, await readBody(response)
+
+
+async def health(port):
+    code, body = await get(port, "/healthz")
+    return code, json.loads(body)

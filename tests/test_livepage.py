@@ -24,10 +24,9 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from harness import connect, free_port, running_daemon, sdk_event, sdk_pageview, settings
-from test_browser import BROWSER, DRIVER_TIMEOUT, browser_tools  # noqa: F401 (a fixture)
-
-from test_api import insert, visit_rows
+from browsers import BROWSER, DRIVER_TIMEOUT, browser_tools  # noqa: F401 (a fixture)
+from harness import connect, free_port, insert, running_daemon, sdk_event, sdk_pageview, settings
+from samples import visit_rows
 
 from bklit.demo import AGENTS, PAGES, PLACES, REFERRERS, Player
 from bklit.livepage import LivePage

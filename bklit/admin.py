@@ -2,7 +2,8 @@
 
 Each command takes the parsed arguments and the Config, prints its result
 (text, or JSON with ``--json``) and raises ``Failed`` (exit 1) when it
-cannot do its job; ``bklit.cli`` parses the command line and dispatches.
+cannot do its job (``bklit.command``); ``bklit.cli`` parses the command
+line and calls them.
 Sessions are ended with the daemon's own batch script, so an admin end is
 stored and broadcast exactly like a disconnect.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from twisted.internet import defer
 
 from bklit import keys
-from bklit.cli import Failed, redis_connection, say
+from bklit.command import Connection, Failed, connect, say
 from bklit.config import Config
 from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from bklit.queue import StreamProducer
@@ -49,47 +50,6 @@ for _, entry in ipairs(entries) do
 end
 return {last, moved, skipped}
 """
-
-
-class Connection:
-    """The command's Redis connection; a lost connection becomes ``Failed``.
-
-    Redis's own error replies pass through, for callers that expect some.
-    """
-
-    def __init__(self, connection: Any):
-        self.connection = connection
-
-    def call(self, command: str, *args: Any) -> defer.Deferred:
-        """Run one command; fires with the reply."""
-        return self.connection.execute_command(command, *args).addErrback(self._lost)
-
-    def eval(self, script: str, keys: list[str], args: list[Any]) -> defer.Deferred:
-        """Run a Lua script (as ``StreamProducer`` expects of its ``redis``)."""
-        return self.connection.eval(script, keys, args).addErrback(self._lost)
-
-    @staticmethod
-    def _lost(failure: Any) -> None:
-        import txredisapi
-
-        if failure.check(txredisapi.ResponseError, Failed):
-            failure.raiseException()
-        raise Failed(f"Redis: {failure.type.__name__}: {failure.getErrorMessage()}")
-
-
-async def run(name: str, args: argparse.Namespace, config: Config) -> None:
-    """Run the command ``name``; an error reply from Redis fails it in one line."""
-    import txredisapi
-
-    try:
-        await globals()[name](args, config)
-    except txredisapi.ResponseError as e:
-        raise Failed(f"Redis refused a command: {e}") from None
-
-
-async def connect(config: Config) -> Connection:
-    """A ``Connection`` to the configured server (``Failed`` when unreachable)."""
-    return Connection(await redis_connection(config))
 
 
 def fields(flat: list) -> dict:

@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from bklit import agents, keys, rollup, wire
+from bklit import agents, compat, keys, rollup, wire
 from bklit.dashboard import bearer
 from bklit.web import _json
 
@@ -327,7 +327,7 @@ def _unauthorized(request: Any, message: str) -> bytes:
 
 
 def _finish(request: Any, status: int, body: dict) -> None:
-    if request._disconnected or request.finished:
+    if compat.request_gone(request):
         return
     request.write(_json(request, status, body))
     request.finish()

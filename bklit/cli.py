@@ -3,8 +3,9 @@
 ``bklit token create|list|revoke`` manages API keys; ``bklit schema
 migrate`` creates or upgrades the ClickHouse schema; ``bklit probe`` checks a
 running server.  The operating commands (``queue status|retry-dead``,
-``sessions list|end``, ``stats``) live in ``bklit.admin``; ``bklit config
-check`` validates the daemon's settings (exit 1 when they are bad).  Settings (``--redis``,
+``sessions list|end``, ``stats``) live in ``bklit.admin``, and what
+every command shares (errors, output, Redis) in ``bklit.command``; ``bklit
+config check`` validates the daemon's settings (exit 1 when they are bad).  Settings (``--redis``,
 ``--clickhouse``, ``--config``) are read like the daemon's: defaults < ini
 file < ``BKLIT_*`` environment < flags.  Exit codes: 0 done, 1 failed,
 2 usage or configuration error.
@@ -20,7 +21,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from bklit import __version__
+from bklit import __version__, admin
+from bklit.command import Failed, UsageProblem, redis_call, run as run_command, say
 from bklit.config import Config, ConfigError, load_config
 from bklit.tokens import SCOPES, TokenStore
 
@@ -29,10 +31,6 @@ DOMAIN = re.compile(r"(\*\.)?([a-z0-9-]+\.)*[a-z0-9-]+")
 MAX_EXPIRES_DAYS = 36500
 SPAN = re.compile(r"([0-9]{1,7})([mhd])")
 SPAN_SECONDS = {"m": 60, "h": 3600, "d": 86400}
-
-
-class Failed(Exception):
-    """The command could not do its job (exit 1); the message says why."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -181,37 +179,6 @@ def split_list(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
-async def redis_call(config: Config) -> Any:
-    """A ``call(command, *args)`` bound to a fresh Redis connection."""
-    return (await redis_connection(config)).execute_command
-
-
-async def redis_connection(config: Config) -> Any:
-    """A fresh txredisapi connection (``execute_command``, ``eval``), closed at exit.
-
-    The connection does not retry: when Redis cannot be reached the command
-    fails at once (within ``redis_timeout``) instead of waiting for it.  A
-    ``redis+sentinel://`` URL connects to the primary the Sentinels name.
-    """
-    from twisted.internet import reactor
-
-    from bklit.redis_client import connect_once
-
-    address = config.redis_address
-    try:
-        connection = await connect_once(address, config.redis_timeout)
-    except Exception as e:
-        where = f"the primary of {address.service!r}" if address.sentinels else f"Redis at {address.host}:{address.port}"
-        raise Failed(f"cannot reach {where}: {e}") from None
-    reactor.addSystemEventTrigger("before", "shutdown", connection.disconnect)
-    return connection
-
-
-def say(*parts: object) -> None:
-    """Details for people: on stderr, so stdout stays parseable."""
-    print(*parts, file=sys.stderr)
-
-
 async def token_create(args: argparse.Namespace, config: Config) -> None:
     projects = split_list(args.project)
     bad = [p for p in projects if not PROJECT.fullmatch(p)]
@@ -336,20 +303,6 @@ async def play_demo(args: argparse.Namespace, config: Config) -> None:
     await demo.run(args, reactor, from_stdin(args.key))
 
 
-class UsageProblem(Exception):
-    """A bad argument value (exit 2)."""
-
-
-def operating(name: str) -> Any:
-    """The command ``name`` of ``bklit.admin``, imported only when it runs."""
-    async def command(args: argparse.Namespace, config: Config) -> None:
-        from bklit import admin
-
-        await admin.run(name, args, config)
-    command.__name__ = name
-    return command
-
-
 COMMANDS = {
     ("probe", None): probe_server,
     ("demo", None): play_demo,
@@ -357,11 +310,11 @@ COMMANDS = {
     ("token", "list"): token_list,
     ("token", "revoke"): token_revoke,
     ("schema", "migrate"): schema_migrate,
-    ("queue", "status"): operating("queue_status"),
-    ("queue", "retry-dead"): operating("queue_retry_dead"),
-    ("sessions", "list"): operating("sessions_list"),
-    ("sessions", "end"): operating("sessions_end"),
-    ("stats", None): operating("stats"),
+    ("queue", "status"): admin.queue_status,
+    ("queue", "retry-dead"): admin.queue_retry_dead,
+    ("sessions", "list"): admin.sessions_list,
+    ("sessions", "end"): admin.sessions_end,
+    ("stats", None): admin.stats,
 }
 
 
@@ -406,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def run(reactor: Any) -> None:
         try:
-            await command(args, config)
+            await run_command(command, args, config)
             outcome["code"] = 0
         except UsageProblem as e:
             say(f"bklit: {e}")
@@ -426,8 +379,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Through the imported module, so ``bklit.admin`` raises the very
-    # exceptions ``main`` catches.
-    from bklit.cli import main as imported_main
-
-    sys.exit(imported_main())
+    sys.exit(main())

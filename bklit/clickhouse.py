@@ -93,21 +93,6 @@ def thd_migrate(url: str, database: str) -> list[int]:
         client.disconnect()
 
 
-def thd_schema_version(url: str, database: str) -> int:
-    """The newest migration applied to ``database`` (0 for none)."""
-    client = connect(server_url(url))
-    try:
-        exists = client.execute(
-            "SELECT count() FROM system.tables WHERE database = %(db)s AND name = %(t)s",
-            {"db": database, "t": MIGRATIONS_TABLE},
-        )[0][0]
-        if not exists:
-            return 0
-        return client.execute(f"SELECT max(version) FROM {database}.{MIGRATIONS_TABLE}")[0][0] or 0
-    finally:
-        client.disconnect()
-
-
 class Inserter:
     """Inserts rows from pool threads, one client per thread."""
 

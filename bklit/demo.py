@@ -330,7 +330,7 @@ def summary(tally: Tally, seconds: float) -> str:
 
 async def run(args: Any, reactor: Any, key: str) -> None:
     """``bklit demo``: play, then print what was played (``Failed`` if nothing could be)."""
-    from bklit.cli import Failed, UsageProblem, say
+    from bklit.command import Failed, UsageProblem, say
 
     try:
         player = Player(reactor, args.url, args.project, key, args.visitors, args.minutes * 60,

@@ -26,47 +26,35 @@ import json
 import time
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 
 from bklit.httpd import Page
 from bklit.keys import GROUP, STREAM
+from bklit.lifecycle import Periodic
 from bklit.metrics import Networks
 
 log = Logger()
 
 
-class HealthCheck(Service):
-    """Periodic checks of Redis, ClickHouse and the stream."""
+class HealthCheck(Periodic):
+    """Periodic checks of Redis, ClickHouse and the stream (the first at start)."""
 
     def __init__(self, redis: Any, clock: Any, interval: float, metrics: Any, *,
                  writer: Any = None, connections: Any = None, producer: Any = None,
                  stream_max_length: int = 1_000_000):
+        super().__init__(interval, self._run, clock, name="health")
         self.redis = redis
         self.producer = producer
         self.stream_max_length = stream_max_length
         self.persistence = ""
         self.primary = ""
-        self.clock = clock
         self.metrics = metrics
         self.writer = writer
         self.connections = connections or (lambda: {})
-        self.loop = task.LoopingCall(self._run)
-        self.loop.clock = clock
-        self.interval = interval
         self.state: dict[str, Any] = {"status": "starting"}
         self.healthy = False
-
-    def startService(self) -> None:
-        super().startService()
-        self.loop.start(self.interval, now=True)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self.loop.running:
-            self.loop.stop()
 
     def _run(self) -> defer.Deferred:
         return defer.ensureDeferred(self.check()).addErrback(

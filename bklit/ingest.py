@@ -41,7 +41,7 @@ from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
-from bklit import agents, enrich, entries, geo, keys, typed, wire
+from bklit import agents, compat, enrich, entries, geo, keys, typed, wire
 from bklit.config import Config
 from bklit.entries import Visitor
 from bklit.frames import FrameBudget, FrameLimits
@@ -306,6 +306,7 @@ class SdkProtocol(FrameBudget, Closable, WebSocketServerProtocol):
         # Messages waiting for their key check stay: verified() stores them.
         self.closed = True
         self.finish = None
+        compat.cancel_close_timeout(self)
         for timer in (self.auth_timer, self.finish_timer):
             if timer is not None and timer.active():
                 timer.cancel()

@@ -137,18 +137,15 @@ class Networks:
 class MetricsPage(Page):
     """``GET /metrics``, for allowed networks only (403 otherwise)."""
 
-    def __init__(self, metrics: Metrics, networks: Networks, before: Callable[[], Any] | None = None):
+    def __init__(self, metrics: Metrics, networks: Networks):
         super().__init__()
         self.metrics = metrics
         self.networks = networks
-        self.before = before
 
     def render_GET(self, request: Any) -> bytes:
         if not self.networks.allow(request):
             request.setResponseCode(403)
             return b"metrics are only served to metrics_networks\n"
-        if self.before is not None:
-            self.before()
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return self.metrics.render()
 

@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
+from bklit import compat
 from bklit.config import RedisAddress
 
 
@@ -45,22 +46,19 @@ def endpoint(address: RedisAddress, timeout: float) -> Any:
     return wrapClientTLS(optionsForClientTLS(address.host), plain) if address.tls else plain
 
 
-def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
-    """A txredisapi connection to ``address``, as its user (ACL) if it names one.
+def connect(address: RedisAddress, timeout: float) -> Any:
+    """A lazy txredisapi connection to ``address``, as its user (ACL) if it names one.
 
-    Lazy (the default): returns the handler at once and (re)connects in the
-    background.  Not lazy: a Deferred that fires with the handler once
-    connected.  ``rediss://`` verifies the server certificate against the
-    system trust store and the host name.  A Sentinel address (always lazy)
-    connects to the primary the Sentinels name, asked again at every
-    reconnection, so the handler follows a failover; close it with
-    ``disconnect``.
+    Returns the handler at once and (re)connects in the background.
+    ``rediss://`` verifies the server certificate against the system trust
+    store and the host name.  A Sentinel address connects to the primary
+    the Sentinels name, asked again at every reconnection, so the handler
+    follows a failover; close it with ``disconnect``.
     """
     if address.sentinels:
         return _sentinel_primary(address, timeout)
     tls = optionsForClientTLS(address.host) if address.tls else False
-    make = txredisapi.lazyConnection if lazy else txredisapi.Connection
-    connection = make(
+    connection = txredisapi.lazyConnection(
         host=address.host,
         port=address.port,
         dbid=address.db,
@@ -72,8 +70,8 @@ def connect(address: RedisAddress, timeout: float, lazy: bool = True) -> Any:
         replyTimeout=timeout,
         convertNumbers=False,
     )
-    if lazy:  # txredisapi waits up to 10 s between attempts: long for events waiting in the spool
-        connection._factory.maxDelay = RECONNECT_MAX_DELAY
+    # txredisapi waits up to 10 s between attempts: long for events waiting in the spool
+    compat.set_reconnect_delay(connection, RECONNECT_MAX_DELAY)
     return connection
 
 
@@ -82,7 +80,7 @@ def _sentinels(address: RedisAddress, timeout: float) -> Any:
     sentinel = txredisapi.Sentinel(list(address.sentinels), connectTimeout=timeout, replyTimeout=timeout)
     sentinel.discovery_timeout = min(timeout, SENTINEL_DISCOVERY_TIMEOUT)
     for connection in sentinel.sentinels:
-        connection._factory.maxDelay = RECONNECT_MAX_DELAY
+        compat.set_reconnect_delay(connection, RECONNECT_MAX_DELAY)
     return sentinel
 
 
@@ -92,7 +90,7 @@ def _sentinel_primary(address: RedisAddress, timeout: float, dbid: int | None = 
     handler = sentinel.master_for(
         address.service, dbid=address.db if dbid == -1 else dbid, password=address.password,
         username=address.username, replyTimeout=timeout, convertNumbers=False, **factory)
-    handler._factory.maxDelay = RECONNECT_MAX_DELAY
+    compat.set_reconnect_delay(handler, RECONNECT_MAX_DELAY)
     _SENTINELS[handler] = sentinel
     return handler
 
@@ -108,7 +106,7 @@ def disconnect(connection: Any) -> defer.Deferred:
 
 def primary(connection: Any) -> str:
     """``host:port`` of the server a handler is connected to now ("" while it is not)."""
-    for conn in connection._factory.pool:
+    for conn in compat.redis_protocols(connection):
         if conn.connected:
             peer = conn.transport.getPeer()
             return f"[{peer.host}]:{peer.port}" if ":" in peer.host else f"{peer.host}:{peer.port}"
@@ -190,10 +188,9 @@ class RedisService(Service):
 
     log = Logger()
 
-    def __init__(self, address: RedisAddress, timeout: float, clock: Any):
+    def __init__(self, address: RedisAddress, timeout: float):
         self.address = address
         self.timeout = timeout
-        self.clock = clock
         self.connection: Any = None
 
     def startService(self) -> None:
@@ -216,14 +213,11 @@ class RedisService(Service):
     @property
     def connected(self) -> bool:
         """Whether a live connection to Redis is open right now."""
-        if self.connection is None:
-            return False
-        factory = self.connection._factory
-        return any(conn.connected for conn in factory.pool)
+        return self.connection is not None and compat.redis_connected(self.connection)
 
     def ready(self) -> defer.Deferred:
         """Fires once the first connection is made (for start-up ordering)."""
-        return self.connection._connected
+        return compat.first_connection(self.connection)
 
     def call(self, command: str, *args: Any) -> defer.Deferred:
         """Run one Redis command; fails with ``RedisUnavailable`` when down.

@@ -17,12 +17,14 @@ this module keeps only what the node itself must do:
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from bklit.lifecycle import Periodic
 from bklit.live import session_end_message
 from bklit.metrics import Metrics
 from bklit import keys
@@ -32,14 +34,15 @@ from bklit.redis_client import RedisService
 SWEEP_BATCH = 500
 
 
-class LiveSessions(Service):
-    """Heartbeat and sweeper loops, and the session operations they share."""
+class LiveSessions(MultiService):
+    """Heartbeat and sweeper loops (child timers), and the session operations they share."""
 
     log = Logger()
 
     def __init__(self, redis: RedisService, producer: StreamProducer, clock: Any, node: str, *,
                  heartbeat_interval: float, session_timeout: float, sweep_interval: float,
                  metrics: Metrics):
+        super().__init__()
         self.redis = redis
         self.producer = producer
         self.clock = clock
@@ -50,22 +53,9 @@ class LiveSessions(Service):
         self.local: dict[tuple[str, str], int] = {}
         self.metrics = metrics
         self.ended = 0
-        self._loops = [task.LoopingCall(self._guarded, self.heartbeat),
-                       task.LoopingCall(self._guarded, self.sweep)]
-        self._intervals = [heartbeat_interval, sweep_interval]
-        for loop in self._loops:
-            loop.clock = clock
-
-    def startService(self) -> None:
-        super().startService()
-        for loop, interval in zip(self._loops, self._intervals):
-            loop.start(interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
+        for name, interval, step in (("heartbeat", heartbeat_interval, self.heartbeat),
+                                     ("sweeper", sweep_interval, self.sweep)):
+            Periodic(interval, partial(self._guarded, step), clock, now=False, name=name).setServiceParent(self)
 
     def _guarded(self, step: Any) -> defer.Deferred:
         d = defer.ensureDeferred(step())

@@ -2,20 +2,24 @@
 
 ``Options.postOptions`` builds the frozen ``Config`` (so a bad value stops
 twistd before the reactor runs, with one line per bad key), and
-``makeService`` wires the services in the order they must start:
+``makeService`` builds the service tree (``BklitService``, a
+``bklit.lifecycle.OrderedService``).  Every long-lived part is a child:
 
-1. ``RedisService`` — the connection everything else uses;
-2. the listener (role ``all`` or ``ingest``) — the SDK WebSocket endpoint
-   and the HTTP resources, on the configured endpoint string;
-3. ``WriterService`` (role ``all`` or ``writer``) — the stream into
-   ClickHouse, which first brings the schema up to date when
-   ``auto_migrate`` is on;
-4. with ``status_listen``, every role: this process's own /healthz and
-   /metrics on an address of its own.
+1. ``RedisService`` — the connection everything else uses, started first;
+2. pub/sub, the API, the writer (role ``all`` or ``writer``: the stream
+   into ClickHouse, which first brings the schema up to date when
+   ``auto_migrate`` is on), the stream producer;
+3. the timers: live sessions' heartbeat and sweeper, health checks,
+   certificate checks, purges of the rate-limit tables;
+4. the SDK and dashboard sockets, and last the listener (role ``all`` or
+   ``ingest``) on the configured endpoint string;
+5. with ``status_listen``, every role: this process's own /healthz and
+   /metrics on an address of its own (started first, stopped last).
 
-They stop in reverse: stop listening and close the sockets, write the last
-batch (to Redis, or to the local spool while Redis cannot take it), then
-close Redis.
+They stop one at a time in reverse: stop listening and close the sockets
+with 1001, stop the timers, write what was accepted (to Redis, or to the
+local spool while Redis cannot take it), the writer's last batch, then
+the thread pools and Redis.
 
 A config error exits ``EXIT_CONFIG`` (78) with one line per bad key, and a
 port that cannot be bound ``EXIT_LISTEN`` (75) with one log line.
@@ -28,25 +32,26 @@ import signal
 import sys
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.internet import endpoints
-from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
+from bklit import compat
 from bklit.api import Api
 from bklit.clickhouse import Inserter, thd_migrate
 from bklit import logs
+from bklit.broadcast import Broadcaster
 from bklit.config import ConfigError, load_config, unknown_variables
-from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
+from bklit.dashboard import DashboardFactory, Dashboards
 from bklit.geo import GeoError, load_city_db
 from bklit.health import HealthCheck, HealthPage
 from bklit.httpd import HttpLimits, Refusals
 from bklit.ingest import Ingest, SdkFactory
+from bklit.lifecycle import OrderedService, Part, Periodic
 from bklit.limits import Admission
 from bklit.livepage import LivePage
 from bklit.metrics import Metrics, MetricsPage, Networks
@@ -158,15 +163,26 @@ def listen_reason(error: CannotListenError) -> str:
     return reason
 
 
-class BklitService(MultiService):
-    """The daemon: starts its parts in order, stops them in reverse."""
+class BklitService(OrderedService):
+    """The daemon: its parts are child services, stopped one at a time as ``stop_order`` says.
+
+    Stopped: stop listening; close the sockets with 1001 (their session
+    ends are queued); stop the timers (health, certificates, purges), then
+    the session heartbeat and sweeper, each after its run in progress;
+    drain the producer's Redis operations (or spool them); the writer's
+    final flush and its threads; the API's threads; pub/sub; Redis.  They
+    start in the reverse order, the listener last.
+    """
 
     log = Logger()
     log_observer: Any = None  # makeService's choice of log observer, for twistd's application
+    stop_order = ("listener", "sdk sockets", "dashboard sockets", "timers", "sessions", "producer",
+                  "writer", "api", "broadcaster", "redis", "status")
 
     def __init__(self, config: Any, reactor: Any, tls_pair: LoadedPair | None = None,
                  spool: Spool | None = None):
         super().__init__()
+        self._parts: dict[str, Any] = {}
         self.config = config
         self.reactor = reactor
         self.metrics = Metrics()
@@ -175,8 +191,8 @@ class BklitService(MultiService):
             pair = tls_pair or load_pair(config.tls_cert, config.tls_key)
             self.tls = ReloadableTLS(config.tls_cert, config.tls_key, pair, self.metrics)
         self.node = consumer_name()
-        self.redis = RedisService(config.redis_address, config.redis_timeout, reactor)
-        self.redis.setServiceParent(self)
+        self.redis = RedisService(config.redis_address, config.redis_timeout)
+        self._add("redis", self.redis)
         if spool is None and config.runs_ingest and config.spool_dir:
             spool = open_spool(config)
         self.spool = spool
@@ -195,8 +211,10 @@ class BklitService(MultiService):
         self.listener: Any = None
         self.site: Any = None
         self.writer: WriterService | None = None
+        self.timers = OrderedService()
         if config.runs_ingest:
             self._build_endpoints()
+        self._add("producer", Part("producer", self.producer.start, self.producer.drain))
         if config.runs_writer:
             inserter = Inserter(config.clickhouse, config.clickhouse_database)
             self.writer = WriterService(
@@ -204,17 +222,18 @@ class BklitService(MultiService):
                 batch_size=config.batch_size, flush_interval=config.flush_interval,
                 claim_idle=config.claim_idle, threads=config.writer_threads,
                 prepare=self.migrate if config.auto_migrate else None, metrics=self.metrics)
-            self.writer.setServiceParent(self)
+            self._add("writer", self.writer)
         self.health = HealthCheck(self.redis, reactor, config.health_interval, self.metrics,
                                   writer=self.writer, connections=self._connection_counts,
                                   producer=self.producer if config.runs_ingest else None,
                                   stream_max_length=config.stream_max_length)
-        self.health.setServiceParent(self)
+        self.health.setServiceParent(self.timers)
         if self.site is not None:
             self.site.resource.named.update(self._status_pages(Networks(config.metrics_networks)))
         self.status: Any = None
         if config.status_endpoint:
             self._build_status()
+        self._start_in_order()
 
     def _status_pages(self, networks: Networks) -> dict[bytes, Any]:
         return {b"healthz": HealthPage(self.health, networks), b"metrics": MetricsPage(self.metrics, networks)}
@@ -228,8 +247,21 @@ class BklitService(MultiService):
         site = make_status_site(self._status_pages(Networks(config.metrics_networks, unix=True)), limits)
         self.status = StreamServerEndpointService(
             endpoints.serverFromString(self.reactor, config.status_endpoint), site)
-        self.status._raiseSynchronously = True
-        self.status.setServiceParent(self)
+        compat.raise_bind_errors(self.status)
+        self._add("status", self.status)
+
+    def _add(self, name: str, service: Any) -> None:
+        """Keep ``service`` to be started in the place ``_start_in_order`` gives it."""
+        service.setName(name)
+        self._parts[name] = service
+
+    def _start_in_order(self) -> None:
+        """Make the kept parts children, in start order (the reverse of ``stop_order``)."""
+        self._add("timers", self.timers)
+        for name in reversed(self.stop_order):
+            if name in self._parts:
+                self._parts.pop(name).setServiceParent(self)
+        assert not self._parts, f"parts without a place in stop_order: {sorted(self._parts)}"
 
     def _connection_counts(self) -> dict[str, int]:
         return {"sdk": len(self.ingest.connections) if self.ingest else 0,
@@ -244,7 +276,7 @@ class BklitService(MultiService):
             self.redis, self.producer, reactor, self.node,
             heartbeat_interval=config.heartbeat_interval, session_timeout=config.session_timeout,
             sweep_interval=config.sweep_interval, metrics=self.metrics)
-        self.sessions.setServiceParent(self)
+        self._add("sessions", self.sessions)
         self.admission = Admission(
             reactor, max_total=config.max_connections, max_per_client=config.max_connections_per_ip,
             max_auth_failures=config.auth_failures_max, failure_window=config.auth_failure_window,
@@ -253,6 +285,7 @@ class BklitService(MultiService):
         open_keys = OpenKeys(verifier, reactor)  # the SDK's and the dashboards' sockets alike
         self.ingest = Ingest(config, verifier, self.producer, self.sessions, reactor, self.node, self.metrics,
                              self.admission, open_keys)
+        self._add("sdk sockets", Part("sdk sockets", stop=self.ingest.close_all))
         self.metrics.watch_connections("sdk", lambda: len(self.ingest.connections))
         self._every(60, self.ingest.projects.purge)
         self.dashboards = Dashboards(
@@ -261,6 +294,7 @@ class BklitService(MultiService):
             metrics=self.metrics, admission=self.admission, trusted_proxies=self.ingest.trusted_proxies,
             frame_limits=self.ingest.frame_limits, connects_per_minute=config.dashboard_connects_per_minute,
             client_ip_header=config.client_ip_header, open_keys=open_keys)
+        self._add("dashboard sockets", Part("dashboard sockets", stop=self.dashboards.close_all))
         self._every(60, self.dashboards.connects.purge)
         if config.dashboard_origins:
             self.log.warn("dashboard_origins: the live streams of {projects} are readable by anyone who sends "
@@ -268,11 +302,12 @@ class BklitService(MultiService):
                           projects=", ".join(sorted({p for p, _ in config.dashboard_origins})))
         dashboard_factory = DashboardFactory(self.dashboards, config)
         self.dashboards.broadcaster = Broadcaster(config.redis_address, dashboard_factory, open_keys)
+        self._add("broadcaster", self.dashboards.broadcaster)
         api = Resource()
         lockout = Lockout(self.admission, self.ingest.trusted_proxies, config.client_ip_header)
         api.putChild(b"live", LiveCount(verifier, self.sessions, lockout))
         self.api = Api(config.clickhouse, verifier, self.redis.call, reactor, lockout=lockout)  # /api/stats, ...
-        self.api.setServiceParent(self)
+        self._add("api", self.api)
         self.api.mount(api)
         refusals = Refusals(reactor, self.metrics.http_refused)
         self.http_limits = HttpLimits(
@@ -288,18 +323,16 @@ class BklitService(MultiService):
         endpoint = endpoints.serverFromString(reactor, config.listen)
         if self.tls is not None:
             endpoint = TLSServerEndpoint(endpoint, self.tls)
-            CertificateWatch(self.tls, reactor, config.tls_check_interval).setServiceParent(self)
+            CertificateWatch(self.tls, reactor, config.tls_check_interval).setServiceParent(self.timers)
         else:
             self.log.warn("no tls_cert configured: serving plain ws:// on {listen}", listen=config.listen)
         self.listener = StreamServerEndpointService(endpoint, site)
-        self.listener._raiseSynchronously = True  # a failed bind stops start-up, as strports does
-        self.listener.setServiceParent(self)
+        compat.raise_bind_errors(self.listener)  # a failed bind stops start-up, as strports does
+        self._add("listener", self.listener)
 
     def _every(self, seconds: float, step: Any) -> None:
-        """Run ``step`` every ``seconds`` while the daemon runs (a child TimerService)."""
-        timer = TimerService(seconds, step)
-        timer.clock = self.reactor
-        timer.setServiceParent(self)
+        """Run ``step`` every ``seconds`` while the daemon runs (a timer, first run at start)."""
+        Periodic(seconds, step, self.reactor).setServiceParent(self.timers)
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd asks its application for an ILogObserver component before it
@@ -315,7 +348,9 @@ class BklitService(MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:  # one line, not twistd's traceback
-            failed = "status_listen" if getattr(self.status, "_waitingForPort", None) else "listen"
+            # The status listener starts first: when the main one tried, the main one failed.
+            tried = self.listener is not None and compat.listening_port(self.listener) is not None
+            failed = "listen" if tried else "status_listen"
             self.log.critical("cannot listen on {endpoint} ({key}): {reason}", key=failed, reason=listen_reason(e),
                               endpoint=self.config.status_endpoint if failed == "status_listen" else self.config.listen)
             raise SystemExit(EXIT_LISTEN) from None
@@ -327,9 +362,6 @@ class BklitService(MultiService):
     def startService(self) -> None:
         self._handle_sighup()
         super().startService()
-        self.producer.start()
-        if self.dashboards is not None:
-            self.dashboards.broadcaster.start()
         # The listener is bound by now (a failed bind raised); ready once Redis answers.
         self.redis.ready().addCallback(lambda _: notify("READY=1", f"STATUS=role {self.config.role}"))
 
@@ -367,33 +399,12 @@ class BklitService(MultiService):
             self.log.info("schema migrated to version {version}", version=applied[-1])
 
     def stopService(self) -> defer.Deferred:
-        return defer.ensureDeferred(self._stop())
-
-    async def _stop(self) -> None:
-        self.running = 0
+        """Tell systemd, give SIGHUP back, then stop the parts (see the class)."""
         notify("STOPPING=1")
         if getattr(self, "_previous_sighup", None) is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        steps = [
-            ("stop listening", self.listener and self.listener.stopService),
-            ("close SDK sockets", self.ingest and self.ingest.close_all),
-            ("close dashboards", self.dashboards and self.dashboards.close_all),
-            ("stop the API's ClickHouse threads", self.api and self.api.stopService),
-            ("stop the session loops", self.sessions and self.sessions.stopService),
-            ("store or spool what was accepted", self.producer.drain),
-            ("stop the writer", self.writer and self.writer.stopService),
-            ("stop pub/sub", self.dashboards and self.dashboards.broadcaster.stop),
-            ("close Redis", self.redis.stopService),
-            ("stop the status listener", self.status and self.status.stopService),
-        ]
-        for what, step in steps:
-            if not step:
-                continue
-            try:
-                await defer.maybeDeferred(step)
-            except Exception:
-                self.log.failure("shutdown: {what} failed", what=what)
+        return super().stopService()
 
 
 def makeService(options: Options, reactor: Any = None) -> BklitService:

@@ -23,13 +23,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from twisted.application.service import Service
-from twisted.internet import task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
+
+from bklit.lifecycle import Periodic
 
 log = Logger()
 
@@ -177,24 +177,15 @@ class TLSServerEndpoint:
         return self.wrapped.listen(TLSMemoryBIOFactory(self.creator, False, factory))
 
 
-class CertificateWatch(Service):
-    """Reloads the certificate every ``interval`` seconds (SIGHUP: ``tap``)."""
+class CertificateWatch(Periodic):
+    """Reloads the certificate every ``interval`` seconds, 0: never (SIGHUP: ``tap``)."""
 
     def __init__(self, tls: ReloadableTLS, reactor: Any, interval: float):
+        super().__init__(interval, tls.reload, reactor, now=False, name="certificates")
         self.tls = tls
-        self.loop = task.LoopingCall(self.tls.reload)
-        self.loop.clock = reactor
-        self.interval = interval
 
     def startService(self) -> None:
-        super().startService()
         info = self.tls.pair.info
         log.info("TLS certificate loaded: {subject}, issuer {issuer}, expires {expires}",
                  subject=info.subject, issuer=info.issuer, expires=_when(info.not_after))
-        if self.interval > 0:
-            self.loop.start(self.interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self.loop.running:
-            self.loop.stop()
+        super().startService()

@@ -18,7 +18,7 @@ from twisted.web import pages
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from bklit import enrich, wire
+from bklit import compat, enrich, wire
 from bklit.dashboard import bearer
 from bklit.httpd import Channel, HttpLimits, Page, Refusals
 from bklit.ingest import SdkFactory
@@ -101,7 +101,7 @@ class LiveCount(Page):
         self._finish(request, 200, {"projectId": project, "live": live, "bots": bots})
 
     def _finish(self, request: Any, status: int, body: dict) -> None:
-        if request._disconnected or request.finished:
+        if compat.request_gone(request):
             return
         request.write(_json(request, status, body))
         request.finish()

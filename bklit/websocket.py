@@ -1,7 +1,7 @@
 """What the SDK and dashboard sockets share: close codes, Autobahn options, closing.
 
 ``ServerFactory`` gives its protocol the Autobahn options as class
-attributes (``with_options``); ``socket_options`` are those options from
+attributes (``compat.with_options``); ``socket_options`` are those options from
 config.  ``Closable`` lets shutdown wait for each socket's own close
 (``close_and_wait``) instead of polling.
 """
@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet import defer
 
+from bklit import compat
 from bklit.config import Config
 
 # Close codes as RFC 6455 defines them (the README's Protocol section lists when each is sent).
@@ -64,26 +65,11 @@ async def close_and_wait(sockets: Iterable[Closable], clock: Any, timeout: float
 
 
 class ServerFactory(WebSocketServerFactory):
-    """A server factory whose protocol holds its Autobahn options (see ``with_options``)."""
+    """A server factory whose protocol holds its Autobahn options (see ``compat.with_options``)."""
 
     def setProtocolOptions(self, **options: Any) -> None:
         super().setProtocolOptions(**options)
-        self.protocol = with_options(type(self).protocol, self)
-
-
-def with_options(protocol: type, factory: WebSocketServerFactory) -> type:
-    """A subclass of ``protocol`` holding ``factory``'s Autobahn options as class attributes.
-
-    Autobahn copies every option it finds missing on a new protocol
-    instance into that instance, and pretty-prints the list for a debug
-    line whatever the log level: about a millisecond per connection and
-    some forty attributes more in each socket's ``__dict__``.  On this
-    subclass none is missing, so nothing is copied or formatted.
-    """
-    options = {name: getattr(factory, name) for name in protocol.CONFIG_ATTRS}
-    # A function option (perMessageCompressionAccept) must not become a method of the class.
-    options = {name: staticmethod(value) if callable(value) else value for name, value in options.items()}
-    return type(protocol.__name__, (protocol,), {**options, "CONFIG_ATTRS": (), "__doc__": protocol.__doc__})
+        self.protocol = compat.with_options(type(self).protocol, self)
 
 
 def socket_options(config: Config, max_message: int) -> dict:

@@ -1,6 +1,6 @@
 """The writer: moves the Redis stream into ClickHouse in batches.
 
-A ``LoopingCall`` runs ``write_once``: read up to ``batch_size`` entries with
+A timer (``bklit.lifecycle.Periodic``) runs ``write_once``: read up to ``batch_size`` entries with
 XREADGROUP (group ``bklit-writers``, a consumer name unique to this process),
 insert them with clickhouse-driver in a dedicated thread pool, and only then
 acknowledge and delete them from the stream.  A full batch loops again at
@@ -24,13 +24,14 @@ from typing import Any
 import orjson
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from bklit import schema
 from bklit.clickhouse import Inserter, is_data_error
+from bklit.lifecycle import Periodic
 from bklit.metrics import Metrics
 from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from bklit.redis_client import RedisService, RedisUnavailable
@@ -110,8 +111,7 @@ class WriterService(Service):
         self.claim_idle = claim_idle
         self.consumer = consumer or consumer_name()
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="bklit-clickhouse")
-        self.loop = task.LoopingCall(self._run)
-        self.loop.clock = clock
+        self.loop = Periodic(flush_interval, self._run, clock, name="writer loop")
         self._group_ready = False
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -121,7 +121,6 @@ class WriterService(Service):
         # consumer name used before, may have left some.
         self._retrying = True
         self._redis_trouble = ""
-        self._loop_done: defer.Deferred | None = None
         self.stored = 0
         self.prepare = prepare
         self.metrics = metrics if metrics is not None else Metrics()
@@ -130,7 +129,7 @@ class WriterService(Service):
         super().startService()
         self.pool.start()
         self._stopping = False
-        self._loop_done = self.loop.start(self.flush_interval, now=True)
+        self.loop.startService()
 
     def stopService(self) -> defer.Deferred:
         """Stop the loop, write what is pending once more, stop the threads."""
@@ -140,8 +139,7 @@ class WriterService(Service):
     async def _stop(self) -> None:
         self._stopping = True
         if self.loop.running:
-            self.loop.stop()
-            await self._loop_done
+            await self.loop.stopService()  # after the run in progress
         try:
             await self.write_once()
         except Exception:

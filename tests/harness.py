@@ -9,6 +9,9 @@ every message and the close code.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +21,10 @@ from clickhouse_driver import Client
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP6ClientEndpoint, clientFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
+from bklit import compat, schema
 from bklit.config import load_config
 from bklit.tap import BklitService
 from bklit.tokens import TokenStore
@@ -193,6 +199,41 @@ async def connect(port: int, path: str = "/?projectId=p1&sessionId=" + SESSION,
     return client
 
 
+async def two_nodes(stack, redis_url, clickhouse_url, **values):
+    """Start node A and node B on one Redis and one ClickHouse."""
+    a = await stack.enter_async_context(running_daemon(settings(redis_url, clickhouse_url, **values)))
+    b = await stack.enter_async_context(running_daemon(settings(redis_url, clickhouse_url, **values)))
+    return a, b
+
+
+async def open_dashboard(port, key, project="p1", trust=None):
+    """A dashboard authorized with a Bearer read key, past its snapshot (wss when given a CA)."""
+    dash = await connect(port, path=f"/dashboard?projectId={project}", headers={"Authorization": f"Bearer {key}"},
+                         trust=trust)
+    assert (await dash.next())["type"] == "connected"
+    snapshot = await dash.next()
+    assert snapshot["type"] == "snapshot"
+    return dash, snapshot
+
+
+async def sdk_client(port, key, session=SESSION, origin=None, trust=None):
+    """An SDK socket for project p1, authenticated (from ``origin`` if given; wss when given a CA)."""
+    client = await connect(port, path=f"/?projectId=p1&sessionId={session}", origin=origin, trust=trust)
+    await client.next_of("connected")
+    client.send({"type": "auth", "apiKey": key})
+    assert await client.next() == {"type": "auth_success"}
+    return client
+
+
+async def http_get(port, path, key=None, extra=None):
+    """Status and JSON body of a GET, with a Bearer key when given (and ``extra`` headers)."""
+    headers = Headers({b"authorization": [f"Bearer {key}".encode()]} if key else {})
+    for name, value in (extra or {}).items():
+        headers.addRawHeader(name.encode(), value.encode())
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), headers)
+    return response.code, json.loads(await readBody(response))
+
+
 SPOOLS = tempfile.TemporaryDirectory(prefix="bklit-test-spools-")
 
 
@@ -226,7 +267,7 @@ async def running_daemon(config: Any):
     service.startService()
     port = None
     if service.listener is not None:
-        listening = await service.listener._waitingForPort
+        listening = await compat.listening_port(service.listener)
         port = listening.getHost().port
     await service.redis.ready().addTimeout(TIMEOUT, reactor)
     if service.writer is not None:
@@ -252,7 +293,7 @@ async def redis_connection(redis_url: str, reply_timeout: float = 5.0):
     from bklit.config import parse_redis_url
     from bklit.redis_client import RedisService
 
-    redis = RedisService(parse_redis_url(redis_url), reply_timeout, reactor)
+    redis = RedisService(parse_redis_url(redis_url), reply_timeout)
     redis.startService()
     try:
         await redis.ready().addTimeout(10, reactor)
@@ -293,3 +334,35 @@ async def eventually(check, timeout: float = 5.0, interval: float = 0.1) -> Any:
             raise AssertionError(f"condition not met within {timeout} s (last value {value!r})")
         await task.deferLater(reactor, interval, lambda: None)
         waited += interval
+
+
+BKLIT = os.path.join(os.path.dirname(sys.executable), "bklit")
+
+
+def bklit(*args, env=None, timeout=30, stdin=None):
+    """Run ``bklit ARGS`` with no BKLIT_* settings from the outside; the CompletedProcess."""
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("BKLIT_")}
+    environ.update(env or {})
+    return subprocess.run([BKLIT, *args], capture_output=True, text=True, timeout=timeout, env=environ,
+                          input=stdin)
+
+
+def insert(clickhouse_url: str, table: str, rows: list[dict]) -> None:
+    """Store row dicts as the writer does (``to_insert_row``)."""
+    client = Client.from_url(clickhouse_url)
+    try:
+        columns = ", ".join(schema.insert_columns(table))
+        client.execute(f"INSERT INTO {table} ({columns}) VALUES", [schema.to_insert_row(table, r) for r in rows])
+    finally:
+        client.disconnect()
+
+
+async def get(port, path):
+    """Status and body of a GET to the daemon."""
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    return response.code, await readBody(response)
+
+
+async def health(port):
+    code, body = await get(port, "/healthz")
+    return code, json.loads(body)

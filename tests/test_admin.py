@@ -22,8 +22,8 @@ from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from harness import (SESSION, clickhouse_rows, eventually, redis_connection, running_daemon, sdk_event,
                      sdk_pageview, settings)
 from servers import free_port
-from test_cli import BKLIT, bklit
-from test_live import open_dashboard, sdk_client
+from harness import BKLIT, bklit
+from harness import open_dashboard, sdk_client
 
 OTHER = "1732608000001-other1"
 

@@ -6,8 +6,8 @@ import pytest
 from bklit import schema
 from bklit.agents import MAX_LENGTH, NO_AGENT, Agent, Agents, browser_name, os_name, shared
 
-HEADLESS_CHROMIUM_156 = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
-                         "HeadlessChrome/156.0.0.0 Safari/537.36")
+from samples import HEADLESS_CHROMIUM_156
+
 CHROMIUM_156 = HEADLESS_CHROMIUM_156.replace("HeadlessChrome/", "Chrome/")
 
 # (user agent, browser, os, device type); bots have device type "bot"

@@ -14,14 +14,14 @@ from collections import Counter
 from contextlib import asynccontextmanager
 
 import pytest_twisted
-from clickhouse_driver import Client
 from twisted.internet import reactor
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from harness import connect, free_port, running_daemon, sdk_pageview, settings
+from harness import connect, free_port, insert, running_daemon, sdk_pageview, settings
+from samples import visit_rows
 
-from bklit import api, rollup, schema
+from bklit import api, rollup
 from bklit.tokens import TokenStore
 
 SITE = "https://example.com"
@@ -38,39 +38,6 @@ async def request(port: int, path: str, key: str | None = None, method: bytes = 
     body = await readBody(response)
     named = {name.decode().lower(): values[0].decode() for name, values in response.headers.getAllRawHeaders()}
     return response.code, json.loads(body) if body else None, named
-
-
-def insert(clickhouse_url: str, table: str, rows: list[dict]) -> None:
-    """Store row dicts as the writer does (``to_insert_row``)."""
-    client = Client.from_url(clickhouse_url)
-    try:
-        columns = ", ".join(schema.insert_columns(table))
-        client.execute(f"INSERT INTO {table} ({columns}) VALUES", [schema.to_insert_row(table, r) for r in rows])
-    finally:
-        client.disconnect()
-
-
-def visit_rows(project: str, session: str, views: list[tuple], ends: list[tuple], user_agent: str,
-               **columns) -> tuple[list[dict], list[dict]]:
-    """One visit as the writer stores it: a pageview row per (time, url, referrer, referrer type[, columns]),
-    and a tracked_session row per version: its start, then one per (ended or None, pageviews so far)."""
-    started, landing = views[0][0], views[0][1]
-    pageview_rows = []
-    for n, (at, url, referrer, kind, *extra) in enumerate(views):
-        pageview_rows.append({
-            "id": f"{session}-pv{n}", "project_id": project, "session_id": session, "timestamp": at,
-            "received_at": at, "url": url, "referrer": referrer,
-            "referrer_hostname": referrer.split("/")[2] if referrer else "", "referrer_type": kind,
-            "landing_page": landing, "user_agent": user_agent, **columns, **(extra[0] if extra else {})})
-    visit_columns = {k: v for k, v in columns.items() if k in ("country", "country_code", "is_bot")}
-    session_rows = [
-        {"id": f"{session}/{started * 1000}", "session_id": session, "project_id": project, "started_at": started,
-         "started_ms": started * 1000, "ended_at": ended, "duration": ended - started if ended else 0,
-         "pageviews": count, "did_bounce": int(count <= 1), "entry_page": landing, "user_agent": user_agent,
-         "end_reason": "disconnect" if ended else "", "updated_at": ended or started, "version": version,
-         **visit_columns}
-        for version, (ended, count) in enumerate([(None, 1), *ends], 1)]
-    return pageview_rows, session_rows
 
 
 def store_visit(clickhouse_url: str, project: str, session: str, views: list[tuple], ends: list[tuple],

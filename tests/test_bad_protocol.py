@@ -23,9 +23,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from bklit import keys
 from bklit.tokens import TokenStore, key_digest
+from catalogue import (AFTER_URL, BAD_ADDRESS, BAD_SESSION, acked, close, frame, pageview, scenario,
+                       text_frames)
 from harness import clickhouse_rows, connect, eventually, running_daemon, sdk_pageview, settings
-from test_bad_input import (AFTER_URL, BAD_ADDRESS, BAD_SESSION, acked, close, frame, pageview, scenario, sleep,
-                            text_frames)
 
 PATH = f"/?projectId=p1&sessionId={BAD_SESSION}"
 

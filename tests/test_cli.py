@@ -7,26 +7,16 @@ Exit codes: 0 done, 1 failed (a server cannot be reached, nothing matches),
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 
 from bklit.schema import MIGRATIONS, TABLES
 from bklit.tokens import key_digest, token_key
+from harness import bklit
 from servers import free_port
 
-BKLIT = os.path.join(os.path.dirname(sys.executable), "bklit")
 KEY = re.compile(r"bk_[A-Za-z0-9_-]{40}")
-
-
-def bklit(*args, env=None, timeout=30, stdin=None):
-    """Run ``bklit ARGS`` with no BKLIT_* settings from the outside; the CompletedProcess."""
-    environ = {name: value for name, value in os.environ.items() if not name.startswith("BKLIT_")}
-    environ.update(env or {})
-    return subprocess.run([BKLIT, *args], capture_output=True, text=True, timeout=timeout, env=environ,
-                          input=stdin)
 
 
 def create(redis_url, *args):

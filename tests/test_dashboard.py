@@ -13,13 +13,14 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
-from bklit.dashboard import Broadcaster, DashboardProtocol, Dashboards
+from bklit.broadcast import Broadcaster
+from bklit.dashboard import DashboardProtocol, Dashboards
 from bklit.frames import FrameLimits
 from bklit.metrics import Metrics
 from bklit.revocation import OpenKeys
 from bklit.tokens import TokenStore
 from harness import SocketClient, connect, eventually, running_daemon, sdk_event, sdk_pageview, settings
-from test_live import open_dashboard, sdk_client
+from harness import open_dashboard, sdk_client
 
 
 # A null origin passes the handshake but is never taken as allowlisted, even when listed.

@@ -21,9 +21,9 @@ from bklit.enrich import referrer_parts, url_fields
 from bklit.tap import Options
 from harness import (TIMEOUT, SocketClient, clickhouse_rows, eventually, running_daemon, sdk_event,
                      sdk_pageview, settings)
-from test_agents import HEADLESS_CHROMIUM_156
-from test_geo import BERLIN, LONDON, write_city_db
-from test_live import http_get, open_dashboard
+from samples import HEADLESS_CHROMIUM_156
+from samples import BERLIN, LONDON, write_city_db
+from harness import http_get, open_dashboard
 
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 PAGE_COLUMNS = ("ip, country, country_code, region, region_name, city, lat, lon, timezone,"

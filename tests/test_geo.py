@@ -12,47 +12,7 @@ from twisted.internet import reactor
 from bklit import geo, schema
 from bklit.geo import COUNTRY_NAMES, NOWHERE, GeoError, Locator, Place, load_city_db, place_of_record
 from bklit.metrics import Metrics
-
-LONDON = {
-    "city": {"geoname_id": 2643743, "names": {"en": "London", "de": "London", "ja": "ロンドン"}},
-    "continent": {"code": "EU", "names": {"en": "Europe"}},
-    "country": {"iso_code": "GB", "names": {"en": "United Kingdom", "de": "Vereinigtes Königreich"}},
-    "registered_country": {"iso_code": "GB", "names": {"en": "United Kingdom"}},
-    "location": {"accuracy_radius": 100, "latitude": 51.5142, "longitude": -0.0931, "time_zone": "Europe/London"},
-    "postal": {"code": "EC2V"},
-    "subdivisions": [{"iso_code": "ENG", "names": {"en": "England"}}],
-}
-BERLIN = {
-    "city": {"names": {"en": "Berlin"}},
-    "country": {"iso_code": "DE", "names": {"en": "Germany"}},
-    "location": {"latitude": 52.5196, "longitude": 13.4069, "time_zone": "Europe/Berlin"},
-    "subdivisions": [{"iso_code": "BE", "names": {"en": "Land Berlin"}}],
-}
-TOKYO_WITHOUT_COUNTRY = {"city": {"names": {"en": "Tokyo"}}, "location": {"latitude": 35.69, "longitude": 139.69}}
-NEVER = {"city": {"names": {"en": "Must never be looked up"}}, "country": {"iso_code": "AQ"}}
-
-RECORDS = {
-    "81.2.69.0/24": LONDON,
-    "2a02:8070::/32": BERLIN,
-    "1.0.16.0/24": TOKYO_WITHOUT_COUNTRY,
-    # records for addresses that are not globally routable: a real database has
-    # none, and the locator must not even ask
-    "10.0.0.0/8": NEVER, "192.0.2.0/24": NEVER, "127.0.0.0/8": NEVER, "2001:db8::/32": NEVER,
-    "fe80::/10": NEVER, "100.64.0.0/10": NEVER,
-}
-
-
-def write_city_db(path, records=RECORDS, ip_version=6, database_type="GeoLite2-City"):
-    """Write a MaxMind-format database mapping networks to records; returns the path as str."""
-    from mmdb_writer import MMDBWriter
-    from netaddr import IPSet
-
-    writer = MMDBWriter(ip_version=ip_version, ipv4_compatible=ip_version == 6, database_type=database_type,
-                        languages=["en"], description="bklit test database")
-    for network, record in records.items():
-        writer.insert_network(IPSet([network]), record)
-    writer.to_db_file(str(path))
-    return str(path)
+from samples import LONDON, write_city_db
 
 
 @pytest.fixture

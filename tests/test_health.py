@@ -12,21 +12,10 @@ from twisted.web.client import Agent, readBody
 
 from harness import (connect, eventually, free_port, port_open, running_daemon, sdk_event, sdk_pageview,
                      settings)
-from test_live import open_dashboard, sdk_client
+from harness import get, health, open_dashboard, sdk_client
 from twisted.internet import reactor
 
 FAST = {"health_interval": "0.1"}
-
-
-async def get(port, path):
-    """Status and body of a GET to the daemon."""
-    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
-    return response.code, await readBody(response)
-
-
-async def health(port):
-    code, body = await get(port, "/healthz")
-    return code, json.loads(body)
 
 
 async def until_health(port, wanted, timeout=10.0):

@@ -6,7 +6,7 @@ from twisted.internet import reactor, task
 
 from harness import (SESSION, clickhouse_rows, connect, eventually, running_daemon,
                      sdk_event, sdk_pageview, settings)
-from test_live import sdk_client
+from harness import sdk_client
 
 
 @pytest_twisted.ensureDeferred

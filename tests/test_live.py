@@ -11,53 +11,16 @@ from contextlib import AsyncExitStack
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
-from twisted.web.client import Agent, readBody
-from twisted.web.http_headers import Headers
 
-from harness import (SESSION, clickhouse_rows, connect, eventually, free_port, port_open, running_daemon,
-                     sdk_event, sdk_pageview, settings)
+from harness import (SESSION, clickhouse_rows, connect, eventually, free_port, http_get, open_dashboard,
+                     port_open, running_daemon, sdk_client, sdk_event, sdk_pageview, settings, two_nodes)
 
 FAST = {"heartbeat_interval": "0.2", "session_timeout": "1.5", "sweep_interval": "0.2"}
-
-
-async def two_nodes(stack, redis_url, clickhouse_url, **values):
-    """Start node A and node B on one Redis and one ClickHouse."""
-    a = await stack.enter_async_context(running_daemon(settings(redis_url, clickhouse_url, **values)))
-    b = await stack.enter_async_context(running_daemon(settings(redis_url, clickhouse_url, **values)))
-    return a, b
-
-
-async def open_dashboard(port, key, project="p1", trust=None):
-    """A dashboard authorized with a Bearer read key, past its snapshot (wss when given a CA)."""
-    dash = await connect(port, path=f"/dashboard?projectId={project}", headers={"Authorization": f"Bearer {key}"},
-                         trust=trust)
-    assert (await dash.next())["type"] == "connected"
-    snapshot = await dash.next()
-    assert snapshot["type"] == "snapshot"
-    return dash, snapshot
-
-
-async def sdk_client(port, key, session=SESSION, origin=None):
-    """An SDK socket for project p1, authenticated (from ``origin`` if given)."""
-    client = await connect(port, path=f"/?projectId=p1&sessionId={session}", origin=origin)
-    await client.next_of("connected")
-    client.send({"type": "auth", "apiKey": key})
-    assert await client.next() == {"type": "auth_success"}
-    return client
 
 
 def redis_int(daemon, *command):
     """An integer reply of a Redis command, through the daemon's connection."""
     return daemon.service.redis.call(*command).addCallback(int)
-
-
-async def http_get(port, path, key=None, extra=None):
-    """Status and JSON body of a GET, with a Bearer key when given (and ``extra`` headers)."""
-    headers = Headers({b"authorization": [f"Bearer {key}".encode()]} if key else {})
-    for name, value in (extra or {}).items():
-        headers.addRawHeader(name.encode(), value.encode())
-    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode(), headers)
-    return response.code, json.loads(await readBody(response))
 
 
 @pytest_twisted.ensureDeferred

@@ -24,10 +24,9 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from harness import connect, free_port, running_daemon, sdk_event, sdk_pageview, settings
-from test_browser import BROWSER, DRIVER_TIMEOUT, browser_tools  # noqa: F401 (a fixture)
-
-from test_api import insert, visit_rows
+from browsers import BROWSER, DRIVER_TIMEOUT, browser_tools  # noqa: F401 (a fixture)
+from harness import connect, free_port, insert, running_daemon, sdk_event, sdk_pageview, settings
+from samples import visit_rows
 
 from bklit.demo import AGENTS, PAGES, PLACES, REFERRERS, Player
 from bklit.livepage import LivePage
@@ -348,7 +347,7 @@ async def test_without_clickhouse_the_page_still_shows_the_live_parts(browser_to
 @pytest_twisted.ensureDeferred
 async def test_the_page_gets_snapshots_of_many_live_sessions(redis_url, clickhouse_url):
     """60 live sessions make a snapshot of some 9 KB, over the 4 KiB a dashboard may send: it still arrives."""
-    from test_live import open_dashboard
+    from harness import open_dashboard
 
     async with running_daemon(settings(redis_url, clickhouse_url, max_connections_per_ip="1000")) as daemon:
         key, read = await daemon.token("p1"), await daemon.token("p1", scope="read")

@@ -20,10 +20,9 @@ from bklit.keys import STREAM, live_channel
 from bklit.queue import SPOOLED, StreamProducer
 from bklit.redis_client import RedisService, disconnect, subscriber
 from bklit.spool import Spool
-from harness import clickhouse_rows, eventually, redis_connection, running_daemon, sdk_pageview, settings
+from harness import (clickhouse_rows, eventually, health, open_dashboard, redis_connection, running_daemon, sdk_client,
+                     sdk_pageview, settings)
 from servers import RedisServer, RedisSet
-from test_health import health
-from test_live import open_dashboard, sdk_client
 
 BIN = Path(sys.executable).parent
 # The user README.rst suggests: its keys and channels, no dangerous command but two.
@@ -207,7 +206,7 @@ async def test_acl_user(acl_redis, clickhouse_url):
             socket.sendClose()
             await socket.wait_closed()
 
-    wrong = RedisService(parse_redis_url(f"redis://bklit:wrong@127.0.0.1:{acl_redis.port}/0"), 2, reactor)
+    wrong = RedisService(parse_redis_url(f"redis://bklit:wrong@127.0.0.1:{acl_redis.port}/0"), 2)
     wrong.startService()
     try:
         with pytest.raises(Exception, match="WRONGPASS|could not auth"):

@@ -1,6 +1,6 @@
 """Tests for bklit.revocation (OpenKeys) and the Broadcaster's revocation channel.
 
-Pure: the ``FakeRedis`` of test_tokens behind a real ``TokenVerifier``, a
+Pure: the ``FakeRedis`` of fakes.py behind a real ``TokenVerifier``, a
 ``Clock``, and sockets that record what they were refused with.  The same
 behaviour on real daemons and Redis is in test_revocation_live.py and the
 catalogue (test_bad_protocol.py).
@@ -10,11 +10,11 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from bklit.dashboard import Broadcaster
+from bklit.broadcast import Broadcaster
 from bklit.keys import REVOKED_CHANNEL, live_channel
 from bklit.revocation import OpenKeys
 from bklit.tokens import TokenStore, TokenVerifier, token_key
-from test_tokens import FakeRedis
+from fakes import FakeRedis
 
 
 class FakeSocket:
@@ -201,9 +201,13 @@ class BroadcasterTests(SynchronousTestCase):
     """The broadcaster's pub/sub connection carries the revocation channel."""
 
     def setUp(self):
-        self.broadcaster = Broadcaster(None, None, self)  # this test case stands in for OpenKeys
+        self.broadcaster = Broadcaster(None, self, self)  # this test case stands in for the factory and OpenKeys
         self.revoked_digests = []
         self.rechecks = 0
+        self.framed = []
+
+    def prepareMessage(self, payload):
+        self.framed.append(payload)
 
     def revoked(self, digest):
         self.revoked_digests.append(digest)
@@ -229,4 +233,4 @@ class BroadcasterTests(SynchronousTestCase):
         """A message on the revocation channel names a digest for OpenKeys, and no dashboard gets it."""
         self.broadcaster.deliver(REVOKED_CHANNEL, "ab" * 32)
         assert self.revoked_digests == ["ab" * 32]
-        assert self.broadcaster.delivered == 0
+        assert self.framed == []

@@ -16,10 +16,8 @@ from twisted.internet.threads import deferToThread
 
 from bklit.keys import REVOKED_CHANNEL
 from bklit.tokens import TokenStore, key_digest, token_key
-from harness import connect, eventually
-from test_bad_input import GOOD_ADDRESS, GOOD_SESSION, GoodClient, close, open_client
-from test_cli import bklit
-from test_live import open_dashboard, sdk_client, two_nodes
+from catalogue import GOOD_ADDRESS, GOOD_SESSION, GoodClient, close, open_client
+from harness import bklit, connect, eventually, open_dashboard, sdk_client, two_nodes
 
 REVOKED = {"type": "error", "code": "unauthorized", "message": "API key revoked"}
 LONG_CACHE = {"token_cache_ttl": "600"}

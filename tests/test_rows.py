@@ -9,7 +9,7 @@ from bklit import schema
 from bklit.rows import MAX_FUTURE, MAX_PAST, event_row, event_time, pageview_row, parse_client_time
 from bklit.wire import Event, PageView, parse_message
 
-from test_wire import SDK_EVENT, SDK_PAGEVIEW
+from samples import SDK_EVENT, SDK_PAGEVIEW
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc).timestamp()  # the SDK samples' time
 

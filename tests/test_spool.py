@@ -20,9 +20,8 @@ from bklit.keys import SCRIPT_PREFIXES, STREAM, applied as applied_key
 from bklit.queue import OperationRefused, StreamProducer
 from bklit.redis_client import RedisUnavailable
 from bklit.spool import HEADER, Spool, SpoolError, SpoolFull, decode
-from harness import clickhouse_rows, eventually, redis_connection, running_daemon, sdk_pageview, settings
-from test_health import health
-from test_pipeline import close, message, open_client, send_acked, session_of, stored, expected_rows
+from harness import clickhouse_rows, eventually, health, redis_connection, running_daemon, sdk_pageview, settings
+from loadgen import close, expected_rows, message, open_client, send_acked, session_of, stored
 
 OPS = [["E", "entry-%d" % n, "channel", "message é %d" % n] for n in range(10)]
 

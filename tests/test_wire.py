@@ -8,23 +8,9 @@ from hypothesis import strategies as st
 
 from bklit import wire
 from bklit.wire import Auth, Event, Limits, PageView, ProtocolError, parse_message
+from samples import SDK_EVENT, SDK_PAGEVIEW
 
 SDK_AUTH = '{"type":"auth","apiKey":"bk_x"}'
-SDK_PAGEVIEW = (
-    '{"type":"pageview","apiKey":"bk_x","data":{"url":"https://example.com/pricing?utm_source=news'
-    '&utm_medium=email&gclid=abc","timestamp":"2026-11-26T08:00:00.000Z","referrer":'
-    '"https://www.google.com/search?q=x","referrerHostname":"www.google.com","referrerType":'
-    '"organic","userAgent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)'
-    ' Chrome/131.0 Safari/537.36","viewport":{"width":1280,"height":720},"screen":{"width":1920,'
-    '"height":1080},"language":"en-US","timezone":"Europe/Berlin","sessionId":'
-    '"1732608000000-k3j4h5","projectId":"proj_1","isNewVisitor":true,"landingPage":'
-    '"https://example.com/"}}'
-)
-SDK_EVENT = (
-    '{"type":"event","apiKey":"bk_x","data":{"trackingId":"cta-button","eventType":"click",'
-    '"timestamp":"2026-11-26T08:00:01.000Z","metadata":{"position":"hero","triggerMethod":'
-    '"manual"},"projectId":"proj_1","sessionId":"1732608000000-k3j4h5"}}'
-)
 
 
 def refused(payload, limits=Limits()) -> ProtocolError:

@@ -9,11 +9,12 @@ twistd before the reactor runs, with one line per bad key), and
    and the HTTP resources, on the configured endpoint string;
 3. ``WriterService`` (role ``all`` or ``writer``) — the stream into
    ClickHouse, which first brings the schema up to date when
-   ``auto_migrate`` is on.
+   ``auto_migrate`` is on; it, the migration and the health check use one
+   ``ClickHousePool`` (the API has one of its own, with short timeouts).
 
 They stop in reverse: stop listening and close the sockets, write the last
-batch (to Redis, or to the local spool while Redis cannot take it), then
-close Redis.
+batch (to Redis, or to the local spool while Redis cannot take it), close
+the ClickHouse pools, then close Redis.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.internet import endpoints
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
-from bklit.api import Api
-from bklit.clickhouse import Inserter, thd_migrate
+from bklit.api import THREADS as API_THREADS, Api, reader_url
+from bklit.clickhouse import ClickHousePool, Inserter, server_url, thd_migrate_with, with_timeouts
 from bklit.config import ConfigError, load_config
 from bklit.dashboard import Broadcaster, DashboardFactory, Dashboards
 from bklit.geo import GeoError, load_city_db
@@ -51,6 +51,11 @@ from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSError, TLS
 from bklit.tokens import TokenStore, TokenVerifier
 from bklit.web import LiveCount, Lockout, UpgradeResource, make_site
 from bklit.writer import WriterService, consumer_name
+
+
+# Seconds: a ClickHouse host that stops answering is given up for the next soon.
+WRITER_CONNECT_TIMEOUT = 3
+WRITER_RECEIVE_TIMEOUT = 30
 
 
 class Options(usage.Options):
@@ -157,18 +162,24 @@ class BklitService(MultiService):
         self.listener: Any = None
         self.site: Any = None
         self.writer: WriterService | None = None
+        self.api_clickhouse: ClickHousePool | None = None
         if config.runs_ingest:
             self._build_endpoints()
+        self.clickhouse: ClickHousePool | None = None
         if config.runs_writer:
-            inserter = Inserter(config.clickhouse, config.clickhouse_database)
+            # Connected to the default database: the migration may have to create ours.
+            self.clickhouse = ClickHousePool(
+                with_timeouts(server_url(config.clickhouse), WRITER_CONNECT_TIMEOUT, WRITER_RECEIVE_TIMEOUT),
+                reactor, threads=config.writer_threads, name="bklit-clickhouse")
+            self.clickhouse.setServiceParent(self)
             self.writer = WriterService(
-                self.redis, inserter, reactor, reactor=reactor, consumer=self.node,
-                batch_size=config.batch_size, flush_interval=config.flush_interval,
-                claim_idle=config.claim_idle, threads=config.writer_threads,
-                prepare=self.migrate if config.auto_migrate else None, metrics=self.metrics)
+                self.redis, Inserter(config.clickhouse_database), reactor, clickhouse=self.clickhouse,
+                consumer=self.node, batch_size=config.batch_size, flush_interval=config.flush_interval,
+                claim_idle=config.claim_idle, prepare=self.migrate if config.auto_migrate else None,
+                metrics=self.metrics)
             self.writer.setServiceParent(self)
         self.health = HealthCheck(self.redis, reactor, config.health_interval, self.metrics,
-                                  writer=self.writer, connections=self._connection_counts,
+                                  clickhouse=self.clickhouse, connections=self._connection_counts,
                                   producer=self.producer if config.runs_ingest else None,
                                   stream_max_length=config.stream_max_length)
         self.health.setServiceParent(self)
@@ -217,7 +228,10 @@ class BklitService(MultiService):
         api = Resource()
         lockout = Lockout(self.admission, self.ingest.trusted_proxies, config.client_ip_header)
         api.putChild(b"live", LiveCount(verifier, self.sessions, lockout))
-        self.api = Api(config.clickhouse, verifier, self.redis.call, reactor, lockout=lockout)  # /api/stats, ...
+        self.api_clickhouse = ClickHousePool(reader_url(config.clickhouse), reactor,
+                                             threads=API_THREADS, name="bklit-api")
+        self.api_clickhouse.setServiceParent(self)
+        self.api = Api(self.api_clickhouse, verifier, self.redis.call, reactor, lockout=lockout)  # /api/stats, ...
         self.api.setServiceParent(self)
         self.api.mount(api)
         refusals = Refusals(reactor, self.metrics.http_refused)
@@ -292,10 +306,9 @@ class BklitService(MultiService):
             locator.reload()
 
     async def migrate(self) -> None:
-        """Bring the ClickHouse schema up to date (in the writer's threads)."""
-        applied = await deferToThreadPool(
-            self.reactor, self.writer.pool, thd_migrate,
-            self.config.clickhouse, self.config.clickhouse_database)
+        """Bring the ClickHouse schema up to date (in the writer's ClickHouse pool)."""
+        applied = await self.clickhouse.do(thd_migrate_with, self.config.clickhouse_database,
+                                           self.config.clickhouse_cluster)
         if applied:
             self.log.info("schema migrated to version {version}", version=applied[-1])
 
@@ -312,10 +325,11 @@ class BklitService(MultiService):
             ("stop listening", self.listener and self.listener.stopService),
             ("close SDK sockets", self.ingest and self.ingest.close_all),
             ("close dashboards", self.dashboards and self.dashboards.close_all),
-            ("stop the API's ClickHouse threads", self.api and self.api.stopService),
+            ("stop the API", self.api and self.api.stopService),
             ("stop the session loops", self.sessions and self.sessions.stopService),
             ("store or spool what was accepted", self.producer.drain),
             ("stop the writer", self.writer and self.writer.stopService),
+            ("close the ClickHouse pools", self._close_clickhouse),
             ("stop pub/sub", self.dashboards and self.dashboards.broadcaster.stop),
             ("close Redis", self.redis.stopService),
         ]
@@ -326,6 +340,11 @@ class BklitService(MultiService):
                 await defer.maybeDeferred(step)
             except Exception:
                 self.log.failure("shutdown: {what} failed", what=what)
+
+
+    def _close_clickhouse(self) -> defer.Deferred:
+        pools = [pool for pool in (self.api_clickhouse, self.clickhouse) if pool is not None and pool.running]
+        return defer.gatherResults([pool.stopService() for pool in pools])
 
 
 def makeService(options: Options, reactor: Any = None) -> BklitService:

@@ -214,6 +214,22 @@ def check_cluster(client: Any, cluster: str) -> None:
                          " of replicas (every replica holds every row, so FINAL and uniqExact stay exact)")
 
 
+def check_replicated(client: Any, database: str) -> None:
+    """Raise ``ValueError`` if a table of ours in ``database`` is there but not replicated.
+
+    ``CREATE TABLE IF NOT EXISTS`` would leave such a table as it is: it was
+    made before ``clickhouse_cluster`` was set, and its rows would stay on
+    this server alone.
+    """
+    rows = client.execute("SELECT name, engine FROM system.tables WHERE database = %(db)s AND name IN %(names)s",
+                          {"db": database, "names": (*schema.TABLES, MIGRATIONS_TABLE)})
+    plain = sorted(f"{name} ({engine})" for name, engine in rows if not engine.startswith("Replicated"))
+    if plain:
+        raise ValueError(f"clickhouse_cluster is set, but {database} on {host_of(client)} has tables that are"
+                         f" not replicated: {', '.join(plain)}; they were made before the setting (see the"
+                         " README, Scaling, for moving them)")
+
+
 def thd_migrate_with(client: Any, database: str, cluster: str = "") -> list[int]:
     """Create the database and apply the migrations it lacks, in order.
 
@@ -224,6 +240,8 @@ def thd_migrate_with(client: Any, database: str, cluster: str = "") -> list[int]
     replica that is down does not hold up a writer's start.  Returns the
     versions applied now.
     """
+    if cluster:
+        check_replicated(client, database)
     current = _current_version(client, database)
     if current >= schema.MIGRATIONS[-1][0]:
         return []

@@ -236,3 +236,12 @@ def test_schema_migrate_names_a_cluster_the_server_lacks(clickhouse_url):
     done = bklit("schema", "migrate", clickhouse=clickhouse_url, clickhouse_cluster="nowhere")
     assert done.returncode == 1
     assert "has no cluster 'nowhere' in its remote_servers" in done.stderr, done.stderr
+
+
+def test_schema_migrate_refuses_plain_tables_when_a_cluster_is_set(clickhouse_url):
+    """Tables made before clickhouse_cluster was set are named, not silently left unreplicated."""
+    assert bklit("schema", "migrate", clickhouse=clickhouse_url).returncode == 0
+    done = bklit("schema", "migrate", clickhouse=clickhouse_url, clickhouse_cluster=CLUSTER)
+    assert done.returncode == 1
+    assert "not replicated: page_view_event (ReplacingMergeTree)" in done.stderr, done.stderr
+    assert "schema_migrations (TinyLog)" in done.stderr

@@ -270,7 +270,7 @@ async def stored_there_after(case: FaultCase, url: str, since: float, timeout: f
 
 @pytest_twisted.ensureDeferred
 async def test_clickhouse_replica_stopped(replica_fault_case, clickhouse_replicas, replicated_db):
-    """The replica the writer inserts into stops for 8 s: the writer moves to the other; nothing lost.
+    """The replica the writer inserts into stops for 10 s: the writer moves to the other; nothing lost.
 
     The node makes the replicated schema itself (auto_migrate with
     ``clickhouse_cluster``).  Once the stopped replica is back it fetches
@@ -279,8 +279,8 @@ async def test_clickhouse_replica_stopped(replica_fault_case, clickhouse_replica
     first, second = clickhouse_replicas.servers
     only = {server: "clickhouse://default:@127.0.0.1:%d/%s" % (server.port, replicated_db)
             for server in (first, second)}
-    async with replica_fault_case("ClickHouse replica 1 of 2 (the writer's) stopped 8 s, then restarted",
-                                  load_seconds=16) as case:
+    async with replica_fault_case("ClickHouse replica 1 of 2 (the writer's) stopped 10 s, then restarted",
+                                  load_seconds=18) as case:
         node = await case.node("all", clickhouse_cluster="bklit_cluster").start()
         await case.start_load(node)
         # the schema is made ON CLUSTER first (a few seconds): stop once rows go in
@@ -288,8 +288,8 @@ async def test_clickhouse_replica_stopped(replica_fault_case, clickhouse_replica
         await case.at(max(3, before or 0))
         await deferToThread(first.stop)
         case.fault_began()
-        moved = await stored_there_after(case, only[second], case.fault_began_at, timeout=7)
-        await pause(case.fault_began_at + 8 - time.monotonic())
+        moved = await stored_there_after(case, only[second], case.fault_began_at, timeout=9)
+        await pause(case.fault_began_at + 10 - time.monotonic())
         await deferToThread(first.start)
         case.fault_ended()
         await case.finish()
@@ -298,6 +298,6 @@ async def test_clickhouse_replica_stopped(replica_fault_case, clickhouse_replica
         case.note(f"replica 2 stored events acked after the stop {moved:.1f} s after it" if moved is not None
                   else "replica 2 stored nothing while replica 1 was down")
         case.expect(before is not None, "the writer stored nothing on replica 1 in its first 10 s")
-        case.expect(moved is not None, "the writer did not move to replica 2 within 7 s")
+        case.expect(moved is not None, "the writer did not move to replica 2 within 9 s")
         case.expect(not any(on_each.values()), "acked events missing on a replica: "
                     + ", ".join(f"{len(missing)} on {server.port}" for server, missing in on_each.items() if missing))

@@ -25,7 +25,7 @@ from bklit import schema
 from bklit.clickhouse import ClickHousePool, Inserter, PoolStopped, connect, driver_url, thd_migrate, thd_once, thd_ping
 from bklit.config import ConfigError, clickhouse_hosts, load_config
 
-from harness import clickhouse_rows
+from harness import clickhouse_rows, eventually, running_daemon, settings
 
 BKLIT = Path(sys.executable).parent / "bklit"
 CLUSTER = "bklit_cluster"
@@ -181,6 +181,23 @@ async def test_pool_moves_to_the_next_host_and_stays_there(clickhouse_replicas):
     finally:
         await deferToThread(first.ensure_running)
         await pool.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_daemon_stops_its_clickhouse_pools_after_the_writer(redis_url, clickhouse_url):
+    """The writer's pool (inserts, migration, health) and the API's: threads joined, clients closed at stop."""
+    async with running_daemon(settings(redis_url, clickhouse_url, health_interval="0.1")) as daemon:
+        service = daemon.service
+        await eventually(lambda: service.health.state.get("clickhouse", {}).get("up"))
+        pools = [service.clickhouse, service.api_clickhouse]
+        assert [pool.pool.name for pool in pools] == ["bklit-clickhouse", "bklit-api"]
+        clients = list(service.clickhouse._clients)
+        assert clients and all(client.connection.database == "default" for client in clients)
+    for pool in pools:
+        assert pool.pool.joined and not any(thread.is_alive() for thread in pool.pool.threads)
+    assert not any(client.connection.connected for client in clients)
+    with pytest.raises(PoolStopped):
+        await service.clickhouse.do(thd_ping)
 
 
 # Migrations on the cluster ---------------------------------------------------------------------

@@ -341,8 +341,8 @@ class BklitService(MultiService):
             except Exception:
                 self.log.failure("shutdown: {what} failed", what=what)
 
-
     def _close_clickhouse(self) -> defer.Deferred:
+        """Join the ClickHouse pools' threads (the writer's last batch is in) and close their clients."""
         pools = [pool for pool in (self.api_clickhouse, self.clickhouse) if pool is not None and pool.running]
         return defer.gatherResults([pool.stopService() for pool in pools])
 

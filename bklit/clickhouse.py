@@ -191,7 +191,7 @@ def _apply(client: Any, statement: str) -> None:
             raise
 
 
-def _current_version(client: Any, database: str) -> int:
+def thd_schema_version(client: Any, database: str) -> int:
     """The newest migration applied to ``database`` (0 for none, or no table yet)."""
     exists = client.execute(
         "SELECT count() FROM system.tables WHERE database = %(db)s AND name = %(t)s",
@@ -242,14 +242,14 @@ def thd_migrate_with(client: Any, database: str, cluster: str = "") -> list[int]
     """
     if cluster:
         check_replicated(client, database)
-    current = _current_version(client, database)
+    current = thd_schema_version(client, database)
     if current >= schema.MIGRATIONS[-1][0]:
         return []
     if cluster:
         check_cluster(client, cluster)
     client.execute(schema.render(f"CREATE DATABASE IF NOT EXISTS {database}", database, cluster))
     client.execute(schema.migrations_table(database, MIGRATIONS_TABLE, cluster))
-    current = _current_version(client, database)
+    current = thd_schema_version(client, database)
     applied = []
     for version, statements in schema.MIGRATIONS:
         if version <= current:

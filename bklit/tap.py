@@ -66,7 +66,7 @@ class Options(usage.Options):
         ["listen", None, None, "Twisted endpoint string to listen on (default tcp:8080)."],
         ["redis", None, None, "Redis URL, redis://[user:password@]host:port/db (rediss:// for TLS,"
                               " redis+sentinel://host:port[,host:port...]/SERVICE[/db] under Sentinel)."],
-        ["clickhouse", None, None, "ClickHouse URL, clickhouse://user:password@host:port/database."],
+        ["clickhouse", None, None, "ClickHouse URL, clickhouse://user:password@host:port[,host:port...]/database."],
         ["role", None, None, "all, ingest or writer (default all)."],
     ]
 

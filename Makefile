@@ -26,12 +26,14 @@ all: $(VENV)
 packages:
 	scripts/ensure-packages redis-server clickhouse-server
 
-# The tests also run Debian's redis-sentinel (the failover tests), drive
-# Debian's chromium (trusting a test CA through certutil) and check the
-# systemd units with systemd-analyze. Debian's npm (on its Node 18) only
-# installs tests/browser, whose Node 22 runs the tests.
+# The tests also run Debian's redis-sentinel (the failover tests) and two
+# ClickHouse replicas kept by Debian's zookeeper (Java; about 20 s to
+# install where Java is there, 2 s to start), drive Debian's chromium
+# (trusting a test CA through certutil) and check the systemd units with
+# systemd-analyze. Debian's npm (on its Node 18) only installs
+# tests/browser, whose Node 22 runs the tests.
 test-packages:
-	scripts/ensure-packages redis-server redis-sentinel clickhouse-server chromium libnss3-tools systemd openssl npm
+	scripts/ensure-packages redis-server redis-sentinel clickhouse-server zookeeper chromium libnss3-tools systemd openssl npm
 
 venv $(VENV): $(STAMP)
 

@@ -289,16 +289,10 @@ STATS_QUERIES = {
 }
 
 
-def thd_stats(url: str, project: str, since: int) -> dict:
+def thd_stats(client: Any, project: str, since: int) -> dict:
     """Counts (people, and bots apart) and top pages of ``project`` since ``since`` (epoch seconds)."""
-    from bklit.clickhouse import connect as clickhouse
-
-    client = clickhouse(url)
     params = {"project": project, "since": since}
-    try:
-        result = {name: client.execute(query, params) for name, query in STATS_QUERIES.items()}
-    finally:
-        client.disconnect()
+    result = {name: client.execute(query, params) for name, query in STATS_QUERIES.items()}
     numbers = {}
     for name in ("pageviews", "events", "sessions"):
         by_bot = dict(result[name])
@@ -311,7 +305,7 @@ async def stats(args: argparse.Namespace, config: Config) -> None:
     """Pageviews, sessions, events and top pages from ClickHouse; live from Redis."""
     import logging
 
-    from twisted.internet.threads import deferToThread
+    from bklit.clickhouse import using_pool
 
     span_label, span = args.since
     since = max(0, int(time.time()) - span)
@@ -320,7 +314,7 @@ async def stats(args: argparse.Namespace, config: Config) -> None:
     bots_live = int(await redis.call("ZCARD", keys.live_bots(args.project)))
     logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
     try:
-        numbers = await deferToThread(thd_stats, config.clickhouse, args.project, since)
+        numbers = await using_pool(config.clickhouse, thd_stats, args.project, since)
     except Exception as e:
         raise Failed(f"ClickHouse: {first_line(e)}") from None
     result = {"project": args.project, "since": utc(since) + " UTC", "since_epoch": since,

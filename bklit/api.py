@@ -21,8 +21,10 @@ read this project (an ingest key, or a key of other projects: as
 not answer.
 
 ClickHouse is asked with parameterised queries only (clickhouse-driver's
-``%(name)s``), from a small thread pool of this service's own (the writer's
-pool belongs to the writer role and to inserts), one client per thread.
+``%(name)s``), through a ``ClickHousePool`` of the API's own (``reader_url``:
+short timeouts; the writer's pool belongs to the writer role and to
+inserts), one client per thread, moving to the next of several hosts when
+one does not answer.
 Counts are exact and of people: rows with ``is_bot = 1`` are left out
 (``bklit.rollup`` says how each number is counted).  The queries use only
 functions of ClickHouse 18.16.
@@ -30,20 +32,16 @@ functions of ClickHouse 18.16.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from clickhouse_driver import Client, errors
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from bklit import agents, compat, keys, rollup, wire
+from bklit.clickhouse import ClickHousePool, with_timeouts
 from bklit.dashboard import bearer
 from bklit.web import _json
 
@@ -68,46 +66,12 @@ def timeseries_answer(rows: list[tuple], start: int, minutes: int = MINUTES) -> 
 
 def reader_url(url: str) -> str:
     """``url`` with short connect and receive timeouts, unless it sets its own."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    query.setdefault("connect_timeout", str(CONNECT_TIMEOUT))
-    query.setdefault("send_receive_timeout", str(QUERY_TIMEOUT))
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    return with_timeouts(url, CONNECT_TIMEOUT, QUERY_TIMEOUT)
 
 
-class Reader:
-    """Runs read queries from pool threads, one clickhouse-driver client per thread."""
-
-    def __init__(self, url: str):
-        self.url = reader_url(url)
-        self._local = threading.local()
-        self._clients: list[Client] = []
-        self._lock = threading.Lock()
-
-    def thd_select(self, query: str, params: dict) -> list[tuple]:
-        """The rows of one query; a failure that is not the query's own drops the thread's client."""
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = Client.from_url(self.url)
-            with self._lock:
-                self._clients.append(client)
-        try:
-            return client.execute(query, params, settings={"max_execution_time": QUERY_TIMEOUT})
-        except errors.ServerException:
-            raise
-        except Exception:
-            self._local.client = None
-            with self._lock:
-                self._clients.remove(client)
-            client.disconnect()
-            raise
-
-    def thd_close(self) -> None:
-        """Disconnect every thread's client (the pool has stopped)."""
-        with self._lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            client.disconnect()
+def thd_select(client: Any, query: str, params: dict) -> list[tuple]:
+    """The rows of one read query, cut off after ``QUERY_TIMEOUT`` seconds on the server."""
+    return client.execute(query, params, settings={"max_execution_time": QUERY_TIMEOUT})
 
 
 class Unavailable(Exception):
@@ -115,18 +79,17 @@ class Unavailable(Exception):
 
 
 class Api(Service):
-    """The API's state: the key verifier, Redis, and ClickHouse behind a thread pool it starts and stops."""
+    """The API's state: the key verifier, Redis, and ClickHouse through ``clickhouse`` (see ``reader_url``)."""
 
     log = Logger()
 
-    def __init__(self, clickhouse_url: str, verifier: Any, redis_call: Callable[..., defer.Deferred],
-                 reactor: Any, threads: int = THREADS, lockout: Any = None):
+    def __init__(self, clickhouse: ClickHousePool, verifier: Any, redis_call: Callable[..., defer.Deferred],
+                 reactor: Any, lockout: Any = None):
         self.verifier = verifier
         self.lockout = lockout  # refused keys count toward the sockets' lockout (bklit.web.Lockout)
         self.redis_call = redis_call
         self.reactor = reactor
-        self.reader = Reader(clickhouse_url)
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="bklit-api")
+        self.clickhouse = clickhouse
         self.agents = agents.shared()
         self._clickhouse_failing = False
         self.hours = rollup.HourCache(self.select, reactor)
@@ -135,7 +98,6 @@ class Api(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
         self.checking.start(rollup.CHECK_EVERY, now=False)
 
     def _check(self) -> defer.Deferred:
@@ -148,9 +110,6 @@ class Api(Service):
         super().stopService()
         if self.checking.running:
             self.checking.stop()
-        if self.pool.started:
-            self.pool.stop()
-            self.reader.thd_close()
 
     def mount(self, api: Resource) -> None:
         """Put the endpoints under ``api`` (the ``/api/`` resource)."""
@@ -172,8 +131,7 @@ class Api(Service):
     async def select(self, queries: dict[str, str], params: dict) -> dict[str, list[tuple]]:
         """Run named queries at once in the pool; ``Unavailable`` when ClickHouse fails."""
         names = list(queries)
-        waiting = [deferToThreadPool(self.reactor, self.pool, self.reader.thd_select, queries[name], params)
-                   for name in names]
+        waiting = [self.clickhouse.do(thd_select, queries[name], params) for name in names]
         outcomes = await defer.DeferredList(waiting, consumeErrors=True)
         failed = next((value for ok, value in outcomes if not ok), None)
         if failed is not None:

@@ -245,15 +245,14 @@ async def token_revoke(args: argparse.Namespace, config: Config) -> None:
 async def schema_migrate(args: argparse.Namespace, config: Config) -> None:
     import logging
 
-    from twisted.internet.threads import deferToThread
-
-    from bklit.clickhouse import thd_migrate
+    from bklit.clickhouse import server_url, thd_migrate_with, using_pool
 
     # clickhouse-driver logs every failed connection attempt with a
     # traceback; the failure is reported once, below.
     logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
     try:
-        applied = await deferToThread(thd_migrate, config.clickhouse, config.clickhouse_database)
+        applied = await using_pool(server_url(config.clickhouse), thd_migrate_with,
+                                   config.clickhouse_database, config.clickhouse_cluster)
     except Exception as e:
         raise Failed(f"migration failed: {type(e).__name__}: {e}") from None
     if args.json:

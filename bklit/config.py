@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 ROLES = ("all", "ingest", "writer")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -144,18 +144,35 @@ def hide_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def clickhouse_database(value: str) -> str:
-    """The database named by a ``clickhouse://`` URL (default ``bklit``)."""
+def clickhouse_hosts(value: str) -> list[str]:
+    """The ``host[:port]`` of each host a ``clickhouse://`` URL names, in order.
+
+    Several hosts are comma-separated, as in
+    ``clickhouse://default:@10.0.0.1:9000,10.0.0.2:9000/bklit`` (the
+    replicas of one shard); ``ValueError`` says what is wrong.
+    """
     parts = urlsplit(value)
     if parts.scheme not in ("clickhouse", "clickhouses"):
         raise ValueError("must start with clickhouse:// or clickhouses://")
-    if not parts.hostname:
-        raise ValueError("needs a host, as in clickhouse://default:@127.0.0.1:9000/bklit")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    database = parts.path.strip("/") or "bklit"
+    hosts = parts.netloc.rpartition("@")[2].split(",")
+    for host in hosts:
+        item = urlsplit("//" + host.strip())
+        if not item.hostname:
+            raise ValueError("needs a host, as in clickhouse://default:@127.0.0.1:9000/bklit"
+                             " (several: host:port,host:port)")
+        try:
+            item.port
+        except ValueError:
+            raise ValueError(f"has an invalid port in {host.strip()!r}") from None
+    if len(hosts) > 1 and "alt_hosts" in dict(parse_qsl(parts.query)):
+        raise ValueError("names several hosts and alt_hosts too: list them in one place")
+    return [host.strip() for host in hosts]
+
+
+def clickhouse_database(value: str) -> str:
+    """The database named by a ``clickhouse://`` URL (default ``bklit``)."""
+    clickhouse_hosts(value)
+    database = urlsplit(value).path.strip("/") or "bklit"
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", database):
         raise ValueError(f"database name {database!r} is not a plain identifier")
     return database
@@ -269,6 +286,13 @@ def _clickhouse_url(value: str) -> str:
     return value.strip()
 
 
+def _identifier(value: str) -> str:
+    value = value.strip()
+    if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+        raise ValueError(f"{value!r} is not a plain identifier (letters, digits, _)")
+    return value
+
+
 def _proxies(value: str) -> tuple[str, ...]:
     from bklit.enrich import parse_proxies
 
@@ -291,7 +315,8 @@ KEYS: dict[str, Key] = {
     "status_listen": Key("", _text, "Endpoint string of this process's own /healthz and /metrics (tcp:9100:interface=127.0.0.1, unix:/run/bklit/status.sock); %i stands for instance. Empty: none."),
     "instance": Key("", _instance, "Name of this process among several of one host (bklit-ingest@.service sets BKLIT_INSTANCE to its instance name); %i in status_listen is replaced by it."),
     "redis": Key("redis://127.0.0.1:6379/0", _redis_url, "Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS, redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db] to follow a Sentinel-managed primary."),
-    "clickhouse": Key("clickhouse://default:@127.0.0.1:9000/bklit", _clickhouse_url, "ClickHouse URL as clickhouse-driver's Client.from_url reads it."),
+    "clickhouse": Key("clickhouse://default:@127.0.0.1:9000/bklit", _clickhouse_url, "ClickHouse URL as clickhouse-driver's Client.from_url reads it; several hosts (replicas) comma-separated, host:port,host:port, tried in turn."),
+    "clickhouse_cluster": Key("", _identifier, "ClickHouse cluster (remote_servers) whose replicas of one shard hold the tables: bklit schema migrate makes them ON CLUSTER as ReplicatedReplacingMergeTree. Empty: plain tables on one server."),
     "tls_cert": Key("", _text, "TLS certificate chain (Let's Encrypt fullchain.pem). Empty with tls_key empty: plain ws."),
     "tls_key": Key("", _text, "TLS private key (Let's Encrypt privkey.pem), readable by the service user."),
     "tls_check_interval": Key("60", _seconds(0, 86400), "Seconds between checks for renewed certificate files (0: only on SIGHUP)."),
@@ -366,6 +391,7 @@ class Config:
     tls_check_interval: float
     redis: str
     clickhouse: str
+    clickhouse_cluster: str
     role: str
     auto_migrate: bool
     redis_timeout: float

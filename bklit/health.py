@@ -3,7 +3,8 @@
 ``HealthCheck`` looks every ``interval`` seconds (never per request, so a
 flood of health checks costs nothing): Redis answers PING, ClickHouse
 answers ``SELECT 1`` (only where the writer runs; an ingest node does not
-store), and the stream's length and pending count are read for the report
+store; the report names the host that answered, of those the ``clickhouse``
+setting lists), and the stream's length and pending count are read for the report
 and the metrics.  It also reads how Redis persists what it holds, which
 Redis primary is in use (``redis_primary``: with Sentinel, the one of the
 day) and the local spool's state.  ``HealthPage`` serves the last result as JSON (in
@@ -27,9 +28,9 @@ import time
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 
+from bklit.clickhouse import thd_ping
 from bklit.httpd import Page
 from bklit.keys import GROUP, STREAM
 from bklit.lifecycle import Periodic
@@ -42,7 +43,7 @@ class HealthCheck(Periodic):
     """Periodic checks of Redis, ClickHouse and the stream (the first at start)."""
 
     def __init__(self, redis: Any, clock: Any, interval: float, metrics: Any, *,
-                 writer: Any = None, connections: Any = None, producer: Any = None,
+                 clickhouse: Any = None, connections: Any = None, producer: Any = None,
                  stream_max_length: int = 1_000_000):
         super().__init__(interval, self._run, clock, name="health")
         self.redis = redis
@@ -51,7 +52,7 @@ class HealthCheck(Periodic):
         self.persistence = ""
         self.primary = ""
         self.metrics = metrics
-        self.writer = writer
+        self.clickhouse = clickhouse  # the writer's ClickHousePool (None: not checked)
         self.connections = connections or (lambda: {})
         self.state: dict[str, Any] = {"status": "starting"}
         self.healthy = False
@@ -162,13 +163,13 @@ class HealthCheck(Periodic):
                 "problem": spool.trouble}
 
     async def _clickhouse(self) -> dict:
-        if self.writer is None:
+        if self.clickhouse is None:
             return {"checked": False}
         try:
-            await deferToThreadPool(self.writer.reactor, self.writer.pool, self.writer.inserter.thd_ping)
+            host = await self.clickhouse.do(thd_ping)
         except Exception as e:
             return {"up": False, "error": _short(e)}
-        return {"up": True}
+        return {"up": True, "host": host}
 
 
 def persistence(appendonly: str, appendfsync: str, save: str, policy: str = "noeviction") -> tuple[str, str]:

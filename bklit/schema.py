@@ -9,6 +9,7 @@ Table and column names follow the original product's so its queries work.
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
@@ -179,6 +180,44 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         _V2_EVENT_BOTS,
     )),
 )
+
+# Replicated tables (setting ``clickhouse_cluster``): the same statements,
+# rendered by ``render``.  CREATE goes ``ON CLUSTER`` with the engine made
+# Replicated (its ZooKeeper path per shard, one name per replica from the
+# servers' macros); an ALTER goes to one replica, and the table's
+# replication carries it to the others (18.16 refuses MODIFY ORDER BY in
+# an ALTER ... ON CLUSTER).
+REPLICA_PATH = "/clickhouse/tables/{{shard}}/{db}/{table}"
+_CREATE_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)\.(\w+) \(")
+_ENGINE = re.compile(r"ENGINE = (ReplacingMergeTree|MergeTree)\((\w*)\)")
+
+
+def render(statement: str, database: str, cluster: str = "") -> str:
+    """``statement`` (its ``{db}`` filled in) as it runs: as is without ``cluster``, else replicated."""
+    if not cluster or statement.startswith("ALTER TABLE "):
+        return statement
+    if statement.startswith("CREATE DATABASE IF NOT EXISTS "):
+        return f"{statement} ON CLUSTER {cluster}"
+    created = _CREATE_TABLE.match(statement)
+    engine = _ENGINE.search(statement)
+    if created is None or engine is None:
+        raise ValueError(f"no replicated form for: {statement.splitlines()[0]}")
+    table = created.group(2)
+    path = REPLICA_PATH.format(db=database, table=table)
+    arguments = ", ".join([f"'{path}'", "'{replica}'"] + ([engine.group(2)] if engine.group(2) else []))
+    statement = statement[:engine.start()] + f"ENGINE = Replicated{engine.group(1)}({arguments})" + statement[engine.end():]
+    return _CREATE_TABLE.sub(f"CREATE TABLE IF NOT EXISTS {database}.{table} ON CLUSTER {cluster} (", statement, count=1)
+
+
+def migrations_table(database: str, name: str, cluster: str = "") -> str:
+    """The DDL of the table that records applied migrations (replicated with ``cluster``)."""
+    if not cluster:
+        return (f"CREATE TABLE IF NOT EXISTS {database}.{name}"
+                " (version UInt32, applied_at DateTime DEFAULT now()) ENGINE = TinyLog")
+    return render(f"CREATE TABLE IF NOT EXISTS {database}.{name}"
+                  " (version UInt32, applied_at DateTime DEFAULT now()) ENGINE = MergeTree() ORDER BY version",
+                  database, cluster)
+
 
 _MAX_DATETIME = 2**32 - 1
 _UINT_MAX = {"UInt8": 2**8 - 1, "UInt16": 2**16 - 1, "UInt32": 2**32 - 1, "UInt64": 2**64 - 1}

@@ -8,7 +8,9 @@ twistd before the reactor runs, with one line per bad key), and
 1. ``RedisService`` — the connection everything else uses, started first;
 2. pub/sub, the API, the writer (role ``all`` or ``writer``: the stream
    into ClickHouse, which first brings the schema up to date when
-   ``auto_migrate`` is on), the stream producer;
+   ``auto_migrate`` is on), the stream producer; the writer, the migration
+   and the health check use one ``ClickHousePool``, the API one of its own
+   (short timeouts), started before them;
 3. the timers: live sessions' heartbeat and sweeper, health checks,
    certificate checks, purges of the rate-limit tables;
 4. the SDK and dashboard sockets, and last the listener (role ``all`` or
@@ -19,7 +21,7 @@ twistd before the reactor runs, with one line per bad key), and
 They stop one at a time in reverse: stop listening and close the sockets
 with 1001, stop the timers, write what was accepted (to Redis, or to the
 local spool while Redis cannot take it), the writer's last batch, then
-the thread pools and Redis.
+the ClickHouse pools and Redis.
 
 A config error exits ``EXIT_CONFIG`` (78) with one line per bad key, and a
 port that cannot be bound ``EXIT_LISTEN`` (75) with one log line.
@@ -41,8 +43,8 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 
 from bklit import compat
-from bklit.api import Api
-from bklit.clickhouse import Inserter, thd_migrate
+from bklit.api import THREADS as API_THREADS, Api, reader_url
+from bklit.clickhouse import ClickHousePool, Inserter, server_url, thd_migrate_with, with_timeouts
 from bklit import logs
 from bklit.broadcast import Broadcaster
 from bklit.config import ConfigError, load_config, unknown_variables
@@ -72,6 +74,11 @@ EXIT_CONFIG = 78
 EXIT_LISTEN = 75
 
 
+# Seconds: a ClickHouse host that stops answering is given up for the next soon.
+WRITER_CONNECT_TIMEOUT = 3
+WRITER_RECEIVE_TIMEOUT = 30
+
+
 class Options(usage.Options):
     """Flags of ``twistd bklit``; every other setting comes from the ini file or env."""
 
@@ -80,7 +87,7 @@ class Options(usage.Options):
         ["listen", None, None, "Twisted endpoint string to listen on (default tcp:8080)."],
         ["redis", None, None, "Redis URL, redis://[user:password@]host:port/db (rediss:// for TLS,"
                               " redis+sentinel://host:port[,host:port...]/SERVICE[/db] under Sentinel)."],
-        ["clickhouse", None, None, "ClickHouse URL, clickhouse://user:password@host:port/database."],
+        ["clickhouse", None, None, "ClickHouse URL, clickhouse://user:password@host:port[,host:port...]/database."],
         ["role", None, None, "all, ingest or writer (default all)."],
     ]
 
@@ -170,14 +177,15 @@ class BklitService(OrderedService):
     ends are queued); stop the timers (health, certificates, purges), then
     the session heartbeat and sweeper, each after its run in progress;
     drain the producer's Redis operations (or spool them); the writer's
-    final flush and its threads; the API's threads; pub/sub; Redis.  They
-    start in the reverse order, the listener last.
+    final flush; the API; the ClickHouse pools (their threads joined, their
+    clients closed); pub/sub; Redis; the status listener.  They start in
+    the reverse order, the listener last.
     """
 
     log = Logger()
     log_observer: Any = None  # makeService's choice of log observer, for twistd's application
     stop_order = ("listener", "sdk sockets", "dashboard sockets", "timers", "sessions", "producer",
-                  "writer", "api", "broadcaster", "redis", "status")
+                  "writer", "api", "clickhouse", "api clickhouse", "broadcaster", "redis", "status")
 
     def __init__(self, config: Any, reactor: Any, tls_pair: LoadedPair | None = None,
                  spool: Spool | None = None):
@@ -212,19 +220,25 @@ class BklitService(OrderedService):
         self.site: Any = None
         self.writer: WriterService | None = None
         self.timers = OrderedService()
+        self.api_clickhouse: ClickHousePool | None = None
+        self.clickhouse: ClickHousePool | None = None
         if config.runs_ingest:
             self._build_endpoints()
         self._add("producer", Part("producer", self.producer.start, self.producer.drain))
         if config.runs_writer:
-            inserter = Inserter(config.clickhouse, config.clickhouse_database)
+            # Connected to the default database: the migration may have to create ours.
+            self.clickhouse = ClickHousePool(
+                with_timeouts(server_url(config.clickhouse), WRITER_CONNECT_TIMEOUT, WRITER_RECEIVE_TIMEOUT),
+                reactor, threads=config.writer_threads, name="bklit-clickhouse")
+            self._add("clickhouse", self.clickhouse)
             self.writer = WriterService(
-                self.redis, inserter, reactor, reactor=reactor, consumer=self.node,
-                batch_size=config.batch_size, flush_interval=config.flush_interval,
-                claim_idle=config.claim_idle, threads=config.writer_threads,
-                prepare=self.migrate if config.auto_migrate else None, metrics=self.metrics)
+                self.redis, Inserter(config.clickhouse_database), reactor, clickhouse=self.clickhouse,
+                consumer=self.node, batch_size=config.batch_size, flush_interval=config.flush_interval,
+                claim_idle=config.claim_idle, prepare=self.migrate if config.auto_migrate else None,
+                metrics=self.metrics)
             self._add("writer", self.writer)
         self.health = HealthCheck(self.redis, reactor, config.health_interval, self.metrics,
-                                  writer=self.writer, connections=self._connection_counts,
+                                  clickhouse=self.clickhouse, connections=self._connection_counts,
                                   producer=self.producer if config.runs_ingest else None,
                                   stream_max_length=config.stream_max_length)
         self.health.setServiceParent(self.timers)
@@ -306,7 +320,10 @@ class BklitService(OrderedService):
         api = Resource()
         lockout = Lockout(self.admission, self.ingest.trusted_proxies, config.client_ip_header)
         api.putChild(b"live", LiveCount(verifier, self.sessions, lockout))
-        self.api = Api(config.clickhouse, verifier, self.redis.call, reactor, lockout=lockout)  # /api/stats, ...
+        self.api_clickhouse = ClickHousePool(reader_url(config.clickhouse), reactor,
+                                             threads=API_THREADS, name="bklit-api")
+        self._add("api clickhouse", self.api_clickhouse)
+        self.api = Api(self.api_clickhouse, verifier, self.redis.call, reactor, lockout=lockout)  # /api/stats, ...
         self._add("api", self.api)
         self.api.mount(api)
         refusals = Refusals(reactor, self.metrics.http_refused)
@@ -391,10 +408,9 @@ class BklitService(OrderedService):
             locator.reload()
 
     async def migrate(self) -> None:
-        """Bring the ClickHouse schema up to date (in the writer's threads)."""
-        applied = await deferToThreadPool(
-            self.reactor, self.writer.pool, thd_migrate,
-            self.config.clickhouse, self.config.clickhouse_database)
+        """Bring the ClickHouse schema up to date (in the writer's ClickHouse pool)."""
+        applied = await self.clickhouse.do(thd_migrate_with, self.config.clickhouse_database,
+                                           self.config.clickhouse_cluster)
         if applied:
             self.log.info("schema migrated to version {version}", version=applied[-1])
 

@@ -2,7 +2,8 @@
 
 A timer (``bklit.lifecycle.Periodic``) runs ``write_once``: read up to ``batch_size`` entries with
 XREADGROUP (group ``bklit-writers``, a consumer name unique to this process),
-insert them with clickhouse-driver in a dedicated thread pool, and only then
+insert them with clickhouse-driver in the ClickHouse pool's threads
+(``ClickHousePool``, which the daemon owns and stops after the writer), and only then
 acknowledge and delete them from the stream.  A full batch loops again at
 once.  When an insert fails for a passing reason (ClickHouse down, network)
 nothing is acknowledged: the entries stay pending and are retried, with a
@@ -25,12 +26,10 @@ import orjson
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from bklit import schema
-from bklit.clickhouse import Inserter, is_data_error
+from bklit.clickhouse import ClickHousePool, Inserter, is_data_error
 from bklit.lifecycle import Periodic
 from bklit.metrics import Metrics
 from bklit.keys import DEAD_STREAM, GROUP, STREAM
@@ -94,23 +93,21 @@ def rows_by_table(entries: list[tuple[str, dict[str, str]]]) -> tuple[dict[str, 
 
 
 class WriterService(Service):
-    """Runs the batch loop with its own ClickHouse thread pool."""
+    """Runs the batch loop; inserts go through ``clickhouse``, a pool it uses but does not own."""
 
     log = Logger()
 
     def __init__(self, redis: RedisService, inserter: Inserter, clock: Any, *,
-                 batch_size: int, flush_interval: float, claim_idle: float,
-                 threads: int, consumer: str | None = None, reactor: Any = None,
-                 prepare: Any = None, metrics: Any = None):
+                 clickhouse: ClickHousePool, batch_size: int, flush_interval: float, claim_idle: float,
+                 consumer: str | None = None, prepare: Any = None, metrics: Any = None):
         self.redis = redis
         self.inserter = inserter
+        self.clickhouse = clickhouse
         self.clock = clock
-        self.reactor = reactor if reactor is not None else clock
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.claim_idle = claim_idle
         self.consumer = consumer or consumer_name()
-        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="bklit-clickhouse")
         self.loop = Periodic(flush_interval, self._run, clock, name="writer loop")
         self._group_ready = False
         self._backoff = 0.0
@@ -127,12 +124,11 @@ class WriterService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
         self._stopping = False
         self.loop.startService()
 
     def stopService(self) -> defer.Deferred:
-        """Stop the loop, write what is pending once more, stop the threads."""
+        """Stop the loop and write what is pending once more."""
         super().stopService()
         return defer.ensureDeferred(self._stop())
 
@@ -144,8 +140,6 @@ class WriterService(Service):
             await self.write_once()
         except Exception:
             self.log.failure("final flush failed; entries stay in the stream")
-        finally:
-            self.pool.stop()
 
     def _run(self) -> defer.Deferred:
         d = defer.ensureDeferred(self.write_once())
@@ -271,7 +265,7 @@ class WriterService(Service):
         """
         try:
             started = time.monotonic()
-            await deferToThreadPool(self.reactor, self.pool, self.inserter.thd_insert, table, [row for _, row in items])
+            await self.clickhouse.do(self.inserter.thd_insert, table, [row for _, row in items])
             self.metrics.insert_latency.observe(time.monotonic() - started)
             return []
         except Exception as e:

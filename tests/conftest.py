@@ -21,7 +21,7 @@ import time
 import pytest
 
 import servers
-from servers import ClickHouseServer, RedisServer, ServerError
+from servers import ClickHouseServer, RedisServer, Replication, ServerError, ZooKeeperServer
 
 _database_numbers = itertools.count(1)
 _exit_status = {}
@@ -71,6 +71,33 @@ def clickhouse_db(clickhouse_server):
 def clickhouse_url(clickhouse_server, clickhouse_db):
     """``clickhouse://default:@127.0.0.1:PORT/bklit_test_<n>`` for this test."""
     return clickhouse_server.url_for(clickhouse_db)
+
+
+@pytest.fixture(scope="session")
+def zookeeper_server(tmp_path_factory):
+    """A ZooKeeperServer (Debian's zookeeper package) shared by the session."""
+    server = ZooKeeperServer(tmp_path_factory.mktemp("zookeeper"))
+    yield _running(server)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_replicas(tmp_path_factory, zookeeper_server):
+    """Two ClickHouseServers, replicas of one shard of cluster ``bklit_cluster``, shared by the session."""
+    replication = Replication(zookeeper_server, base_dir=tmp_path_factory.mktemp("replicas"))
+    for server in replication.servers:
+        _running(server)
+    yield replication
+    replication.stop()
+
+
+@pytest.fixture
+def replicated_db(clickhouse_replicas):
+    """The name of a database ``bklit_replicated_<n>`` not made yet, dropped on every replica afterwards."""
+    name = "bklit_replicated_%d" % next(_database_numbers)
+    yield name
+    for server in clickhouse_replicas.servers:
+        _running(server).query("DROP DATABASE IF EXISTS %s" % name)
 
 
 def pytest_sessionfinish(session, exitstatus):

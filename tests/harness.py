@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from clickhouse_driver import Client
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP6ClientEndpoint, clientFromString
 from twisted.internet.protocol import Factory, Protocol
@@ -25,6 +24,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from bklit import compat, schema
+from bklit.clickhouse import connect as connect_clickhouse
 from bklit.config import load_config
 from bklit.tap import BklitService
 from bklit.tokens import TokenStore
@@ -279,8 +279,8 @@ async def running_daemon(config: Any):
 
 
 def clickhouse_rows(clickhouse_url: str, query: str) -> list[tuple]:
-    """Run a query against the test database (blocking; fine in tests)."""
-    client = Client.from_url(clickhouse_url)
+    """Run a query against the test database, of one host or several (blocking; fine in tests)."""
+    client = connect_clickhouse(clickhouse_url)
     try:
         return client.execute(query)
     finally:

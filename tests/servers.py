@@ -563,12 +563,15 @@ class ClickHouseServer(Server):
     )
 
     def __init__(self, base_dir=None, port=None, http_port=None, detach=False,
-                 database="bklit"):
+                 database="bklit", replication=None):
         super().__init__(base_dir, port, detach)
         self.http_port = http_port or free_port()
         while self.http_port == self.port:
             self.http_port = free_port()
         self.database = database
+        #: A ``Replication`` this server takes part in (None: a lone server).
+        self.replication = replication
+        self.interserver_port = free_port() if replication else None
 
     @property
     def url(self):
@@ -580,7 +583,7 @@ class ClickHouseServer(Server):
         return "clickhouse://default:@%s:%d/%s" % (self.host, self.port, database)
 
     def ports(self):
-        return [self.port, self.http_port]
+        return [self.port, self.http_port] + ([self.interserver_port] if self.replication else [])
 
     def log_files(self):
         log_dir = self.base_dir / "log"
@@ -638,6 +641,8 @@ class ClickHouseServer(Server):
                            ("default_database", "default")]:
             if root.find(key) is None:
                 ET.SubElement(root, key).text = value
+        if self.replication is not None:
+            self.replication.configure(root, self)
         config = self.base_dir / "config.xml"
         ET.ElementTree(root).write(config)
         return config
@@ -671,6 +676,112 @@ class ClickHouseServer(Server):
                 return response.read().decode()
         except urllib.error.HTTPError as e:
             raise ServerError("clickhouse: %s" % e.read().decode(errors="replace"))
+
+
+def _xml(parent, tag, children=(), text=None):
+    """Append ``<tag>`` with ``text`` or ``(tag, text-or-children)`` children to ``parent``."""
+    element = ET.SubElement(parent, tag)
+    if text is not None:
+        element.text = str(text)
+    for child, value in children:
+        if isinstance(value, (list, tuple)):
+            _xml(element, child, value)
+        else:
+            _xml(element, child, text=value)
+    return element
+
+
+class Replication:
+    """Several ClickHouseServers as replicas of one shard of ``cluster``, kept by one ZooKeeper.
+
+    Each server's config gets ``<zookeeper>``, the cluster under
+    ``<remote_servers>`` (every server one replica, ``internal_replication``
+    on), ``<macros>`` (``shard`` 01, ``replica`` r1, r2, ...),
+    ``<distributed_ddl>`` for ``ON CLUSTER`` statements, and an interserver
+    port of its own on loopback for replicas to fetch parts from each other.
+    """
+
+    def __init__(self, zookeeper, count=2, cluster="bklit_cluster", base_dir=None):
+        self.zookeeper = zookeeper
+        self.cluster = cluster
+        root = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="bklit-replicas-"))
+        self.servers = [ClickHouseServer(root / ("replica%d" % n), replication=self) for n in range(1, count + 1)]
+
+    def url(self, database):
+        """One ``clickhouse://`` URL naming every replica, first to last."""
+        hosts = ",".join("%s:%d" % (server.host, server.port) for server in self.servers)
+        return "clickhouse://default:@%s/%s" % (hosts, database)
+
+    def configure(self, root, server):
+        """Add the replication sections to ``server``'s config ``root``."""
+        number = self.servers.index(server) + 1
+        _xml(root, "zookeeper", [("node", [("host", self.zookeeper.host), ("port", self.zookeeper.port)])])
+        clusters = _xml(root, "remote_servers")
+        shard = _xml(_xml(clusters, self.cluster), "shard", [("internal_replication", "true")])
+        for replica in self.servers:
+            _xml(shard, "replica", [("host", replica.host), ("port", replica.port)])
+        _xml(root, "macros", [("shard", "01"), ("replica", "r%d" % number)])
+        _xml(root, "distributed_ddl", [("path", "/clickhouse/task_queue/ddl")])
+        _xml(root, "interserver_http_host", text=server.host)
+        _xml(root, "interserver_http_port", text=server.interserver_port)
+
+    def start(self):
+        for server in self.servers:
+            server.ensure_running()
+        return self
+
+    def stop(self):
+        for server in self.servers:
+            server.stop()
+
+
+class ZooKeeperServer(Server):
+    """Debian's ``zookeeper`` (its jars and Java) as a standalone server on loopback.
+
+    Runs ``ZooKeeperServerMain`` with a generated ``zoo.cfg``; ready when the
+    ``srvr`` four-letter word gets its report (``ruok`` says ``imok`` before
+    the server takes sessions).
+    """
+
+    name = "zookeeper"
+    jar = Path("/usr/share/java/zookeeper.jar")
+    config_dir = Path("/etc/zookeeper/conf")
+    #: An slf4j binding of the same package's dependencies, so the log says something.
+    logger_jar = Path("/usr/share/java/slf4j-simple.jar")
+
+    def command(self):
+        java = find_binary("java")
+        if java is None or not self.jar.exists():
+            raise ServerError(
+                "ZooKeeper not found (%s and java): install the Debian package "
+                "zookeeper (`make test-packages`)" % (self.jar,)
+            )
+        data = self.base_dir / "data"
+        data.mkdir(exist_ok=True)
+        config = self.base_dir / "zoo.cfg"
+        config.write_text("\n".join([
+            "tickTime=500",
+            "dataDir=%s" % data,
+            "clientPort=%d" % self.port,
+            "clientPortAddress=%s" % self.host,
+            "maxClientCnxns=0",
+            "forceSync=no",  # a test server: no fsync per write, less disk for Redis's fsyncs to wait behind
+            "admin.enableServer=false",
+            "4lw.commands.whitelist=srvr",
+            "",
+        ]))
+        return [java, "-Xmx256m", "-Dzookeeper.log.dir=%s" % self.base_dir,
+                "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
+                "-cp", "%s:%s:%s" % (self.config_dir, self.jar, self.logger_jar),
+                "org.apache.zookeeper.server.ZooKeeperServerMain", str(config)]
+
+    def ping(self):
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1) as sock:
+                sock.sendall(b"srvr")
+                return sock.recv(64).startswith(b"Zookeeper version")
+        except OSError:
+            return False
 
 
 _MINIMAL_USERS = """<yandex>

@@ -16,7 +16,7 @@ from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from bklit.clickhouse import Inserter
+from bklit.clickhouse import Inserter, thd_once
 from bklit.config import clickhouse_database
 from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from harness import (SESSION, clickhouse_rows, eventually, redis_connection, running_daemon, sdk_event,
@@ -292,10 +292,9 @@ class TestStats:
                    "timestamp": int(time.time()) - 3 * 86400}
             other = {"id": "p2-1", "project_id": "p2", "session_id": "s-p2", "url": "https://example.com/a",
                      "timestamp": int(time.time())}
-            inserter = Inserter(clickhouse_url, clickhouse_database(clickhouse_url))
+            inserter = Inserter(clickhouse_database(clickhouse_url))
             for rows in ([old], [old, other]):
-                await deferToThread(inserter.thd_insert, "page_view_event", rows)
-            await deferToThread(inserter.thd_close)
+                await deferToThread(thd_once, clickhouse_url, inserter.thd_insert, "page_view_event", rows)
             await eventually(lambda: clickhouse_rows(clickhouse_url, (
                 "SELECT uniqExact(id) FROM page_view_event WHERE project_id = 'p1'"))[0][0] == 5
                 and clickhouse_rows(clickhouse_url, "SELECT count() FROM tracked_session FINAL"

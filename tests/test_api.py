@@ -301,7 +301,7 @@ async def test_clickhouse_down_is_503_and_the_live_parts_still_answer(redis_url)
         response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{daemon.port}/live".encode())
         await readBody(response)
         assert response.code == 200
-        pool = daemon.service.api.pool
+        pool = daemon.service.api.clickhouse.pool
     assert not pool.started and not any(t.is_alive() for t in pool.threads)  # the service stopped its threads
 
 

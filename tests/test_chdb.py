@@ -138,6 +138,13 @@ def chdb(engine, monkeypatch):
     engine.query(f"DROP DATABASE IF EXISTS {DATABASE}")
 
 
+class Insert:
+    """``thd_insert(table, rows)``: ``clickhouse.Inserter``'s, with a client of its own each time."""
+
+    def thd_insert(self, table: str, rows: list[dict]) -> int:
+        return clickhouse.thd_once(URL, clickhouse.Inserter(DATABASE).thd_insert, table, rows)
+
+
 def select(query: str, params: dict | None = None) -> list[tuple]:
     return clickhouse.connect(URL).execute(query, params or {})
 
@@ -152,7 +159,7 @@ def test_migrations_make_the_tables_of_schema_py(chdb):
     """From an empty database to the current version; again: nothing to do; the columns are TABLES'."""
     assert clickhouse.thd_migrate(URL, DATABASE) == [version for version, _ in schema.MIGRATIONS]
     assert clickhouse.thd_migrate(URL, DATABASE) == []
-    assert clickhouse.thd_schema_version(URL, DATABASE) == schema.MIGRATIONS[-1][0]
+    assert clickhouse.thd_once(URL, clickhouse.thd_schema_version, DATABASE) == schema.MIGRATIONS[-1][0]
     for table, columns in schema.TABLES.items():
         found = select("SELECT name, type FROM system.columns WHERE database = %(db)s AND table = %(t)s"
                        " ORDER BY position", {"db": DATABASE, "t": table})
@@ -237,7 +244,7 @@ def stored(chdb):
     stop_merges()
     now = time.time()
     past = int(now) - int(now) % HOUR - 2 * HOUR
-    inserter = clickhouse.Inserter(URL, DATABASE)
+    inserter = Insert()
     pageviews = [
         _pageview(past + 60, "pv1", "s1", "https://example.com/?utm_source=news&utm_medium=email"),
         _pageview(past + 60, "pv1", "s1", "https://example.com/?utm_source=news&utm_medium=email"),  # retried insert
@@ -290,7 +297,7 @@ def test_one_insert_with_two_versions_of_a_visit_keeps_one_row(chdb):
     keeps both until a merge.  Only ``FINAL`` reads agree on both, and bklit counts visits only so."""
     clickhouse.thd_migrate(URL, DATABASE)
     stop_merges()
-    clickhouse.Inserter(URL, DATABASE).thd_insert("tracked_session", [_visit("s1", 1.8e9, 1),
+    Insert().thd_insert("tracked_session", [_visit("s1", 1.8e9, 1),
                                                                       _visit("s1", 1.8e9, 2, ended=1.8e9 + 5)])
     assert select("SELECT count(), max(version) FROM tracked_session") == [(1, 2)]
     assert select("SELECT count(), max(version) FROM tracked_session FINAL") == [(1, 2)]
@@ -299,13 +306,13 @@ def test_one_insert_with_two_versions_of_a_visit_keeps_one_row(chdb):
 def test_bklit_stats_queries(stored):
     """``bklit stats``: pageviews by id (the retried insert once), visits under FINAL, bots apart."""
     now, past = stored
-    numbers = admin.thd_stats(URL, PROJECT, past)
+    numbers = clickhouse.thd_once(URL, admin.thd_stats, PROJECT, past)
     assert numbers == {
         "pageviews": 4, "bot_pageviews": 1, "events": 2, "bot_events": 1, "sessions": 3, "bot_sessions": 1,
         "top_pages": [{"url": url, "pageviews": 1} for url in sorted([
             "https://example.com/?utm_source=news&utm_medium=email", "https://example.com/now",
             "https://example.com/pricing#plans", "https://example.com/pricing?ref=x"])]}
-    assert admin.thd_stats(URL, PROJECT, int(now) - 60)["pageviews"] == 1
+    assert clickhouse.thd_once(URL, admin.thd_stats, PROJECT, int(now) - 60)["pageviews"] == 1
 
 
 def run_queries(queries: dict[str, str], params: dict) -> dict[str, list[tuple]]:
@@ -343,7 +350,7 @@ async def test_api_stats_queries_kept_hours_and_the_current_one(stored):
                       {"end": past + HOUR})[0]
     assert dict(signature)["visits"] == rows_now  # every stored row, each version, unmerged
     assert await hours.check() == 0  # nothing changed since
-    inserter = clickhouse.Inserter(URL, DATABASE)
+    inserter = Insert()
     inserter.thd_insert("tracked_session", [_visit("s2", past + 180, 3, ended=past + 400, pageviews=3)])
     assert await hours.check() == 1  # the visit's new version: its hour again
     assert (await hours.span(PROJECT, past, past + HOUR)).durations == {100: 1, 220: 1}

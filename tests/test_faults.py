@@ -22,10 +22,11 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from bklit import rows, wire
+from bklit.clickhouse import thd_migrate
 from bklit.ids import EventIds
 from bklit.keys import DEAD_STREAM, GROUP, STREAM
 
-from faults import CONNECTIONS, PROJECT, FaultCase, Node, pause, session_id
+from faults import CONNECTIONS, PROJECT, FaultCase, Node, pause, session_id, thd_stored_ids
 from harness import clickhouse_rows, redis_connection
 
 pytestmark = pytest.mark.fault
@@ -245,3 +246,65 @@ async def test_spool_full(fault_case, redis_server):
         case.note(f"{case.acked_during_fault()} acked while Redis was down")
         case.expect(refused > 0, "no overloaded error although the spool was full")
         case.expect(case.acked_after_fault() > 0, "nothing acked after Redis returned")
+
+
+@pytest.fixture
+def replica_fault_case(tmp_path, redis_server, redis_url, clickhouse_replicas, replicated_db):
+    """Makes a ``FaultCase`` on two ClickHouse replicas (``clickhouse`` names both); the first is the one stopped."""
+    def make(fault: str, **options) -> FaultCase:
+        return FaultCase(fault, tmp_path, redis_server, clickhouse_replicas.servers[0],
+                         clickhouse_replicas.url(replicated_db), **options)
+    return make
+
+
+async def stored_there_after(case: FaultCase, url: str, since: float, timeout: float = 30.0) -> float | None:
+    """Seconds after ``since`` until an event acked after ``since`` is stored at ``url`` (None: not in time)."""
+    while time.monotonic() < since + timeout:
+        acked = case.load.acked(since=since)
+        try:
+            stored = await deferToThread(thd_stored_ids, url)
+        except Exception:
+            stored = set()
+        if acked & stored:
+            return time.monotonic() - since
+        await pause(0.2)
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_clickhouse_replica_stopped(replica_fault_case, clickhouse_replicas, replicated_db):
+    """The replica the writer inserts into stops: the writer moves to the other; nothing lost.
+
+    The stopped replica comes back 3 s after events acked since the stop
+    are read on the other one (at most 20 s after the stop).
+
+    The schema is made ON CLUSTER first (``thd_migrate``, a few seconds on
+    a busy machine); the node's auto_migrate finds it current.  Once the
+    stopped replica is back it fetches what it missed: every acked event is
+    read on each replica.
+    """
+    first, second = clickhouse_replicas.servers
+    only = {server: "clickhouse://default:@127.0.0.1:%d/%s" % (server.port, replicated_db)
+            for server in (first, second)}
+    async with replica_fault_case("ClickHouse replica 1 of 2 (the writer's) stopped, back 3 s after the writer moved",
+                                  load_seconds=20) as case:
+        await deferToThread(thd_migrate, clickhouse_replicas.url(replicated_db), replicated_db, "bklit_cluster")
+        node = await case.node("all", clickhouse_cluster="bklit_cluster").start()
+        await case.start_load(node)
+        before = await stored_there_after(case, only[first], case.load.started_at, timeout=15)
+        await case.at(max(3, before or 0))
+        await deferToThread(first.stop)
+        case.fault_began()
+        moved = await stored_there_after(case, only[second], case.fault_began_at, timeout=20)
+        await pause(3)
+        await deferToThread(first.start)
+        case.fault_ended()
+        await case.finish()
+        acked = case.load.acked()
+        on_each = {server: acked - await deferToThread(thd_stored_ids, url) for server, url in only.items()}
+        case.note(f"replica 2 stored events acked after the stop {moved:.1f} s after it" if moved is not None
+                  else "replica 2 stored nothing while replica 1 was down")
+        case.expect(before is not None, "the writer stored nothing on replica 1 in its first 15 s")
+        case.expect(moved is not None, "the writer did not move to replica 2 within 20 s")
+        case.expect(not any(on_each.values()), "acked events missing on a replica: "
+                    + ", ".join(f"{len(missing)} on {server.port}" for server, missing in on_each.items() if missing))

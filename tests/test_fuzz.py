@@ -279,20 +279,21 @@ def test_sample_of_accepted_rows_goes_into_clickhouse(clickhouse_url):
         {table: len(found) for table, found in sample.items()}
     database = clickhouse_database(clickhouse_url)
     clickhouse.thd_migrate(clickhouse_url, database)
-    inserter = clickhouse.Inserter(clickhouse_url, database)
+    inserter = clickhouse.Inserter(database)
+    client = clickhouse.connect(clickhouse_url)
     try:
         for table, found in sample.items():
             try:
-                inserter.thd_insert(table, found)
+                inserter.thd_insert(client, table, found)
             except Exception:  # name the row ClickHouse refused
                 for row in found:
                     try:
-                        inserter.thd_insert(table, [row])
+                        inserter.thd_insert(client, table, [row])
                     except Exception as error:
                         raise AssertionError(f"ClickHouse refused {row!r}: {error}") from error
                 raise
     finally:
-        inserter.thd_close()
+        client.disconnect()
     for table, columns in (("page_view_event", ("url", "referrer", "title", "user_agent", "utm_source")),
                            ("tracked_event", ("tracking_id", "event_type", "metadata", "trigger_method"))):
         stored = {row[0]: row[1:] for row in clickhouse_rows(

@@ -54,7 +54,8 @@ async def test_healthz_follows_redis_and_clickhouse(redis_server, clickhouse_ser
     stream) while ClickHouse is; ok again once each is back."""
     async with running_daemon(settings(redis_url, clickhouse_url, spool_dir="", **FAST)) as daemon:
         report = await until_health(daemon.port, 200)
-        assert report["status"] == "ok" and report["redis"]["up"] and report["clickhouse"] == {"up": True}
+        assert report["status"] == "ok" and report["redis"]["up"] and report["clickhouse"] == {
+            "up": True, "host": f"127.0.0.1:{clickhouse_server.port}"}
         assert report["redis"]["stream_length"] == 0
         assert report["redis_primary"] == f"127.0.0.1:{redis_server.port}"
         samples = _parse(daemon.service.metrics.render().decode())

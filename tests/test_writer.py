@@ -21,7 +21,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
 from bklit import rows, wire
-from bklit.clickhouse import Inserter, thd_migrate
+from bklit.clickhouse import ClickHousePool, Inserter, thd_migrate, thd_once
 from bklit.config import clickhouse_database
 from bklit.ids import EventIds
 from bklit.keys import DEAD_STREAM, GROUP, STREAM
@@ -65,14 +65,17 @@ async def add(redis, *raw_entries):
 
 @asynccontextmanager
 async def running_writer(redis, inserter, consumer, *, batch_size=100, claim_idle=60.0):
-    """A started ``WriterService`` (flush every 0.1 s), stopped on exit."""
-    writer = WriterService(redis, inserter, reactor, reactor=reactor, batch_size=batch_size,
-                           flush_interval=0.1, claim_idle=claim_idle, threads=2, consumer=consumer)
+    """A started ``WriterService`` (flush every 0.1 s) with a ClickHousePool of ``inserter.url``, stopped on exit."""
+    pool = ClickHousePool(inserter.url, reactor, threads=2)
+    writer = WriterService(redis, inserter, reactor, clickhouse=pool, batch_size=batch_size,
+                           flush_interval=0.1, claim_idle=claim_idle, consumer=consumer)
+    pool.startService()
     writer.startService()
     try:
         yield writer
     finally:
         await writer.stopService()
+        await pool.stopService()
 
 
 async def migrate(clickhouse_url):
@@ -80,18 +83,22 @@ async def migrate(clickhouse_url):
     await deferToThread(thd_migrate, clickhouse_url, clickhouse_database(clickhouse_url))
 
 
+class UrlInserter(Inserter):
+    """A real ``Inserter`` for the test database, which knows its URL (for ``running_writer``)."""
+
+    def __init__(self, url, database):
+        super().__init__(database)
+        self.url = url
+
+
 def inserter_for(clickhouse_url):
     """A real ``Inserter`` for the test database."""
-    return Inserter(clickhouse_url, clickhouse_database(clickhouse_url))
+    return UrlInserter(clickhouse_url, clickhouse_database(clickhouse_url))
 
 
 def thd_insert_once(clickhouse_url, table, row_dicts):
     """Insert rows with a client of its own, as a writer does before its XACK."""
-    inserter = inserter_for(clickhouse_url)
-    try:
-        return inserter.thd_insert(table, row_dicts)
-    finally:
-        inserter.thd_close()
+    return thd_once(clickhouse_url, inserter_for(clickhouse_url).thd_insert, table, row_dicts)
 
 
 def stored_ids(clickhouse_url, table="page_view_event", final=True):
@@ -119,19 +126,19 @@ async def wait_drained(redis, timeout=10.0):
     await defer.ensureDeferred(poll()).addTimeout(timeout, reactor)
 
 
-class FailingInserter(Inserter):
+class FailingInserter(UrlInserter):
     """An inserter whose every insert fails as a dropped connection would."""
 
     def __init__(self, url, database):
         super().__init__(url, database)
         self.attempts = 0
 
-    def thd_insert(self, table, row_dicts):
+    def thd_insert(self, client, table, row_dicts):
         self.attempts += 1
         raise errors.NetworkError("Code: 210. Connection reset by peer (simulated)")
 
 
-class CountingInserter(Inserter):
+class CountingInserter(UrlInserter):
     """A real inserter that records the time of every insert attempt."""
 
     def __init__(self, url, database):
@@ -139,10 +146,10 @@ class CountingInserter(Inserter):
         self.attempts = []
         self._lock = threading.Lock()
 
-    def thd_insert(self, table, row_dicts):
+    def thd_insert(self, client, table, row_dicts):
         with self._lock:
             self.attempts.append(time.monotonic())
-        return super().thd_insert(table, row_dicts)
+        return super().thd_insert(client, table, row_dicts)
 
 
 @pytest.mark.parametrize("crash", ["after_read", "after_insert", "insert_failed"])

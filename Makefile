@@ -1,7 +1,8 @@
 # Developer entry points.
 #   make test    install what is missing, then run the test suite
 #   make run     start local Redis and ClickHouse, then the daemon on :8080
-#   make bench   bklit beside the Node peer and a bare Twisted ceiling (bench/compare.py; BENCH=... for others)
+#   make bench   bklit beside the Node peer and a bare Twisted ceiling (bench/compare.py), and what waiting
+#                for a Redis replica costs (bench/replicas.py); BENCH=... for others
 #   make fuzz    fuzz the message parser for FUZZ_SECONDS (atheris, installed when missing)
 #   make faults  run only the fault suite (outages and crashes under load); table in .run/fault-report.md
 #   make clean   stop the local servers, remove .venv, .run and the node_modules of the browser tests and bench peer
@@ -16,7 +17,7 @@ PEER_STAMP := $(PEER_MODULES)/.installed
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 # bench/compare.py also runs bench/live.py; the others (api, enrich, flood, load) by BENCH="bench/api.py ...".
-BENCH ?= bench/compare.py
+BENCH ?= bench/compare.py bench/replicas.py
 FUZZ_SECONDS ?= 60
 
 .PHONY: all packages test-packages venv $(VENV) test faults run services stop bench fuzz clean

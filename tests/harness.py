@@ -339,17 +339,17 @@ async def eventually(check, timeout: float = 5.0, interval: float = 0.1) -> Any:
 BKLIT = os.path.join(os.path.dirname(sys.executable), "bklit")
 
 
-def bklit(*args, env=None, timeout=30, stdin=None):
+def bklit(*args, env=None, timeout=30, stdin=None, cwd=None):
     """Run ``bklit ARGS`` with no BKLIT_* settings from the outside; the CompletedProcess."""
     environ = {name: value for name, value in os.environ.items() if not name.startswith("BKLIT_")}
     environ.update(env or {})
     return subprocess.run([BKLIT, *args], capture_output=True, text=True, timeout=timeout, env=environ,
-                          input=stdin)
+                          input=stdin, cwd=cwd)
 
 
 def insert(clickhouse_url: str, table: str, rows: list[dict]) -> None:
     """Store row dicts as the writer does (``to_insert_row``)."""
-    client = Client.from_url(clickhouse_url)
+    client = connect_clickhouse(clickhouse_url)
     try:
         columns = ", ".join(schema.insert_columns(table))
         client.execute(f"INSERT INTO {table} ({columns}) VALUES", [schema.to_insert_row(table, r) for r in rows])

@@ -348,9 +348,7 @@ class TestConfigCheck:
     ])
     def test_a_bad_setting_exits_1_naming_it(self, tmp_path, args, env, key):
         """Exit 1, the error on stderr naming its key, nothing on stdout, no traceback."""
-        done = subprocess.run([BKLIT, "config", "check", *args], capture_output=True, text=True, timeout=30,
-                              cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if not k.startswith("BKLIT_")},
-                                                 **env})
+        done = bklit("config", "check", *args, env=env, cwd=tmp_path)
         assert done.returncode == 1, done
         assert done.stdout == ""
         [line] = done.stderr.splitlines()

@@ -23,7 +23,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.application.service import Service
 from twisted.internet import defer
 
-from bklit.config import RedisAddress
+from bklit.addresses import RedisAddress
 from bklit.keys import REVOKED_CHANNEL, channel_project, live_channel
 from bklit.revocation import OpenKeys
 

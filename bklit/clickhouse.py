@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from bklit import schema
-from bklit.config import clickhouse_hosts
+from bklit.addresses import clickhouse_hosts
 
 MIGRATIONS_TABLE = "schema_migrations"
 

@@ -15,10 +15,12 @@ import configparser
 import dataclasses
 import difflib
 import os
-import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from bklit import parsers as p
+from bklit.addresses import RedisAddress, clickhouse_database, hide_password, parse_redis_url
 
 ROLES = ("all", "ingest", "writer")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -36,271 +38,6 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{key}: {message}" for key, message in errors))
 
 
-SENTINEL_PORT = 26379
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    """Where Redis is: parsed from ``redis://[user:password@]host:port/db``.
-
-    With ``sentinels`` (from ``redis+sentinel://``), ``host`` and ``port``
-    are the first Sentinel's, and the primary of ``service`` is asked of the
-    Sentinels at every (re)connection.
-    """
-
-    host: str
-    port: int
-    db: int
-    password: str | None
-    tls: bool
-    username: str | None = None
-    sentinels: tuple[tuple[str, int], ...] = ()
-    service: str = ""
-
-    def __repr__(self) -> str:
-        if self.sentinels:
-            hosts = ",".join(_host_port(host, port) for host, port in self.sentinels)
-            return f"RedisAddress(redis+sentinel://{hosts}/{self.service}/{self.db})"
-        scheme = "rediss" if self.tls else "redis"
-        return f"RedisAddress({scheme}://{self.host}:{self.port}/{self.db})"
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _credentials(userinfo: str) -> tuple[str | None, str | None]:
-    """``(user, password)`` of a URL's ``user:password`` part (``None`` where absent)."""
-    if not userinfo:
-        return None, None
-    user, sep, password = userinfo.partition(":")
-    return unquote(user) or None, unquote(password) if sep and password else None
-
-
-def _database(path: str, example: str) -> int:
-    if path and not path.isdigit():
-        raise ValueError(f"database must be a number, as in {example}")
-    return int(path or 0)
-
-
-def parse_redis_url(value: str) -> RedisAddress:
-    """Parse a Redis URL; ``ValueError`` says what is wrong with it."""
-    if value.startswith("redis+sentinel://"):
-        return _parse_sentinel_url(value)
-    parts = urlsplit(value)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("must start with redis://, rediss:// or redis+sentinel://")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    username, password = _credentials(parts.netloc.rpartition("@")[0])
-    return RedisAddress(
-        host=parts.hostname or "127.0.0.1",
-        port=port,
-        db=_database(parts.path.lstrip("/"), "redis://host:6379/0"),
-        password=password,
-        tls=parts.scheme == "rediss",
-        username=username,
-    )
-
-
-def _parse_sentinel_url(value: str) -> RedisAddress:
-    """``redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db]``."""
-    parts = urlsplit(value)
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    sentinels = tuple(_sentinel(item) for item in hosts.split(","))
-    service, _, db = parts.path.strip("/").partition("/")
-    if not service:
-        raise ValueError("names no service, as in redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/bklit/0")
-    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", service):
-        raise ValueError(f"service name {service!r} is not a Sentinel master name")
-    username, password = _credentials(userinfo)
-    return RedisAddress(host=sentinels[0][0], port=sentinels[0][1],
-                        db=_database(db, "redis+sentinel://host:26379/bklit/0"), password=password,
-                        tls=False, username=username, sentinels=sentinels, service=service)
-
-
-def _sentinel(item: str) -> tuple[str, int]:
-    """One ``host[:port]`` of a Sentinel URL (port 26379 by default)."""
-    item = item.strip()
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]/]+)(?::(\d+))?", item)
-    if not match:
-        raise ValueError(f"{item!r} is not a Sentinel's host:port")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4) or SENTINEL_PORT)
-    if not 0 < port < 65536:
-        raise ValueError(f"{item!r} has an invalid port")
-    return host, port
-
-
-def hide_password(url: str) -> str:
-    """``url`` with its password, if it has one, replaced by ``***``."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def clickhouse_hosts(value: str) -> list[str]:
-    """The ``host[:port]`` of each host a ``clickhouse://`` URL names, in order.
-
-    Several hosts are comma-separated, as in
-    ``clickhouse://default:@10.0.0.1:9000,10.0.0.2:9000/bklit`` (the
-    replicas of one shard); ``ValueError`` says what is wrong.
-    """
-    parts = urlsplit(value)
-    if parts.scheme not in ("clickhouse", "clickhouses"):
-        raise ValueError("must start with clickhouse:// or clickhouses://")
-    hosts = parts.netloc.rpartition("@")[2].split(",")
-    for host in hosts:
-        item = urlsplit("//" + host.strip())
-        if not item.hostname:
-            raise ValueError("needs a host, as in clickhouse://default:@127.0.0.1:9000/bklit"
-                             " (several: host:port,host:port)")
-        try:
-            item.port
-        except ValueError:
-            raise ValueError(f"has an invalid port in {host.strip()!r}") from None
-    if len(hosts) > 1 and "alt_hosts" in dict(parse_qsl(parts.query)):
-        raise ValueError("names several hosts and alt_hosts too: list them in one place")
-    return [host.strip() for host in hosts]
-
-
-def clickhouse_database(value: str) -> str:
-    """The database named by a ``clickhouse://`` URL (default ``bklit``)."""
-    clickhouse_hosts(value)
-    database = urlsplit(value).path.strip("/") or "bklit"
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", database):
-        raise ValueError(f"database name {database!r} is not a plain identifier")
-    return database
-
-
-def _text(value: str) -> str:
-    return value.strip()
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        value = value.strip()
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
-        return value
-
-    return parse
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"must be true or false, not {value!r}")
-
-
-def _within(number: int, low: int, high: int, unit: str = "") -> int:
-    if not low <= number <= high:
-        raise ValueError(f"must be between {low} and {high}{unit}, not {number}")
-    return number
-
-
-def _int(low: int, high: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            raise ValueError(f"must be a whole number, not {value!r}") from None
-        return _within(number, low, high)
-
-    return parse
-
-
-UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def _bytes(low: int, high: int) -> Callable[[str], int]:
-    """A size in bytes, with an optional K, M, G or T suffix (powers of 1024)."""
-    def parse(value: str) -> int:
-        text = value.strip().lower().removesuffix("b").removesuffix("i")
-        unit = text[-1:] if text[-1:] in UNITS else ""
-        try:
-            number = int(text[:len(text) - len(unit)].strip()) * UNITS[unit]
-        except ValueError:
-            raise ValueError(f"must be a size in bytes (like 1073741824 or 1G), not {value!r}") from None
-        return _within(number, low, high, " bytes")
-
-    return parse
-
-
-def _seconds(low: float, high: float) -> Callable[[str], float]:
-    def parse(value: str) -> float:
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise ValueError(f"must be a number of seconds, not {value!r}") from None
-        if not low <= number <= high:
-            raise ValueError(f"must be between {low:g} and {high:g} seconds, not {number:g}")
-        return number
-
-    return parse
-
-
-def _instance(value: str) -> str:
-    value = value.strip()
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{0,64}", value) or value.startswith("."):
-        raise ValueError(f"must be up to 64 of A-Z a-z 0-9 _ . - (not starting with a dot), not {value!r}")
-    return value
-
-
-def _list(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
-
-
-def _project_origins(value: str) -> tuple[tuple[str, str], ...]:
-    """``project=origin`` pairs, comma-separated (an Origin may be listed for several projects)."""
-    from bklit.wire import valid_project_id
-
-    pairs = []
-    for item in _list(value):
-        project, sep, origin = item.partition("=")
-        project, origin = project.strip(), origin.strip().rstrip("/")
-        if not sep or not valid_project_id(project):
-            raise ValueError(f"each entry is project=origin (as shop=https://app.example.com), not {item!r}")
-        scheme, _, host = origin.partition("://")
-        if scheme not in ("http", "https") or not host or "/" in host:
-            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
-        pairs.append((project, origin))
-    return tuple(pairs)
-
-
-def _redis_url(value: str) -> str:
-    parse_redis_url(value.strip())
-    return value.strip()
-
-
-def _clickhouse_url(value: str) -> str:
-    clickhouse_database(value.strip())
-    return value.strip()
-
-
-def _identifier(value: str) -> str:
-    value = value.strip()
-    if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
-        raise ValueError(f"{value!r} is not a plain identifier (letters, digits, _)")
-    return value
-
-
-def _proxies(value: str) -> tuple[str, ...]:
-    from bklit.enrich import parse_proxies
-
-    items = _list(value)
-    parse_proxies(items)
-    return items
-
-
 @dataclass(frozen=True)
 class Key:
     """One configuration key: its default (as text), parser and help line."""
@@ -311,71 +48,71 @@ class Key:
 
 
 KEYS: dict[str, Key] = {
-    "listen": Key(r"tcp6:8080:interface=\:\:", _text, r"Twisted endpoint string to listen on (tcp6:8080:interface=\:\: takes IPv6 and IPv4 clients; tcp:8080 IPv4 only; reuseport:8080:interface=\:\: shared by several processes; systemd:domain=INET:index=0)."),
-    "status_listen": Key("", _text, "Endpoint string of this process's own /healthz and /metrics (tcp:9100:interface=127.0.0.1, unix:/run/bklit/status.sock); %i stands for instance. Empty: none."),
-    "instance": Key("", _instance, "Name of this process among several of one host (bklit-ingest@.service sets BKLIT_INSTANCE to its instance name); %i in status_listen is replaced by it."),
-    "redis": Key("redis://127.0.0.1:6379/0", _redis_url, "Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS, redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db] to follow a Sentinel-managed primary."),
-    "clickhouse": Key("clickhouse://default:@127.0.0.1:9000/bklit", _clickhouse_url, "ClickHouse URL as clickhouse-driver's Client.from_url reads it; several hosts (replicas) comma-separated, host:port,host:port, tried in turn."),
-    "clickhouse_cluster": Key("", _identifier, "ClickHouse cluster (remote_servers) whose replicas of one shard hold the tables: bklit schema migrate makes them ON CLUSTER as ReplicatedReplacingMergeTree. Empty: plain tables on one server."),
-    "tls_cert": Key("", _text, "TLS certificate chain (Let's Encrypt fullchain.pem). Empty with tls_key empty: plain ws."),
-    "tls_key": Key("", _text, "TLS private key (Let's Encrypt privkey.pem), readable by the service user."),
-    "tls_check_interval": Key("60", _seconds(0, 86400), "Seconds between checks for renewed certificate files (0: only on SIGHUP)."),
-    "role": Key("all", _choice(*ROLES), "Which parts run here: all, ingest (WebSocket endpoints) or writer (stream to ClickHouse)."),
-    "auto_migrate": Key("true", _bool, "Create or upgrade the ClickHouse schema at start."),
-    "redis_timeout": Key("5", _seconds(0.1, 300), "Seconds to wait for a Redis reply before events go to the spool (or, without one, are refused as overloaded)."),
-    "redis_min_replicas": Key("0", _int(0, 100), "Replicas that must confirm a batch (Redis WAIT) before its events are acked; an unconfirmed batch goes to the spool. 0: ack once the primary has it."),
-    "redis_replica_timeout": Key("1", _seconds(0.01, 60), "Seconds WAIT gives the replicas to confirm a batch (below redis_timeout)."),
-    "spool_dir": Key("/var/lib/bklit/spool", _text, "Directory of the local spool that keeps acked events while Redis cannot take them. Empty: no spool."),
-    "spool_max_bytes": Key("1G", _bytes(1 << 16, 1 << 50), "Size cap of the spool (K, M, G suffixes); past it events are refused as overloaded."),
-    "stream_max_length": Key("1000000", _int(1, 1 << 62), "Stream length (events not yet in ClickHouse) past which /healthz and bklit_backpressure report a backlog."),
-    "batch_size": Key("5000", _int(1, 1_000_000), "Most rows the writer inserts in one ClickHouse INSERT."),
-    "flush_interval": Key("1", _seconds(0.01, 3600), "Seconds between writer runs when the stream has no full batch waiting."),
-    "claim_idle": Key("60", _seconds(1, 86400), "Seconds an entry may stay pending at a consumer before another writer reclaims it."),
-    "writer_threads": Key("2", _int(1, 64), "Threads (each with its own ClickHouse connection) that run inserts."),
-    "max_message_size": Key("16384", _int(256, 1 << 24), "Largest SDK message in bytes; a larger one closes the socket with 1009."),
-    "max_url_length": Key("2048", _int(16, 65536), "Longest url, referrer or landingPage in characters."),
-    "max_metadata_size": Key("4096", _int(2, 1 << 20), "Largest event metadata, serialized as JSON, in bytes."),
-    "rate_limit": Key("20", _seconds(0.1, 1_000_000), "Messages a second one SDK socket may send on average (token bucket)."),
-    "rate_burst": Key("50", _int(1, 1_000_000), "Messages one SDK socket may send at once above the average rate."),
-    "frame_rate": Key("100", _seconds(1, 1_000_000), "Frames of every kind (pings, pongs, fragments too) one authenticated socket may send a second on average; past the burst it is closed with 1008."),
-    "frame_burst": Key("400", _int(10, 1_000_000), "Frames one authenticated socket may send at once above frame_rate."),
-    "frame_rate_before_auth": Key("10", _seconds(1, 1_000_000), "Frames a second a socket may send before it authenticates."),
-    "frame_burst_before_auth": Key("100", _int(10, 1_000_000), "Frames a socket may send at once before it authenticates."),
-    "max_fragments": Key("64", _int(1, 100_000), "Frames one message may be split into; more close the socket with 1008."),
-    "max_sockets_per_project": Key("20000", _int(1, 10_000_000), "Open authenticated SDK sockets one project may have on this node; further ones get project_limit and 1008."),
-    "max_new_sessions_per_minute": Key("3000", _int(1, 10_000_000), "Session ids one project may start a minute on this node; further sockets get project_limit and 1008."),
-    "max_connections": Key("50000", _int(1, 10_000_000), "Open WebSocket sockets in all; further upgrades get HTTP 503."),
-    "max_connections_per_ip": Key("64", _int(1, 10_000_000), "Open sockets from one client address (IPv6: one /64); further upgrades get HTTP 429."),
-    "max_connections_per_network": Key("1024", _int(1, 10_000_000), "Open sockets from one network (an IPv4 /24 or an IPv6 /48; an IPv6 /56 gets a quarter); further upgrades get HTTP 429."),
-    "auth_failures_max": Key("10", _int(1, 1_000_000), "Refused keys from one client within auth_failure_window that lock it out."),
-    "auth_failure_window": Key("60", _seconds(1, 86400), "Seconds over which refused keys are counted."),
-    "auth_lockout": Key("300", _seconds(0, 86400), "Seconds a locked-out client's upgrades get HTTP 429."),
-    "handshake_timeout": Key("5", _seconds(0.1, 300), "Seconds a new connection has for TLS and its first request (the WebSocket upgrade), and a kept-alive one for each further request, from its first byte; slower ones are dropped."),
-    "http_idle_timeout": Key("5", _seconds(0.1, 3600), "Seconds a plain HTTP connection may stay idle between requests (keep-alive) before it is closed."),
-    "max_http_connections_per_ip": Key("16", _int(1, 1_000_000), "Plain HTTP connections (not yet WebSockets) open at once from one client address (IPv6: one /64); more are closed at once."),
-    "ping_interval": Key("25", _seconds(0, 3600), "Seconds between pings to each socket (0: none)."),
-    "ping_timeout": Key("10", _seconds(0, 3600), "Seconds a socket has to answer a ping before it is dropped."),
-    "compression": Key("false", _bool, "Accept per-message-deflate (messages are bounded after decompression too)."),
-    "max_errors": Key("10", _int(1, 10000), "Errors one connection may cause before it is closed with 1008."),
-    "auth_timeout": Key("10", _seconds(0.1, 3600), "Seconds an SDK socket may stay open without presenting a valid API key."),
-    "token_cache_ttl": Key("5", _seconds(0, 3600), "Seconds an API key verdict (good or bad) is cached."),
-    "token_stale_ttl": Key("3600", _seconds(0, 7 * 86400), "Seconds a key that was good stays usable while Redis cannot be asked (0: refuse then)."),
-    "heartbeat_interval": Key("15", _seconds(0.05, 3600), "Seconds between refreshes of this node's live sessions in Redis."),
-    "session_timeout": Key("90", _seconds(0.1, 86400), "Seconds without a refresh after which the sweeper ends a session (its node died)."),
-    "sweep_interval": Key("15", _seconds(0.05, 3600), "Seconds between sweeps for sessions whose node died (one node sweeps at a time)."),
-    "resume_window": Key("1800", _seconds(1, 86400), "Seconds after its end during which a session can be resumed by a new socket."),
-    "dashboard_origins": Key("", _project_origins, "Comma-separated project=origin pairs (shop=https://app.example.com): dashboards of that project from that Origin need no read key. Empty: none."),
-    "dashboard_auth_timeout": Key("5", _seconds(0.1, 300), "Seconds a dashboard socket has to send its auth message."),
-    "dashboard_connects_per_minute": Key("30", _int(1, 1_000_000), "Dashboard upgrades one client address may make a minute (each reads a snapshot from Redis); further ones get HTTP 429."),
-    "dashboard_max_skipped": Key("100", _int(0, 1_000_000), "Live events a dashboard may miss (it stopped reading) or have held (its snapshot is being read) before it is disconnected."),
-    "metrics_networks": Key("127.0.0.0/8,::1", _proxies, "Comma-separated networks allowed to read /metrics (the port faces the internet)."),
-    "health_interval": Key("5", _seconds(0.05, 3600), "Seconds between the health checks /healthz reports (Redis, ClickHouse, the stream)."),
-    "trusted_proxies": Key("", _proxies, "Comma-separated addresses or networks of HTTP proxies whose client_ip_header is believed."),
-    "client_ip_header": Key("x-forwarded-for", _choice("x-forwarded-for", "x-real-ip"), "The header a trusted proxy puts the client address in (the only one believed): x-forwarded-for or x-real-ip."),
-    "geoip_db": Key("", _text, "MaxMind-format database (GeoLite2-City, DB-IP Lite City .mmdb) for region, city and coordinates. Empty: country only."),
-    "log_level": Key("info", _choice(*LOG_LEVELS), "Least severe log lines written: debug, info, warn, error or critical."),
-    "log_journal": Key("auto", _choice("auto", "true", "false"), "Start each log line with its priority (<4>) for journald: auto (when standard output is the journal, as under systemd), true or false."),
-    "bot_policy": Key("drop", _choice("drop", "mark"), "Events from crawlers and headless browsers: drop (acked, not stored) or mark (stored with is_bot = 1, live apart from people)."),
+    "listen": Key(r"tcp6:8080:interface=\:\:", p.text, r"Twisted endpoint string to listen on (tcp6:8080:interface=\:\: takes IPv6 and IPv4 clients; tcp:8080 IPv4 only; reuseport:8080:interface=\:\: shared by several processes; systemd:domain=INET:index=0)."),
+    "status_listen": Key("", p.text, "Endpoint string of this process's own /healthz and /metrics (tcp:9100:interface=127.0.0.1, unix:/run/bklit/status.sock); %i stands for instance. Empty: none."),
+    "instance": Key("", p.instance, "Name of this process among several of one host (bklit-ingest@.service sets BKLIT_INSTANCE to its instance name); %i in status_listen is replaced by it."),
+    "redis": Key("redis://127.0.0.1:6379/0", p.redis_url, "Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS, redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db] to follow a Sentinel-managed primary."),
+    "clickhouse": Key("clickhouse://default:@127.0.0.1:9000/bklit", p.clickhouse_url, "ClickHouse URL as clickhouse-driver's Client.from_url reads it; several hosts (replicas) comma-separated, host:port,host:port, tried in turn."),
+    "clickhouse_cluster": Key("", p.identifier, "ClickHouse cluster (remote_servers) whose replicas of one shard hold the tables: bklit schema migrate makes them ON CLUSTER as ReplicatedReplacingMergeTree. Empty: plain tables on one server."),
+    "tls_cert": Key("", p.text, "TLS certificate chain (Let's Encrypt fullchain.pem). Empty with tls_key empty: plain ws."),
+    "tls_key": Key("", p.text, "TLS private key (Let's Encrypt privkey.pem), readable by the service user."),
+    "tls_check_interval": Key("60", p.seconds(0, 86400), "Seconds between checks for renewed certificate files (0: only on SIGHUP)."),
+    "role": Key("all", p.choice(*ROLES), "Which parts run here: all, ingest (WebSocket endpoints) or writer (stream to ClickHouse)."),
+    "auto_migrate": Key("true", p.flag, "Create or upgrade the ClickHouse schema at start."),
+    "redis_timeout": Key("5", p.seconds(0.1, 300), "Seconds to wait for a Redis reply before events go to the spool (or, without one, are refused as overloaded)."),
+    "redis_min_replicas": Key("0", p.integer(0, 100), "Replicas that must confirm a batch (Redis WAIT) before its events are acked; an unconfirmed batch goes to the spool. 0: ack once the primary has it."),
+    "redis_replica_timeout": Key("1", p.seconds(0.01, 60), "Seconds WAIT gives the replicas to confirm a batch (below redis_timeout)."),
+    "spool_dir": Key("/var/lib/bklit/spool", p.text, "Directory of the local spool that keeps acked events while Redis cannot take them. Empty: no spool."),
+    "spool_max_bytes": Key("1G", p.size(1 << 16, 1 << 50), "Size cap of the spool (K, M, G suffixes); past it events are refused as overloaded."),
+    "stream_max_length": Key("1000000", p.integer(1, 1 << 62), "Stream length (events not yet in ClickHouse) past which /healthz and bklit_backpressure report a backlog."),
+    "batch_size": Key("5000", p.integer(1, 1_000_000), "Most rows the writer inserts in one ClickHouse INSERT."),
+    "flush_interval": Key("1", p.seconds(0.01, 3600), "Seconds between writer runs when the stream has no full batch waiting."),
+    "claim_idle": Key("60", p.seconds(1, 86400), "Seconds an entry may stay pending at a consumer before another writer reclaims it."),
+    "writer_threads": Key("2", p.integer(1, 64), "Threads (each with its own ClickHouse connection) that run inserts."),
+    "max_message_size": Key("16384", p.integer(256, 1 << 24), "Largest SDK message in bytes; a larger one closes the socket with 1009."),
+    "max_url_length": Key("2048", p.integer(16, 65536), "Longest url, referrer or landingPage in characters."),
+    "max_metadata_size": Key("4096", p.integer(2, 1 << 20), "Largest event metadata, serialized as JSON, in bytes."),
+    "rate_limit": Key("20", p.seconds(0.1, 1_000_000), "Messages a second one SDK socket may send on average (token bucket)."),
+    "rate_burst": Key("50", p.integer(1, 1_000_000), "Messages one SDK socket may send at once above the average rate."),
+    "frame_rate": Key("100", p.seconds(1, 1_000_000), "Frames of every kind (pings, pongs, fragments too) one authenticated socket may send a second on average; past the burst it is closed with 1008."),
+    "frame_burst": Key("400", p.integer(10, 1_000_000), "Frames one authenticated socket may send at once above frame_rate."),
+    "frame_rate_before_auth": Key("10", p.seconds(1, 1_000_000), "Frames a second a socket may send before it authenticates."),
+    "frame_burst_before_auth": Key("100", p.integer(10, 1_000_000), "Frames a socket may send at once before it authenticates."),
+    "max_fragments": Key("64", p.integer(1, 100_000), "Frames one message may be split into; more close the socket with 1008."),
+    "max_sockets_per_project": Key("20000", p.integer(1, 10_000_000), "Open authenticated SDK sockets one project may have on this node; further ones get project_limit and 1008."),
+    "max_new_sessions_per_minute": Key("3000", p.integer(1, 10_000_000), "Session ids one project may start a minute on this node; further sockets get project_limit and 1008."),
+    "max_connections": Key("50000", p.integer(1, 10_000_000), "Open WebSocket sockets in all; further upgrades get HTTP 503."),
+    "max_connections_per_ip": Key("64", p.integer(1, 10_000_000), "Open sockets from one client address (IPv6: one /64); further upgrades get HTTP 429."),
+    "max_connections_per_network": Key("1024", p.integer(1, 10_000_000), "Open sockets from one network (an IPv4 /24 or an IPv6 /48; an IPv6 /56 gets a quarter); further upgrades get HTTP 429."),
+    "auth_failures_max": Key("10", p.integer(1, 1_000_000), "Refused keys from one client within auth_failure_window that lock it out."),
+    "auth_failure_window": Key("60", p.seconds(1, 86400), "Seconds over which refused keys are counted."),
+    "auth_lockout": Key("300", p.seconds(0, 86400), "Seconds a locked-out client's upgrades get HTTP 429."),
+    "handshake_timeout": Key("5", p.seconds(0.1, 300), "Seconds a new connection has for TLS and its first request (the WebSocket upgrade), and a kept-alive one for each further request, from its first byte; slower ones are dropped."),
+    "http_idle_timeout": Key("5", p.seconds(0.1, 3600), "Seconds a plain HTTP connection may stay idle between requests (keep-alive) before it is closed."),
+    "max_http_connections_per_ip": Key("16", p.integer(1, 1_000_000), "Plain HTTP connections (not yet WebSockets) open at once from one client address (IPv6: one /64); more are closed at once."),
+    "ping_interval": Key("25", p.seconds(0, 3600), "Seconds between pings to each socket (0: none)."),
+    "ping_timeout": Key("10", p.seconds(0, 3600), "Seconds a socket has to answer a ping before it is dropped."),
+    "compression": Key("false", p.flag, "Accept per-message-deflate (messages are bounded after decompression too)."),
+    "max_errors": Key("10", p.integer(1, 10000), "Errors one connection may cause before it is closed with 1008."),
+    "auth_timeout": Key("10", p.seconds(0.1, 3600), "Seconds an SDK socket may stay open without presenting a valid API key."),
+    "token_cache_ttl": Key("5", p.seconds(0, 3600), "Seconds an API key verdict (good or bad) is cached."),
+    "token_stale_ttl": Key("3600", p.seconds(0, 7 * 86400), "Seconds a key that was good stays usable while Redis cannot be asked (0: refuse then)."),
+    "heartbeat_interval": Key("15", p.seconds(0.05, 3600), "Seconds between refreshes of this node's live sessions in Redis."),
+    "session_timeout": Key("90", p.seconds(0.1, 86400), "Seconds without a refresh after which the sweeper ends a session (its node died)."),
+    "sweep_interval": Key("15", p.seconds(0.05, 3600), "Seconds between sweeps for sessions whose node died (one node sweeps at a time)."),
+    "resume_window": Key("1800", p.seconds(1, 86400), "Seconds after its end during which a session can be resumed by a new socket."),
+    "dashboard_origins": Key("", p.project_origins, "Comma-separated project=origin pairs (shop=https://app.example.com): dashboards of that project from that Origin need no read key. Empty: none."),
+    "dashboard_auth_timeout": Key("5", p.seconds(0.1, 300), "Seconds a dashboard socket has to send its auth message."),
+    "dashboard_connects_per_minute": Key("30", p.integer(1, 1_000_000), "Dashboard upgrades one client address may make a minute (each reads a snapshot from Redis); further ones get HTTP 429."),
+    "dashboard_max_skipped": Key("100", p.integer(0, 1_000_000), "Live events a dashboard may miss (it stopped reading) or have held (its snapshot is being read) before it is disconnected."),
+    "metrics_networks": Key("127.0.0.0/8,::1", p.proxies, "Comma-separated networks allowed to read /metrics (the port faces the internet)."),
+    "health_interval": Key("5", p.seconds(0.05, 3600), "Seconds between the health checks /healthz reports (Redis, ClickHouse, the stream)."),
+    "trusted_proxies": Key("", p.proxies, "Comma-separated addresses or networks of HTTP proxies whose client_ip_header is believed."),
+    "client_ip_header": Key("x-forwarded-for", p.choice("x-forwarded-for", "x-real-ip"), "The header a trusted proxy puts the client address in (the only one believed): x-forwarded-for or x-real-ip."),
+    "geoip_db": Key("", p.text, "MaxMind-format database (GeoLite2-City, DB-IP Lite City .mmdb) for region, city and coordinates. Empty: country only."),
+    "log_level": Key("info", p.choice(*LOG_LEVELS), "Least severe log lines written: debug, info, warn, error or critical."),
+    "log_journal": Key("auto", p.choice("auto", "true", "false"), "Start each log line with its priority (<4>) for journald: auto (when standard output is the journal, as under systemd), true or false."),
+    "bot_policy": Key("drop", p.choice("drop", "mark"), "Events from crawlers and headless browsers: drop (acked, not stored) or mark (stored with is_bot = 1, live apart from people)."),
 }
 
 

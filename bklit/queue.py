@@ -4,23 +4,19 @@
 pageviews with their session bookkeeping, session ends, heartbeats) and
 applies them with a single call of ``batch.lua``: one round trip and one
 reply for the whole turn instead of one command per event.  Each operation's
-Deferred fires once Redis has replied, so an ack sent from it promises that
-the event is durably queued.
+receipt (a Deferred, or the SDK endpoint's lighter one) is answered once
+Redis has replied, so an ack sent from it promises that the event is
+durably queued.
 
 Each stream entry holds one field ``e``: the JSON of a record,
 ``{"table": <ClickHouse table>, "row": {column: value}}``.
 
-An operation travels as one string, its code and fields joined by ``SEP``
-(``pack``), so a batch of any size is a short command: one argument per
-operation.  No field can hold ``SEP``: ids, URLs and text from clients are
-checked free of control characters, and JSON escapes them.  The spool keeps
-operations as lists of fields (``unpack``), as it always has.
+The operations are built by ``bklit.ops`` (one script argument each).
 """
 
 from __future__ import annotations
 
 import time
-from importlib import resources
 from typing import Any
 
 from twisted.internet import defer, task
@@ -28,7 +24,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bklit import keys
-from bklit.keys import DEAD_STREAM, STREAM
+from bklit.keys import DEAD_STREAM
+from bklit.ops import (BATCH_SCRIPT, OPERATIONS, REFUSED, SCRIPT_KEYS, OperationRefused, end_op, event_op,
+                       heartbeat_op, pack, script_args, unpack)
 from bklit.redis_client import RedisService, RedisUnavailable
 from bklit.spool import Spool, SpoolError
 
@@ -38,71 +36,7 @@ REPLAY_RETRY = (0.1, 2.0)  # seconds between replay attempts while Redis cannot 
 # Error replies after which a batch is spooled (Redis did not apply it, and may later).
 TRANSIENT_ERRORS = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN")
 
-SEP = "\x1f"  # between the fields of an operation
 Batch = list[tuple[str, Any]]  # (operation, receipt): see StreamProducer.submit
-BATCH_SCRIPT = resources.files("bklit").joinpath("batch.lua").read_text(encoding="utf-8")
-SCRIPT_KEYS = list(keys.SCRIPT_KEYS)
-OPERATIONS = {"E": "event", "P": "pageview", "X": "session_end", "H": "heartbeat"}  # metric labels
-REFUSED = "!"  # an operation's reply that starts with it: Redis refused that operation alone
-
-
-class OperationRefused(Exception):
-    """Redis refused this one operation (the others of its batch were applied)."""
-
-
-# The operations of batch.lua (see the script's head), packed.
-
-def pack(*fields: str) -> str:
-    """An operation as the script reads it: its code and fields joined by ``SEP``."""
-    op = SEP.join(fields)
-    if op.count(SEP) != len(fields) - 1:
-        raise ValueError("a field of a batch operation holds the field separator")
-    return op
-
-
-def unpack(op: str) -> list[str]:
-    """The code and fields of a packed operation (as the spool keeps it)."""
-    return op.split(SEP)
-
-
-def event_op(entry: str, channel: str = "", message: str = "") -> str:
-    """Append ``entry`` to the stream and publish ``message`` on ``channel`` ("" for none)."""
-    return pack("E", entry, channel, message)
-
-
-def pageview_op(entry: str, visitor: Any, now_ms: int, url: str, head: str, tail: str,
-                user_agent: str = "", bot: bool = False) -> str:
-    """Append a pageview and start, continue or resume its session.
-
-    ``visitor`` (a ``bklit.entries.Visitor``) names the project, session and
-    socket, and the place a new session keeps.  The broadcast is ``head +
-    "true"|"false" + tail``: whether this pageview started the session is
-    only known inside Redis.  A ``bot`` session is live apart from people's.
-    The reply is ``[stream id, change]``, change 1 when the session
-    started, 2 when it resumed, else 0 (also when spooled: it is decided at
-    replay).
-    """
-    place = visitor.place
-    return pack("P", entry, keys.live_channel(visitor.project), head, tail, visitor.project, visitor.session,
-                visitor.socket, str(now_ms), url, user_agent, place.country, place.country_code, place.city,
-                "1" if bot else "0")
-
-
-def end_op(project: str, session: str, socket: str, now_ms: int, ended_ms: int, reason: str,
-           message: str) -> str:
-    """Detach ``socket`` from a session; end it (stored, ``message`` broadcast) when none is left."""
-    return pack("X", project, session, socket, str(now_ms), str(ended_ms), reason, keys.live_channel(project),
-                message)
-
-
-def heartbeat_op(project: str, session: str, now_ms: int) -> str:
-    """Refresh a live session's score and its keys' expiry."""
-    return pack("H", project, session, str(now_ms))
-
-
-def script_args(resume_ms: int, ops: Any) -> list[str]:
-    """The batch script's arguments: the resume window, the key prefixes, then the packed operations."""
-    return [str(resume_ms), *keys.SCRIPT_PREFIXES, *ops]
 
 
 class Refusals:

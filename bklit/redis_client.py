@@ -22,7 +22,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
 from bklit import compat
-from bklit.config import RedisAddress
+from bklit.addresses import RedisAddress
 
 
 RECONNECT_MAX_DELAY = 2.0

@@ -52,7 +52,8 @@ from bklit.dashboard import DashboardFactory, Dashboards
 from bklit.geo import GeoError, load_city_db
 from bklit.health import HealthCheck, HealthPage
 from bklit.httpd import HttpLimits, Refusals
-from bklit.ingest import Ingest, SdkFactory
+from bklit.ingest import Ingest
+from bklit.sdk import SdkFactory
 from bklit.lifecycle import OrderedService, Part, Periodic
 from bklit.limits import Admission
 from bklit.livepage import LivePage

@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from bklit import compat, enrich, wire
 from bklit.dashboard import bearer
 from bklit.httpd import Channel, HttpLimits, Page, Refusals
-from bklit.ingest import SdkFactory
+from bklit.sdk import SdkFactory
 from bklit.limits import client_key
 
 

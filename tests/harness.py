@@ -290,7 +290,7 @@ def clickhouse_rows(clickhouse_url: str, query: str) -> list[tuple]:
 @asynccontextmanager
 async def redis_connection(redis_url: str, reply_timeout: float = 5.0):
     """A started ``RedisService`` on the test's Redis, stopped afterwards."""
-    from bklit.config import parse_redis_url
+    from bklit.addresses import parse_redis_url
     from bklit.redis_client import RedisService
 
     redis = RedisService(parse_redis_url(redis_url), reply_timeout)

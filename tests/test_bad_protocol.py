@@ -421,7 +421,7 @@ async def test_messages_right_before_the_end_are_not_lost(case, redis_server, re
 @pytest_twisted.ensureDeferred
 async def test_close_frame_waits_a_bounded_time_for_acks(redis_server, redis_url, clickhouse_url):
     """While Redis holds a pageview's ack back, the client's close frame is answered after CLOSE_WAIT, not later."""
-    from bklit.ingest import CLOSE_WAIT
+    from bklit.sdk import CLOSE_WAIT
 
     async with running_daemon(settings(redis_url, clickhouse_url)) as daemon:
         key = await daemon.token("p1")

@@ -1,6 +1,6 @@
 """batch.lua against a real Redis: key spaces that cannot overlap, and one bad operation failing alone.
 
-The script runs here exactly as the producer runs it (``queue.script_args``
+The script runs here exactly as the producer runs it (``ops.script_args``
 with the operations ``queue.*_op`` build), through a plain blocking
 connection.  Each check is differential: a batch with some keys of the wrong
 type planted by hand is compared with the same batch, less the operations
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from bklit import keys
 from bklit.entries import Visitor
 from bklit.geo import NOWHERE
-from bklit.queue import BATCH_SCRIPT, end_op, event_op, heartbeat_op, pageview_op, script_args, unpack
+from bklit.ops import BATCH_SCRIPT, end_op, event_op, heartbeat_op, pageview_op, script_args, unpack
 from bklit.wire import valid_project_id, valid_session_id
 
 NOW = 4102444800000  # 2100-01-01: later than Redis's clock, so scores are the ones given

@@ -20,7 +20,7 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from bklit import compat
-from bklit.config import parse_redis_url
+from bklit.addresses import parse_redis_url
 
 
 @pytest_twisted.ensureDeferred

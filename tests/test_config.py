@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bklit.config import (KEYS, Config, ConfigError, RedisAddress, load_config,
-                          parse_redis_url, read_ini, unknown_variables)
+from bklit.config import KEYS, Config, ConfigError, load_config, read_ini, unknown_variables
+from bklit.addresses import parse_redis_url, RedisAddress
 
 SAMPLE_INI = Path(__file__).resolve().parent.parent / "etc" / "bklit.ini"
 

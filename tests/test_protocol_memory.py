@@ -19,7 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bklit.config import load_config
 from bklit.dashboard import DashboardFactory, Dashboards
-from bklit.ingest import MAX_WAITING, Ingest, SdkFactory
+from bklit.ingest import Ingest
+from bklit.ops import unpack
+from bklit.redis_client import RedisUnavailable
+from bklit.sdk import MAX_WAITING, SdkFactory
 from bklit.limits import Admission
 from bklit.metrics import Metrics
 from bklit.revocation import OpenKeys
@@ -60,16 +63,14 @@ class FakeProducer:
         self.entries = []
         self.down = False
 
-    def _answer(self, value):
-        return defer.fail(ConnectionError("Redis is down")) if self.down else defer.succeed(value)
-
-    def pageview(self, entry, project, session, socket, *rest, bot=False):
+    def submit(self, op, receipt):
+        """As ``StreamProducer.submit``: the receipt gets the reply Redis would give, or why not."""
+        code, entry, *_ = unpack(op)
         self.entries.append(json.loads(entry))
-        return self._answer(("1-0", ""))
-
-    def enqueue(self, entry, channel="", message=""):
-        self.entries.append(json.loads(entry))
-        return self._answer(None)
+        if self.down:
+            receipt.errback(RedisUnavailable("Redis is down"))
+        else:
+            receipt.callback(["1-0", 0] if code == "P" else "1-0")
 
 
 class FakeSessions:

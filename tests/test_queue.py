@@ -15,7 +15,8 @@ from twisted.internet.threads import deferToThread
 from bklit.keys import SCRIPT_PREFIXES, STREAM, session_state
 from bklit.entries import Visitor
 from bklit.geo import NOWHERE
-from bklit.queue import StreamProducer, pageview_op
+from bklit.ops import pageview_op
+from bklit.queue import StreamProducer
 from bklit.redis_client import RedisUnavailable
 
 from harness import eventually, redis_connection

@@ -15,7 +15,7 @@ import txredisapi
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
-from bklit.config import parse_redis_url
+from bklit.addresses import parse_redis_url
 from bklit.keys import STREAM, live_channel
 from bklit.queue import SPOOLED, StreamProducer
 from bklit.redis_client import RedisService, disconnect, subscriber

@@ -23,7 +23,8 @@ from twisted.internet.threads import deferToThread
 
 from bklit import schema
 from bklit.clickhouse import ClickHousePool, Inserter, PoolStopped, connect, driver_url, thd_migrate, thd_once, thd_ping
-from bklit.config import ConfigError, clickhouse_hosts, load_config
+from bklit.config import ConfigError, load_config
+from bklit.addresses import clickhouse_hosts
 
 from harness import clickhouse_rows, eventually, running_daemon, settings
 

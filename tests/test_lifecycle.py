@@ -158,7 +158,7 @@ async def test_after_stop_nothing_of_the_daemon_is_left(tmp_path, redis_url, cli
         assert (await dash.next())["type"] == "pageview"
         names = {s.name for s in service}
         assert {"listener", "sdk sockets", "dashboard sockets", "timers", "sessions", "producer", "writer",
-                "api", "broadcaster", "redis"} <= names
+                "api", "clickhouse", "api clickhouse", "broadcaster", "redis"} <= names
         assert {type(t).__name__ for t in service.getServiceNamed("timers")} >= {"HealthCheck", "CertificateWatch"}
         assert [s.name for s in service.stopping_order()][-1] == "redis"
     assert await client.wait_closed() == (1001, "Server shutting down")
@@ -169,4 +169,4 @@ async def test_after_stop_nothing_of_the_daemon_is_left(tmp_path, redis_url, cli
     assert set(reactor.getReaders()) - readers == set()
     assert set(reactor.getWriters()) - writers == set()
     assert [t.name for t in _threads() - threads] == []
-    assert not service.writer.pool.started and not service.api.pool.started
+    assert not service.clickhouse.pool.started and not service.api_clickhouse.pool.started

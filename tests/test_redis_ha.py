@@ -154,6 +154,7 @@ def producer_on(redis, spool_dir, min_replicas=1, timeout=0.3):
 async def test_wait_for_a_replica_acks_spools_and_replays(redis_set, tmp_path):
     """With a replica, batches are acked from Redis; without it they spool; back, the spool replays once."""
     primary, [replica] = redis_set.servers[0], redis_set.servers[1:]
+    await eventually(lambda: b"master_link_status:up" in replica.execute("INFO", "replication"), timeout=20)
     async with redis_connection(primary.url) as redis:
         producer = producer_on(redis, tmp_path / "spool")
         try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bklit import compat
 from bklit.limits import TokenBucket
 
 CLOSE_POLICY = 1008
@@ -114,7 +115,7 @@ class FrameBudget:
     def _refuse_frames(self, reason: str) -> None:
         """Close 1008 now and drop what is buffered; nothing more is parsed."""
         self.over_budget = True
-        self.data = b""
+        compat.discard_input(self)
         self.current_frame = None
         self.over_frame_budget(reason)
         if self.state not in (self.STATE_CLOSING, self.STATE_CLOSED):

@@ -171,7 +171,7 @@ class SdkProtocol(FrameBudget, Closable, WebSocketServerProtocol):
 
     def consumeData(self) -> None:
         if self.finish is not None:
-            self.data = b""  # frames after the client's close frame (or our going away) are not handled
+            compat.discard_input(self)  # frames after the client's close frame (or our going away) are not handled
             return
         super().consumeData()
 
@@ -351,7 +351,7 @@ class SdkProtocol(FrameBudget, Closable, WebSocketServerProtocol):
         """
         if self.state != self.STATE_OPEN or not self.owes():
             return finish()
-        self.data = b""
+        compat.discard_input(self)
         self.finish = finish
         self.finish_timer = self.ingest.clock.callLater(CLOSE_WAIT, self.settle, True)
         return None

@@ -128,3 +128,26 @@ def test_autobahn_buffers_unparsed_input_in_data():
     protocol.data = b"\x81\x05hel"
     compat.discard_input(protocol)
     assert protocol.data == b""
+
+
+def test_autobahn_state_the_frame_shortcut_reads():
+    """bklit.frames reads and writes these of Autobahn's protocol state to take whole text frames
+    itself; each must still be where Autobahn keeps it (an upgrade that moves one fails here)."""
+    protocol = WebSocketServerProtocol()
+    protocol.factory = WebSocketServerFactory()
+    protocol._connectionMade()
+    for name in ("data", "_perMessageCompress", "send_queue", "state", "trafficStats", "autoPingTimeoutCall",
+                 "autoPingRestartOnAnyTraffic", "maxFramePayloadSize", "maxMessagePayloadSize", "autoFragmentSize"):
+        assert hasattr(protocol, name), f"autobahn: WebSocketProtocol.{name} is gone"
+    parser = inspect.getsource(WebSocketProtocol.processData)  # set once the handshake is done
+    for name in ("self.current_frame", "self.inside_message", "self.data"):
+        assert name in parser, f"autobahn: processData no longer keeps {name}"
+    assert protocol.STATE_OPEN == 3  # frames.STATE_OPEN
+    for method in ("_cancelAutoPingTimeoutCall", "processData", "sendData", "_dataReceived"):
+        assert callable(getattr(WebSocketProtocol, method, None)), f"autobahn: WebSocketProtocol.{method} is gone"
+    stats = protocol.trafficStats
+    for counter in ("incomingWebSocketFrames", "incomingWebSocketMessages", "incomingOctetsWebSocketLevel",
+                    "incomingOctetsAppLevel", "outgoingWebSocketMessages", "outgoingWebSocketFrames",
+                    "outgoingOctetsAppLevel", "outgoingOctetsWebSocketLevel", "outgoingOctetsWireLevel",
+                    "preopenOutgoingOctetsWireLevel"):
+        assert isinstance(getattr(stats, counter), int), f"autobahn: TrafficStats.{counter} is gone"

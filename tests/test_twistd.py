@@ -269,3 +269,21 @@ async def test_serves_stores_and_stops_cleanly_on_sigterm(daemon, redis_url, cli
     output = log.read_text()
     assert output.rstrip().endswith("Server Shut Down."), output
     assert "Traceback" not in output and "Unhandled" not in output, output
+
+
+def test_the_daemon_tunes_its_collector_once_started():
+    """twistd's daemon freezes what start-up made and collects less often (tap.tune_gc); a
+    BklitService made in a test process leaves that process's collector alone."""
+    import gc
+
+    from bklit import tap
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert tap.BklitService.tune_gc is False
+    try:
+        tap.tune_gc()
+        assert gc.get_threshold() == tap.GC_THRESHOLDS
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -321,7 +321,7 @@ def config_check(args: argparse.Namespace) -> int:
     """``bklit config check``: 0 with the settings in effect on stdout, 1 with the errors on stderr."""
     from bklit.config import unknown_variables
     from bklit.geo import GeoError
-    from bklit.tap import checked_config, check_files
+    from bklit.startup import check_files, checked_config
     from bklit.tls import TLSError
 
     ini = args.config or os.environ.get("BKLIT_CONFIG")

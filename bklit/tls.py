@@ -178,7 +178,7 @@ class TLSServerEndpoint:
 
 
 class CertificateWatch(Periodic):
-    """Reloads the certificate every ``interval`` seconds, 0: never (SIGHUP: ``tap``)."""
+    """Reloads the certificate every ``interval`` seconds, 0: never (SIGHUP: ``BklitService.reload``)."""
 
     def __init__(self, tls: ReloadableTLS, reactor: Any, interval: float):
         super().__init__(interval, tls.reload, reactor, now=False, name="certificates")

@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from bklit import compat, schema
 from bklit.clickhouse import connect as connect_clickhouse
 from bklit.config import load_config
-from bklit.tap import BklitService
+from bklit.service import BklitService
 from bklit.tokens import TokenStore
 
 TIMEOUT = 10.0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from bklit.tap import EXIT_CONFIG, EXIT_LISTEN
+from bklit.startup import EXIT_CONFIG, EXIT_LISTEN
 from servers import free_port
 from tlscerts import CertificateAuthority
 

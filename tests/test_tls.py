@@ -182,7 +182,7 @@ def test_twistd_exits_non_zero_naming_the_file(ca, tmp_path, redis_url, clickhou
 
 def test_cert_without_key_is_a_config_error(pair, capsys):
     """tls_cert without tls_key names the missing key; a config error's exit status."""
-    from bklit.tap import EXIT_CONFIG
+    from bklit.startup import EXIT_CONFIG
 
     options = Options()
     with pytest.raises(SystemExit) as e:

@@ -22,7 +22,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from bklit.tap import EXIT_CONFIG, EXIT_LISTEN
+from bklit.startup import EXIT_CONFIG, EXIT_LISTEN
 from harness import clickhouse_rows, connect, eventually, port_open, sdk_pageview
 from servers import free_port
 
@@ -272,17 +272,18 @@ async def test_serves_stores_and_stops_cleanly_on_sigterm(daemon, redis_url, cli
 
 
 def test_the_daemon_tunes_its_collector_once_started():
-    """twistd's daemon freezes what start-up made and collects less often (tap.tune_gc); a
+    """twistd's daemon freezes what start-up made and collects less often (startup.tune_gc); a
     BklitService made in a test process leaves that process's collector alone."""
     import gc
 
-    from bklit import tap
+    from bklit import startup
+    from bklit.service import BklitService
 
     before, frozen = gc.get_threshold(), gc.get_freeze_count()
-    assert tap.BklitService.tune_gc is False
+    assert BklitService.tune_gc is False
     try:
-        tap.tune_gc()
-        assert gc.get_threshold() == tap.GC_THRESHOLDS
+        startup.tune_gc()
+        assert gc.get_threshold() == startup.GC_THRESHOLDS
         assert gc.get_freeze_count() > frozen
     finally:
         gc.unfreeze()

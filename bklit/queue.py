@@ -11,7 +11,8 @@ durably queued.
 Each stream entry holds one field ``e``: the JSON of a record,
 ``{"table": <ClickHouse table>, "row": {column: value}}``.
 
-The operations are built by ``bklit.ops`` (one script argument each).
+The operations are built by ``bklit.ops`` (one script argument each); the
+spool is replayed by ``bklit.replay``.
 """
 
 from __future__ import annotations
@@ -19,20 +20,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bklit import keys
-from bklit.keys import DEAD_STREAM
 from bklit.ops import (BATCH_SCRIPT, OPERATIONS, REFUSED, SCRIPT_KEYS, OperationRefused, end_op, event_op,
                        heartbeat_op, pack, script_args, unpack)
 from bklit.redis_client import RedisService, RedisUnavailable
-from bklit.spool import Spool, SpoolError
+from bklit.replay import Replayer
+from bklit.spool import Spool
 
 SPOOLED = {"E": "spooled", "P": ["spooled", "0"], "X": 0}  # a spooled operation's reply
-REPLAY_BATCH = 500
-REPLAY_RETRY = (0.1, 2.0)  # seconds between replay attempts while Redis cannot take them
 # Error replies after which a batch is spooled (Redis did not apply it, and may later).
 TRANSIENT_ERRORS = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN")
 
@@ -113,9 +112,9 @@ class StreamProducer:
         self._inflight: set[defer.Deferred] = set()
         self._barrier: set[defer.Deferred] = set()
         self._held: list[Batch] = []
-        self._replaying: defer.Deferred | None = None
-        self._nap: defer.Deferred | None = None
-        self._stopped = False
+        self.replayer = None if spool is None else Replayer(
+            spool, redis, clock, self._run, self._caught_up, self._count_refused,
+            (lambda: self._replicated(None)) if min_replicas else (lambda: None), metrics)
 
     def start(self) -> None:
         """Replay what an earlier run left in the spool."""
@@ -126,7 +125,7 @@ class StreamProducer:
             self.log.info("spool: {size} bytes left by an earlier run; replaying them into Redis",
                           size=self.spool.size)
             self._begin_spooling()
-            self._replay_soon()
+            self.replayer.soon()
 
     def submit(self, op: str, receipt: Any) -> None:
         """Queue a packed operation for this turn's batch.
@@ -280,7 +279,7 @@ class StreamProducer:
         if not self.spooling:
             self._begin_spooling(reason)
         self._append(batch, number if lost_reply else None)
-        self._replay_soon()
+        self.replayer.soon()
 
     def _refuse(self, batch: Batch, reason: str) -> None:
         """Fail a batch's operations (overloaded); logged once until Redis takes events again."""
@@ -301,17 +300,12 @@ class StreamProducer:
             self.log.warn("Redis cannot take events ({reason}): spooling them to {directory} until it can",
                           reason=reason, directory=str(self.spool.directory))
 
-    def _replay_soon(self) -> None:
-        """Start the replayer unless it runs."""
-        if self._replaying is None and not self._stopped:
-            # _replay may finish at once (nothing was spooled): only then may _replayed clear it.
-            self._replaying = defer.ensureDeferred(self._replay())
-            self._replaying.addBoth(self._replayed)
-
-    def _replayed(self, outcome: Any) -> None:
-        self._replaying = None
-        if isinstance(outcome, Failure):
-            self.log.failure("spool: the replayer stopped", outcome)
+    def _caught_up(self) -> bool:
+        """The spool is empty: send to Redis directly again, unless batches sent before spooling are out."""
+        if self._held or self._barrier:
+            return False
+        self.spooling = False
+        return True
 
     def _append(self, batch: Batch, number: str | None = None) -> None:
         """Write a batch (behind its number) to the spool; its operations succeed once it is on disk."""
@@ -336,76 +330,6 @@ class StreamProducer:
         for _, d in kept:
             d.errback(failure.value)
 
-    async def _replay(self) -> None:
-        """Move the spool into Redis, oldest segment first, then stop spooling."""
-        delay, trouble = REPLAY_RETRY[0], ""
-        try:
-            while not self._stopped:
-                name = self.spool.oldest()
-                if name is None:
-                    if not self._held and not self._barrier:
-                        self.spooling = False
-                        self.log.info("spool replayed: sending to Redis directly again")
-                        break
-                    await self._sleep(REPLAY_RETRY[0])  # batches sent before spooling are still out
-                    continue
-                try:
-                    await self._replay_segment(name)
-                    delay, trouble = REPLAY_RETRY[0], ""
-                except SpoolError as e:
-                    self.log.error("spool: {error}; moved aside as {damaged}, its other events are not replayed",
-                                   error=str(e), damaged=self.spool.quarantine(name))
-                except Exception as e:
-                    if str(e) != trouble:
-                        trouble = str(e)
-                        self.log.warn("spool: replay waits for Redis: {error}", error=trouble)
-                    await self._sleep(delay)
-                    delay = min(delay * 2, REPLAY_RETRY[1])
-        except defer.CancelledError:  # drain() cut a pause short
-            pass
-
-    def _sleep(self, seconds: float) -> defer.Deferred:
-        self._nap = task.deferLater(self.clock, seconds, lambda: None)
-        return self._nap.addBoth(self._woke)
-
-    def _woke(self, result: Any) -> Any:
-        self._nap = None
-        return result
-
-    async def _replay_segment(self, name: str) -> None:
-        """Replay one segment, whole batches a call, then remove it."""
-        offset = 0
-        while not self._stopped:
-            ops, end = await self.spool.read_later(name, offset, REPLAY_BATCH, lambda op: op[0] == "S")
-            if not ops:
-                if self.spool.sizes.get(name, 0) > offset:
-                    continue  # appended to while it was read
-                # Removed, and spooling ended by the caller, in this reactor step: nothing slips in between.
-                self.spool.remove(name)
-                return
-            replies = await self._run([pack(*op) for op in ops])
-            refused = [(op, reply[1:]) for op, reply in zip(ops, replies)
-                       if isinstance(reply, str) and reply.startswith(REFUSED)]
-            if refused:
-                await self._dead_letter(refused)
-            if self.min_replicas:  # replicas have it before it leaves the spool
-                await self._replicated(None)
-            offset = end
-            if self.metrics is not None:
-                self.metrics.spool_operations.labels("replayed").inc(sum(op[0] != "S" for op in ops))
-
-    async def _dead_letter(self, refused: list[tuple[list[str], str]]) -> None:
-        """Keep the records of spooled events Redis refused at replay in the dead letters.
-
-        They were acked when spooled, so they are not dropped: ``bklit
-        events retry-dead`` moves them back into the stream once the cause
-        is fixed.  Session ends and heartbeats carry no record.
-        """
-        for op, reason in refused:
-            self._count_refused(op, reason)
-            if op[0] in ("E", "P"):
-                await self.redis.call("XADD", DEAD_STREAM, "*", "e", op[1], "error", f"Redis: {reason}", "id", "")
-
     async def drain(self) -> None:
         """Wait until every operation given so far has been answered or spooled.
 
@@ -417,11 +341,8 @@ class StreamProducer:
             self.flush()
         while self._inflight:
             await defer.DeferredList(list(self._inflight), consumeErrors=True)
-        self._stopped = True
-        if self._nap is not None:
-            self._nap.cancel()
-        if self._replaying is not None:
-            await self._replaying
+        if self.replayer is not None:
+            await self.replayer.stop()
         if self.spool is not None:
             await self.spool.close()
             if not self.spool.empty:

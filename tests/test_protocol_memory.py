@@ -22,7 +22,8 @@ from bklit.dashboard import DashboardFactory, Dashboards
 from bklit.ingest import Ingest
 from bklit.ops import unpack
 from bklit.redis_client import RedisUnavailable
-from bklit.sdk import MAX_WAITING, SdkFactory
+from bklit.gate import MAX_WAITING
+from bklit.sdk import SdkFactory
 from bklit.limits import Admission
 from bklit.metrics import Metrics
 from bklit.revocation import OpenKeys

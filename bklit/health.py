@@ -7,9 +7,8 @@ store; the report names the host that answered, of those the ``clickhouse``
 setting lists), and the stream's length and pending count are read for the report
 and the metrics.  It also reads how Redis persists what it holds, which
 Redis primary is in use (``redis_primary``: with Sentinel, the one of the
-day) and the local spool's state.  ``HealthPage`` serves the last result as JSON (in
-full to ``metrics_networks``; anyone else gets ``{"status": ...}`` alone,
-with the same code):
+day) and the local spool's state.  ``bklit.status.HealthPage`` serves the
+last result as JSON:
 
 - ``ok`` (200): everything answers, nothing to warn about;
 - ``degraded`` (200): events are accepted, but ``warnings`` says what is
@@ -23,7 +22,6 @@ with the same code):
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -31,10 +29,8 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
 from bklit.clickhouse import thd_ping
-from bklit.httpd import Page
 from bklit.keys import GROUP, STREAM
 from bklit.lifecycle import Periodic
-from bklit.metrics import Networks
 
 log = Logger()
 
@@ -189,25 +185,3 @@ def persistence(appendonly: str, appendfsync: str, save: str, policy: str = "noe
 
 def _short(error: Exception) -> str:
     return (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:200]
-
-
-class HealthPage(Page):
-    """``GET /healthz``: the last report, 200 when healthy, 503 when not.
-
-    Only ``networks`` (``metrics_networks``) get the whole report; anyone
-    else gets its ``status`` alone, with the same code.
-    """
-
-    def __init__(self, health: HealthCheck, networks: Networks):
-        super().__init__()
-        self.health = health
-        self.networks = networks
-
-    def render_GET(self, request: Any) -> bytes:
-        request.setResponseCode(200 if self.health.healthy else 503)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        state = self.health.state
-        if not self.networks.allow(request):
-            state = {"status": state["status"]}
-        return json.dumps(state, separators=(",", ":")).encode()

@@ -6,9 +6,8 @@ read when ``/metrics`` is scraped, and so are the process's own
 (``process_open_fds`` against ``process_max_fds``, resident memory, CPU
 seconds, ``python_gc_*``) and ``bklit_build_info``.  No counter or
 histogram has a ``_created`` series (they would double what is scraped and
-stored, for a time Prometheus does not need).  ``MetricsPage`` serves the text format,
-only to the networks in ``metrics_networks`` (``Networks``, loopback by
-default): the port faces the internet.
+stored, for a time Prometheus does not need).  ``bklit.status.MetricsPage``
+serves the text format.
 """
 
 from __future__ import annotations
@@ -17,12 +16,10 @@ import platform
 from typing import Any, Callable
 
 import prometheus_client
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, GCCollector, Gauge, Histogram,
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram,
                                ProcessCollector, generate_latest)
-from twisted.internet.address import UNIXAddress
 
-from bklit import __version__, enrich
-from bklit.httpd import Page
+from bklit import __version__
 
 prometheus_client.disable_created_metrics()
 
@@ -113,39 +110,3 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
-
-
-class Networks:
-    """The networks of ``metrics_networks``: who may read /metrics and all of /healthz.
-
-    With ``unix``, a peer on a unix socket is let in too: the socket's
-    folder decides who may connect (``status_listen``).
-    """
-
-    def __init__(self, networks: tuple[str, ...], unix: bool = False):
-        self.networks = enrich.parse_proxies(networks)
-        self.unix = unix
-
-    def allow(self, request: Any) -> bool:
-        """Whether the request's peer (the TCP or PROXY-protocol address) is in one."""
-        peer = request.getClientAddress()
-        if self.unix and isinstance(peer, UNIXAddress):
-            return True
-        return enrich.in_networks(getattr(peer, "host", ""), self.networks)
-
-
-class MetricsPage(Page):
-    """``GET /metrics``, for allowed networks only (403 otherwise)."""
-
-    def __init__(self, metrics: Metrics, networks: Networks):
-        super().__init__()
-        self.metrics = metrics
-        self.networks = networks
-
-    def render_GET(self, request: Any) -> bytes:
-        if not self.networks.allow(request):
-            request.setResponseCode(403)
-            return b"metrics are only served to metrics_networks\n"
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return self.metrics.render()
-

@@ -37,13 +37,13 @@ from bklit.api import THREADS as API_THREADS, Api, reader_url
 from bklit.broadcast import Broadcaster
 from bklit.clickhouse import ClickHousePool, Inserter, server_url, thd_migrate_with, with_timeouts
 from bklit.dashboard import DashboardFactory, Dashboards
-from bklit.health import HealthCheck, HealthPage
+from bklit.health import HealthCheck
 from bklit.httpd import HttpLimits, Refusals
 from bklit.ingest import Ingest
 from bklit.lifecycle import OrderedService, Part, Periodic
 from bklit.limits import Admission
 from bklit.livepage import LivePage
-from bklit.metrics import Metrics, MetricsPage, Networks
+from bklit.metrics import Metrics
 from bklit.notify import notify, reloading
 from bklit.queue import StreamProducer
 from bklit.redis_client import RedisService
@@ -52,6 +52,7 @@ from bklit.sdk import SdkFactory
 from bklit.sessions import LiveSessions
 from bklit.spool import Spool
 from bklit.startup import EXIT_LISTEN, listen_reason, open_spool, tune_gc
+from bklit.status import Networks, status_pages
 from bklit.tls import CertificateWatch, LoadedPair, ReloadableTLS, TLSServerEndpoint, load_pair
 from bklit.tokens import TokenStore, TokenVerifier
 from bklit.web import LiveCount, Lockout, UpgradeResource, make_site, make_status_site
@@ -137,14 +138,12 @@ class BklitService(OrderedService):
                                   stream_max_length=config.stream_max_length)
         self.health.setServiceParent(self.timers)
         if self.site is not None:
-            self.site.resource.named.update(self._status_pages(Networks(config.metrics_networks)))
+            pages = status_pages(self.health, self.metrics, Networks(config.metrics_networks))
+            self.site.resource.named.update(pages)
         self.status: Any = None
         if config.status_endpoint:
             self._build_status()
         self._start_in_order()
-
-    def _status_pages(self, networks: Networks) -> dict[bytes, Any]:
-        return {b"healthz": HealthPage(self.health, networks), b"metrics": MetricsPage(self.metrics, networks)}
 
     def _build_status(self) -> None:
         """This process's own /healthz and /metrics on ``status_listen`` (every role)."""
@@ -152,7 +151,8 @@ class BklitService(OrderedService):
         limits = HttpLimits(self.reactor, Refusals(self.reactor, self.metrics.http_refused),
                             handshake_timeout=config.handshake_timeout, idle_timeout=config.http_idle_timeout,
                             max_per_client=config.max_http_connections_per_ip)
-        site = make_status_site(self._status_pages(Networks(config.metrics_networks, unix=True)), limits)
+        pages = status_pages(self.health, self.metrics, Networks(config.metrics_networks, unix=True))
+        site = make_status_site(pages, limits)
         self.status = StreamServerEndpointService(
             endpoints.serverFromString(self.reactor, config.status_endpoint), site)
         compat.raise_bind_errors(self.status)

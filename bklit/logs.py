@@ -1,10 +1,8 @@
 """The daemon's log lines: their least level, journald priorities, and JSON.
 
-``log_level`` drops lines less severe than it.  Under systemd (standard
-output is the journal: ``JOURNAL_STREAM`` names it) or with
-``log_journal = true``, every line starts with its syslog priority, ``<4>``
-for a warning, which journald reads and strips, so ``journalctl -p warning``
-works; a traceback's lines all carry it.  The text is twistd's own
+``log_level`` drops lines less severe than it.  Under systemd, or with
+``log_journal = true``, every line starts with its syslog priority
+(``bklit.journal``).  The text is twistd's own
 (``time [namespace#level] message``).  ``makeService`` picks the observer:
 this one on standard output (``twistd --nodaemon`` without ``--logfile``),
 or ``json_observer`` when twistd is run with ``--logger
@@ -20,7 +18,6 @@ daemon never logs API keys or client addresses, so neither can appear here.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,10 +27,10 @@ from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, Predic
                             formatEvent, formatEventAsClassicLogText)
 from zope.interface import provider
 
+from bklit.journal import PRIORITIES, is_journal, prefixed
+
 PLAIN = (str, int, float, bool, type(None))
 
-#: syslog priorities (RFC 5424) of twisted.logger's levels.
-PRIORITIES = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3, LogLevel.critical: 2}
 ORDER = [LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical]
 
 
@@ -50,25 +47,9 @@ def configure(level: str, journal: str) -> None:
     Choice.journal = journal
 
 
-def is_journal(out: IO[str], environ: Any = None) -> bool:
-    """Whether ``out`` is a stream to journald: ``JOURNAL_STREAM`` is its ``device:inode``."""
-    stream = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
-    try:
-        info = os.fstat(out.fileno())
-    except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO)
-        return False
-    return bool(stream) and stream == f"{info.st_dev}:{info.st_ino}"
-
-
 def with_priorities(out: IO[str]) -> bool:
     """Whether lines written to ``out`` start with their priority, as ``log_journal`` says."""
     return Choice.journal == "true" or (Choice.journal == "auto" and is_journal(out))
-
-
-def prefixed(text: str, level: Any) -> str:
-    """``text`` with each of its lines started by ``level``'s ``<N>`` (info when unknown)."""
-    prefix = f"<{PRIORITIES.get(level, 6)}>"
-    return "".join(prefix + line for line in text.splitlines(keepends=True))
 
 
 def least(level: Any) -> Callable[[dict], Any]:

@@ -8,7 +8,7 @@ from twisted.internet import task
 from twisted.logger import LogLevel, Logger
 from twisted.python.failure import Failure
 
-from bklit import health, logs
+from bklit import health, journal, logs
 from bklit.metrics import Metrics
 
 
@@ -60,10 +60,10 @@ def test_journal_is_recognised_by_device_and_inode(tmp_path):
         import os
 
         info = os.fstat(out.fileno())
-        assert logs.is_journal(out, {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
-        assert not logs.is_journal(out, {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino + 1}"})
-        assert not logs.is_journal(out, {})
-    assert not logs.is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
+        assert journal.is_journal(out, {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
+        assert not journal.is_journal(out, {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino + 1}"})
+        assert not journal.is_journal(out, {})
+    assert not journal.is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
 
 
 class DownRedis:

@@ -1,9 +1,9 @@
-"""Where Redis and ClickHouse are: their URLs, parsed and checked.
+"""Where Redis is: its URLs, parsed and checked.
 
 ``parse_redis_url`` reads ``redis://``, ``rediss://`` and
-``redis+sentinel://`` URLs into a ``RedisAddress``; ``clickhouse_hosts`` and
-``clickhouse_database`` check a ``clickhouse://`` URL (several hosts allowed);
-``hide_password`` masks a URL's password for logs.  A bad URL is a
+``redis+sentinel://`` URLs into a ``RedisAddress`` (ClickHouse's URLs are
+``bklit.clickhouse_urls``'); ``hide_password`` masks a URL's password for
+logs, whichever server it names.  A bad URL is a
 ``ValueError`` saying what is wrong (``bklit.config`` names its key).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 SENTINEL_PORT = 26379
 
@@ -119,37 +119,3 @@ def hide_password(url: str) -> str:
     userinfo, _, host = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def clickhouse_hosts(value: str) -> list[str]:
-    """The ``host[:port]`` of each host a ``clickhouse://`` URL names, in order.
-
-    Several hosts are comma-separated, as in
-    ``clickhouse://default:@10.0.0.1:9000,10.0.0.2:9000/bklit`` (the
-    replicas of one shard); ``ValueError`` says what is wrong.
-    """
-    parts = urlsplit(value)
-    if parts.scheme not in ("clickhouse", "clickhouses"):
-        raise ValueError("must start with clickhouse:// or clickhouses://")
-    hosts = parts.netloc.rpartition("@")[2].split(",")
-    for host in hosts:
-        item = urlsplit("//" + host.strip())
-        if not item.hostname:
-            raise ValueError("needs a host, as in clickhouse://default:@127.0.0.1:9000/bklit"
-                             " (several: host:port,host:port)")
-        try:
-            item.port
-        except ValueError:
-            raise ValueError(f"has an invalid port in {host.strip()!r}") from None
-    if len(hosts) > 1 and "alt_hosts" in dict(parse_qsl(parts.query)):
-        raise ValueError("names several hosts and alt_hosts too: list them in one place")
-    return [host.strip() for host in hosts]
-
-
-def clickhouse_database(value: str) -> str:
-    """The database named by a ``clickhouse://`` URL (default ``bklit``)."""
-    clickhouse_hosts(value)
-    database = urlsplit(value).path.strip("/") or "bklit"
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", database):
-        raise ValueError(f"database name {database!r} is not a plain identifier")
-    return database

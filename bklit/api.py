@@ -41,7 +41,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from bklit import agents, compat, keys, rollup, wire
-from bklit.clickhouse import ClickHousePool, with_timeouts
+from bklit.clickhouse import ClickHousePool
+from bklit.clickhouse_urls import with_timeouts
 from bklit.dashboard import bearer
 from bklit.web import _json
 

@@ -245,7 +245,8 @@ async def token_revoke(args: argparse.Namespace, config: Config) -> None:
 async def schema_migrate(args: argparse.Namespace, config: Config) -> None:
     import logging
 
-    from bklit.clickhouse import server_url, thd_migrate_with, using_pool
+    from bklit.clickhouse import thd_migrate_with, using_pool
+    from bklit.clickhouse_urls import server_url
 
     # clickhouse-driver logs every failed connection attempt with a
     # traceback; the failure is reported once, below.

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import threading
 from typing import Any, Callable, Iterable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from clickhouse_driver import Client, errors
 from twisted.application.service import Service
@@ -29,7 +28,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from bklit import schema
-from bklit.addresses import clickhouse_hosts
+from bklit.clickhouse_urls import driver_url, server_url
 
 MIGRATIONS_TABLE = "schema_migrations"
 
@@ -56,36 +55,6 @@ def is_data_error(error: BaseException) -> bool:
     return isinstance(error, (
         errors.TypeMismatchError, TypeError, ValueError, OverflowError, UnicodeError,
     )) or type(error).__name__ == "error"  # struct.error from packing a value
-
-
-def driver_url(url: str) -> str:
-    """``url`` as clickhouse-driver reads it: of several hosts, the first, the others as ``alt_hosts``."""
-    parts = urlsplit(url)
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    hosts = clickhouse_hosts(url)
-    if len(hosts) == 1:
-        return url
-    query = parse_qsl(parts.query) + [("alt_hosts", ",".join(hosts[1:]))]
-    return urlunsplit(parts._replace(netloc=userinfo + at + hosts[0], query=urlencode(query)))
-
-
-def server_url(url: str, database: str = "default") -> str:
-    """``url`` pointing at another database (to create ours before using it)."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + database))
-
-
-def with_timeouts(url: str, connect: float, receive: float) -> str:
-    """``url`` with these connect and receive timeouts (seconds), unless it sets its own.
-
-    clickhouse-driver waits 10 s to connect and 300 s for a reply by
-    default: too long to notice a host that stopped answering.
-    """
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    query.setdefault("connect_timeout", str(connect))
-    query.setdefault("send_receive_timeout", str(receive))
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def connect(url: str) -> Client:

@@ -20,7 +20,8 @@ from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 from bklit import parsers as p
-from bklit.addresses import RedisAddress, clickhouse_database, hide_password, parse_redis_url
+from bklit.addresses import RedisAddress, hide_password, parse_redis_url
+from bklit.clickhouse_urls import clickhouse_database
 
 ROLES = ("all", "ingest", "writer")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import txaio
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer

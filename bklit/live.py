@@ -8,10 +8,8 @@ uses the SDK's field names, enriched; it never carries the client address.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from bklit.wire import iso_timestamp
-
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from bklit.addresses import clickhouse_database, parse_redis_url
+from bklit.addresses import parse_redis_url
+from bklit.clickhouse_urls import clickhouse_database
 
 def text(value: str) -> str:
     return value.strip()

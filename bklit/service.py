@@ -35,7 +35,8 @@ from twisted.web.resource import Resource
 from bklit import compat
 from bklit.api import THREADS as API_THREADS, Api, reader_url
 from bklit.broadcast import Broadcaster
-from bklit.clickhouse import ClickHousePool, Inserter, server_url, thd_migrate_with, with_timeouts
+from bklit.clickhouse import ClickHousePool, Inserter, thd_migrate_with
+from bklit.clickhouse_urls import server_url, with_timeouts
 from bklit.dashboard import DashboardFactory, Dashboards
 from bklit.health import HealthCheck
 from bklit.httpd import HttpLimits, Refusals

@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bklit.clickhouse import Inserter, thd_once
-from bklit.addresses import clickhouse_database
+from bklit.clickhouse_urls import clickhouse_database
 from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from harness import (SESSION, clickhouse_rows, eventually, redis_connection, running_daemon, sdk_event,
                      sdk_pageview, settings)

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bklit import agents, clickhouse, enrich, entries, geo, rows, schema, typed, wire
-from bklit.addresses import clickhouse_database
+from bklit.clickhouse_urls import clickhouse_database
 from bklit.wire import Auth, Event, PageView, ProtocolError, parse_message
 from harness import clickhouse_rows
 

@@ -22,9 +22,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
 from bklit import schema
-from bklit.clickhouse import ClickHousePool, Inserter, PoolStopped, connect, driver_url, thd_migrate, thd_once, thd_ping
+from bklit.clickhouse import ClickHousePool, Inserter, PoolStopped, connect, thd_migrate, thd_once, thd_ping
 from bklit.config import ConfigError, load_config
-from bklit.addresses import clickhouse_hosts
+from bklit.clickhouse_urls import clickhouse_hosts, driver_url
 
 from harness import clickhouse_rows, eventually, running_daemon, settings
 

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 
 from bklit import rows, wire
 from bklit.clickhouse import ClickHousePool, Inserter, thd_migrate, thd_once
-from bklit.addresses import clickhouse_database
+from bklit.clickhouse_urls import clickhouse_database
 from bklit.ids import EventIds
 from bklit.keys import DEAD_STREAM, GROUP, STREAM
 from bklit.writer import WriterService

@@ -8,11 +8,7 @@ has synced them to disk; a replayer later moves them into Redis in order
 On disk, ``spool_dir`` holds segment files named
 ``<nanoseconds>-<random>.spool``, oldest first by name, and ``id``, the
 spool's random name (Redis remembers under it which batches it applied).
-A segment is a sequence of records::
-
-    4 bytes  payload length (big endian)
-    4 bytes  CRC-32 of the payload
-    payload  one operation: a JSON array of strings
+A segment is a sequence of records (``bklit.records``).
 
 Appends are whole records written from the reactor thread; ``fsync`` runs
 in a thread of the spool's own, one at a time, and covers every record
@@ -27,12 +23,9 @@ second daemon out of the directory.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import secrets
-import struct
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +35,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-HEADER = struct.Struct(">II")
+from bklit.records import decode, encode, whole_length
+
 SUFFIX = ".spool"
 SEGMENT_BYTES = 64 << 20
 READ_BYTES = 1 << 20
@@ -54,35 +48,6 @@ class SpoolError(Exception):
 
 class SpoolFull(SpoolError):
     """The spool reached ``spool_max_bytes``."""
-
-
-def encode(op: list[str]) -> bytes:
-    """One record: header and payload."""
-    payload = json.dumps(op, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def decode(data: bytes, offset: int) -> tuple[list[str] | None, int]:
-    """The record at ``offset`` and the offset after it; ``(None, offset)`` if none is whole there."""
-    if len(data) - offset < HEADER.size:
-        return None, offset
-    size, crc = HEADER.unpack_from(data, offset)
-    start = offset + HEADER.size
-    payload = data[start:start + size]
-    if len(payload) < size or zlib.crc32(payload) != crc:
-        return None, offset
-    return json.loads(payload), start + size
-
-
-def whole_length(path: Path) -> int:
-    """How many leading bytes of a segment are whole, valid records."""
-    data = path.read_bytes()
-    offset = 0
-    while True:
-        op, after = decode(data, offset)
-        if op is None:
-            return offset
-        offset = after
 
 
 class Spool:

@@ -19,7 +19,8 @@ from twisted.logger import capturedLogs
 from bklit.keys import SCRIPT_PREFIXES, STREAM, applied as applied_key
 from bklit.queue import OperationRefused, StreamProducer
 from bklit.redis_client import RedisUnavailable
-from bklit.spool import HEADER, Spool, SpoolError, SpoolFull, decode
+from bklit.records import HEADER, decode
+from bklit.spool import Spool, SpoolError, SpoolFull
 from harness import clickhouse_rows, eventually, health, redis_connection, running_daemon, sdk_pageview, settings
 from loadgen import close, expected_rows, message, open_client, send_acked, session_of, stored
 

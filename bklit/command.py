@@ -4,13 +4,15 @@ A command is ``async def command(args, config)``: it prints its result on
 stdout (text, or JSON with ``--json``), details for people on stderr
 (``say``), and raises ``UsageProblem`` (exit 2) for a bad argument or
 ``Failed`` (exit 1) when it cannot do its job.  ``run`` turns an error reply
-from Redis into ``Failed``.
+from Redis into ``Failed``.  Also shared: ``from_stdin`` (a key kept out of
+argv), ``gather``, ``first_line`` and ``utc``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer
@@ -97,3 +99,32 @@ class Connection:
 async def connect(config: Config) -> Connection:
     """A ``Connection`` to the configured server (``Failed`` when unreachable)."""
     return Connection(await redis_connection(config))
+
+def from_stdin(value: str | None) -> str | None:
+    """``value``, or the first line of standard input when it is ``-`` (keeps a key out of argv)."""
+    if value != "-":
+        return value
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise UsageProblem("expected the key on standard input")
+    return line
+
+
+async def gather(waiting: list[defer.Deferred]) -> list:
+    """The results of Deferreds already running, in order; the first failure raises."""
+    outcomes = await defer.DeferredList(waiting, consumeErrors=True)
+    for ok, value in outcomes:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in outcomes]
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (server errors carry stack traces)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def utc(epoch_seconds: float) -> str:
+    """``2024-11-26 08:00:00`` (UTC) for listings."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch_seconds))

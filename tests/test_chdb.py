@@ -30,7 +30,8 @@ from clickhouse_driver import errors
 from clickhouse_driver.util.escape import escape_param, escape_params
 from twisted.internet import task
 
-from bklit import admin, api, clickhouse, rollup, rows, schema, wire
+from bklit import api, clickhouse, rollup, rows, schema, wire
+from bklit.commands import stats as stats_command
 
 DATABASE = "bklit_chdb"
 URL = f"clickhouse://chdb/{DATABASE}"
@@ -312,13 +313,13 @@ def test_one_insert_with_two_versions_of_a_visit_keeps_one_row(chdb):
 def test_bklit_stats_queries(stored):
     """``bklit stats``: pageviews by id (the retried insert once), visits under FINAL, bots apart."""
     now, past = stored
-    numbers = clickhouse.thd_once(URL, admin.thd_stats, PROJECT, past)
+    numbers = clickhouse.thd_once(URL, stats_command.thd_stats, PROJECT, past)
     assert numbers == {
         "pageviews": 4, "bot_pageviews": 1, "events": 2, "bot_events": 1, "sessions": 3, "bot_sessions": 1,
         "top_pages": [{"url": url, "pageviews": 1} for url in sorted([
             "https://example.com/?utm_source=news&utm_medium=email", "https://example.com/now",
             "https://example.com/pricing#plans", "https://example.com/pricing?ref=x"])]}
-    assert clickhouse.thd_once(URL, admin.thd_stats, PROJECT, int(now) - 60)["pageviews"] == 1
+    assert clickhouse.thd_once(URL, stats_command.thd_stats, PROJECT, int(now) - 60)["pageviews"] == 1
 
 
 def run_queries(queries: dict[str, str], params: dict) -> dict[str, list[tuple]]:

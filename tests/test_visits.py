@@ -9,7 +9,7 @@ from clickhouse_driver import Client
 from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
-from bklit.admin import thd_stats
+from bklit.commands.stats import thd_stats
 from bklit.clickhouse import MIGRATIONS_TABLE, thd_migrate, thd_once
 from bklit.keys import session_state
 from bklit.schema import MIGRATIONS, insert_columns, to_insert_row

@@ -141,17 +141,53 @@ def spool_dir(tmp_path, monkeypatch):
     return path
 
 
+#: The fault report's rows (``faults.Outcome.cells()``) in the order the cases finished:
+#: this process's, or with pytest-xdist every worker's, as their reports arrive.
+_fault_rows = []
+_fault_rows_sent = [0]  # how many of this process's ``faults.RESULTS`` went into a report
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Put the rows of fault cases that finished since the last report into this report's user_properties.
+
+    They travel with the report, so the process writing the terminal
+    summary (the pytest-xdist controller too) gets every worker's rows.
+    """
+    outcome = yield
+    faults = sys.modules.get("faults")
+    if faults is None or len(faults.RESULTS) <= _fault_rows_sent[0]:
+        return
+    report = outcome.get_result()
+    for case in faults.RESULTS[_fault_rows_sent[0]:]:
+        report.user_properties.append(("fault row", case.cells()))
+    _fault_rows_sent[0] = len(faults.RESULTS)
+
+
+def pytest_runtest_logreport(report):
+    """Collect the fault rows a report carries."""
+    _fault_rows.extend(list(value) for name, value in report.user_properties if name == "fault row")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """After fault cases ran: print their table and write it to ``.run/fault-report.md``."""
-    faults = sys.modules.get("faults")
-    if faults is None or not faults.RESULTS:
+    if not _fault_rows or hasattr(config, "workerinput"):
         return
     from pathlib import Path
 
-    table = faults.markdown_report()
+    import faults
+
+    table = faults.markdown_report(_fault_rows)
     terminalreporter.section("fault report")
     terminalreporter.write(table)
     report = Path(config.rootpath) / ".run" / "fault-report.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("# Fault report\n\n" + table)
     terminalreporter.write_line(f"(written to {report.relative_to(config.rootpath)})")
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``--dist loadgroup``) the fault cases run on one worker, one after another."""
+    for item in items:
+        if item.get_closest_marker("fault") is not None:
+            item.add_marker(pytest.mark.xdist_group("fault"))

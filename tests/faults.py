@@ -358,11 +358,13 @@ RESULTS: list[Outcome] = []
 HEADER = ["fault", "sent", "acked", "stored", "lost", "duplicated", "recovery", "verdict, notes"]
 
 
-def markdown_report() -> str:
-    """RESULTS as a markdown table."""
+def markdown_report(rows: Iterable[list[str]] | None = None) -> str:
+    """Rows of cells (``Outcome.cells()``; by default those of RESULTS) as a markdown table."""
+    if rows is None:
+        rows = [outcome.cells() for outcome in RESULTS]
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
-    for outcome in RESULTS:
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in outcome.cells()) + " |")
+    for cells in rows:
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,8 +32,9 @@ BKLIT = os.path.join(BIN, "bklit")
 
 
 def clean_env(**settings):
-    """The environment without BKLIT_* variables, plus ``settings``."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("BKLIT_")}
+    """The environment without BKLIT_* variables (but the test's own spool), plus ``settings``."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("BKLIT_") or name == "BKLIT_SPOOL_DIR"}
     env.update(settings)
     return env
 

@@ -32,10 +32,12 @@ log = Logger()
 class AuthGate:
     """The gate of ``bklit.sdk.SdkProtocol``: ``receive`` lets a parsed message through or holds it.
 
-    The socket provides ``ingest``, ``project_id``, ``client_origin``,
-    ``client``, ``closed``, ``ours``, ``in_project``, ``auth_timer``,
-    ``handle_<type>`` for each message type, ``send_error``, ``close``,
-    ``settle`` and ``widen_frame_budget``.
+    The socket provides the attributes ``gate`` (the state, ``new`` at
+    first), ``waiting`` (a list), ``ingest``, ``project_id``,
+    ``client_origin``, ``client``, ``closed``, ``ours``, ``in_project`` and
+    ``auth_timer``, and the methods ``handle_<type>`` for each message
+    type, ``reject``, ``send_error``, ``close``, ``settle`` and
+    ``widen_frame_budget``.
     """
 
     def receive(self, message: wire.Auth | wire.PageView | wire.Event) -> None:

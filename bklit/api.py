@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -44,6 +44,7 @@ from bklit import agents, compat, keys, rollup, wire
 from bklit.clickhouse import ClickHousePool
 from bklit.clickhouse_urls import with_timeouts
 from bklit.dashboard import bearer
+from bklit.lifecycle import Periodic
 from bklit.web import _json
 
 RANGES = {"30m": 30 * 60, "24h": 24 * 3600, "7d": 7 * 86400}
@@ -94,23 +95,20 @@ class Api(Service):
         self.agents = agents.shared()
         self._clickhouse_failing = False
         self.hours = rollup.HourCache(self.select, reactor)
-        self.checking = task.LoopingCall(self._check)
-        self.checking.clock = reactor
+        self.checking = Periodic(rollup.CHECK_EVERY, self._check, reactor, now=False, name="API: checking the kept hours")
 
     def startService(self) -> None:
         super().startService()
-        self.checking.start(rollup.CHECK_EVERY, now=False)
+        self.checking.startService()
 
     def _check(self) -> defer.Deferred:
         d = defer.ensureDeferred(self.hours.check())
-        d.addErrback(lambda f: f.trap(Unavailable))  # said once by select; the next round tries again
-        d.addErrback(lambda f: self.log.failure("API: checking the kept hours failed", f))
-        return d
+        return d.addErrback(lambda f: f.trap(Unavailable))  # said once by select; the next round tries again
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred:
+        """Fires once a check in progress is over (it reads through the ClickHouse pool)."""
         super().stopService()
-        if self.checking.running:
-            self.checking.stop()
+        return self.checking.stopService()
 
     def mount(self, api: Resource) -> None:
         """Put the endpoints under ``api`` (the ``/api/`` resource)."""

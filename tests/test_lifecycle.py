@@ -8,6 +8,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from bklit import rollup
+from bklit.api import Api
 from bklit.lifecycle import OrderedService, Part, Periodic
 from harness import open_dashboard, running_daemon, sdk_client, sdk_pageview, settings
 from tlscerts import CertificateAuthority
@@ -126,6 +128,27 @@ class PeriodicTests(SynchronousTestCase):
         clock.advance(100)
         self.successResultOf(timer.stopService())
         assert runs == [] and clock.getDelayedCalls() == [] and not timer.running
+
+
+    def test_the_api_stops_once_its_check_of_the_kept_hours_is_over(self):
+        clock, checks = Clock(), []
+
+        class Hours:
+            def check(self):
+                checks.append(defer.Deferred())
+                return checks[-1]
+
+        api = Api(None, verifier=None, redis_call=None, reactor=clock)
+        api.hours = Hours()
+        api.startService()
+        clock.advance(rollup.CHECK_EVERY)
+        assert len(checks) == 1  # one interval after start
+        stopped = api.stopService()
+        assert not stopped.called  # the check reads ClickHouse through a pool stopped after the API
+        checks[0].callback(None)
+        self.successResultOf(stopped)
+        clock.advance(rollup.CHECK_EVERY * 2)
+        assert len(checks) == 1 and clock.getDelayedCalls() == []
 
 
 def _services(tree):

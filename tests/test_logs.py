@@ -6,7 +6,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import task
 from twisted.logger import LogLevel, Logger
-from twisted.python.failure import Failure
 
 from bklit import health, journal, logs
 from bklit.metrics import Metrics

@@ -348,6 +348,21 @@ class RedisServer(_Resp, Server):
         """The Redis URL of database 0."""
         return "redis://%s:%d/0" % (self.host, self.port)
 
+    def stop(self):
+        """SIGTERM the server, again every half second, until it exits (SIGKILL after ``stop_timeout``).
+
+        Right after a sync a replica writes its first append-only file and
+        drops a SIGTERM meanwhile ("Writing initial AOF, can't exit."); a
+        later one stops it.
+        """
+        if self.running:
+            deadline = time.monotonic() + self.stop_timeout
+            while not self._signal_and_wait(signal.SIGTERM, 0.5):
+                if time.monotonic() > deadline:
+                    self._signal_and_wait(signal.SIGKILL, self.stop_timeout)
+                    break
+        self._forget()
+
     def command(self):
         binary = find_binary("redis-server")
         if binary is None:

@@ -141,8 +141,12 @@ async def test_daemon_follows_a_sentinel_failover(redis_set, clickhouse_url):
             await socket.wait_closed()
 
 
-def producer_on(redis, spool_dir, min_replicas=1, timeout=0.3):
-    """A started StreamProducer with a spool that waits for ``min_replicas`` replicas."""
+def producer_on(redis, spool_dir, min_replicas=1, timeout=2.0):
+    """A started StreamProducer with a spool that waits ``timeout`` seconds for ``min_replicas`` replicas.
+
+    0.3 s was missed now and then while other tests loaded both cores: the
+    replica, starved, confirmed late and the first batch spooled.
+    """
     spool = Spool(str(spool_dir), 1 << 20, reactor)
     spool.open()
     producer = StreamProducer(redis, reactor, spool=spool, min_replicas=min_replicas, replica_timeout=timeout)

@@ -83,6 +83,8 @@ class Server:
     host = LOOPBACK
     start_timeout = 30.0
     stop_timeout = 30.0
+    #: Seconds between SIGTERMs while the server has not exited (None: one SIGTERM).
+    term_again = None
 
     def __init__(self, base_dir=None, port=None, detach=False):
         self._owns_dir = base_dir is None
@@ -193,10 +195,16 @@ class Server:
         return [self.log_path]
 
     def stop(self):
-        """SIGTERM the server and wait for it to exit (SIGKILL after a timeout)."""
+        """SIGTERM the server (again every ``term_again`` s when set) and wait for it to exit.
+
+        SIGKILL once ``stop_timeout`` has passed.
+        """
         if self.running:
-            if not self._signal_and_wait(signal.SIGTERM, self.stop_timeout):
-                self._signal_and_wait(signal.SIGKILL, self.stop_timeout)
+            deadline = time.monotonic() + self.stop_timeout
+            while not self._signal_and_wait(signal.SIGTERM, self.term_again or self.stop_timeout):
+                if time.monotonic() > deadline or not self.term_again:
+                    self._signal_and_wait(signal.SIGKILL, self.stop_timeout)
+                    break
         self._forget()
 
     def kill(self):
@@ -336,6 +344,9 @@ class RedisServer(_Resp, Server):
     """
 
     name = "redis-server"
+    #: Right after a sync a replica writes its first append-only file and
+    #: drops a SIGTERM meanwhile ("Writing initial AOF, can't exit.").
+    term_again = 0.5
 
     def __init__(self, base_dir=None, port=None, detach=False, replica_of=None, settings=(), auth=None):
         super().__init__(base_dir, port, detach)
@@ -347,21 +358,6 @@ class RedisServer(_Resp, Server):
     def url(self):
         """The Redis URL of database 0."""
         return "redis://%s:%d/0" % (self.host, self.port)
-
-    def stop(self):
-        """SIGTERM the server, again every half second, until it exits (SIGKILL after ``stop_timeout``).
-
-        Right after a sync a replica writes its first append-only file and
-        drops a SIGTERM meanwhile ("Writing initial AOF, can't exit."); a
-        later one stops it.
-        """
-        if self.running:
-            deadline = time.monotonic() + self.stop_timeout
-            while not self._signal_and_wait(signal.SIGTERM, 0.5):
-                if time.monotonic() > deadline:
-                    self._signal_and_wait(signal.SIGKILL, self.stop_timeout)
-                    break
-        self._forget()
 
     def command(self):
         binary = find_binary("redis-server")

@@ -129,7 +129,6 @@ class PeriodicTests(SynchronousTestCase):
         self.successResultOf(timer.stopService())
         assert runs == [] and clock.getDelayedCalls() == [] and not timer.running
 
-
     def test_the_api_stops_once_its_check_of_the_kept_hours_is_over(self):
         clock, checks = Clock(), []
 

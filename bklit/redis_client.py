@@ -211,6 +211,13 @@ class RedisService(Service):
         return primary(self.connection) if self.connection is not None else ""
 
     @property
+    def link(self) -> Any:
+        """The connection in use now, a new object after each reconnect (None while not connected)."""
+        if self.connection is None:
+            return None
+        return next((conn for conn in compat.redis_protocols(self.connection) if conn.connected), None)
+
+    @property
     def connected(self) -> bool:
         """Whether a live connection to Redis is open right now."""
         return self.connection is not None and compat.redis_connected(self.connection)

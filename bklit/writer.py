@@ -11,7 +11,9 @@ capped backoff, before any new entry is read, so order is kept.  Rows that
 ClickHouse refuses are found by splitting the batch and go to the dead-letter
 stream with the error; the rest is stored.  Entries left pending by a dead
 consumer are taken over with XAUTOCLAIM once they have been idle for
-``claim_idle`` seconds.
+``claim_idle`` seconds; its own, after a failed run or a new Redis
+connection (a failover or restart may have lost its acks), are read again at
+once.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class WriterService(Service):
         # Own pending entries are read first: a reply lost with Redis, or a
         # consumer name used before, may have left some.
         self._retrying = True
+        self._link: Any = None
         self._redis_trouble = ""
         self.stored = 0
         self.prepare = prepare
@@ -164,6 +167,23 @@ class WriterService(Service):
             self._redis_trouble = message
             self.log.warn("writer: cannot read the stream ({error}); retrying every run", error=message)
 
+    def _follow_reconnect(self) -> None:
+        """After Redis reconnected, own pending entries go first.
+
+        Acks a primary took but had not passed to its replica (a failover), or
+        not yet written to disk (a restart), are lost with it: those entries
+        are pending under this name again, and XAUTOCLAIM would leave them
+        there ``claim_idle`` seconds.  (Stored again, they merge by event id.)
+        """
+        link = self.redis.link
+        if link is None or link is self._link:
+            return
+        if self._link is not None:
+            self.log.info("writer: Redis reconnected ({primary}); reading own pending entries again",
+                          primary=self.redis.primary)
+            self._retrying = True
+        self._link = link
+
     async def ensure_group(self) -> None:
         """Create the consumer group (and stream) unless it exists."""
         if self._group_ready:
@@ -189,6 +209,7 @@ class WriterService(Service):
                 self._defer_retry(f"preparing ClickHouse failed ({type(e).__name__}: {e})")
                 return 0
             self.prepare = None
+        self._follow_reconnect()
         await self.ensure_group()
         done = 0
         while True:

@@ -100,12 +100,16 @@ async def kill_mid_batch(writer: Node, redis_url: str) -> int:
     """SIGKILL ``writer`` while it holds a batch read but not acked; returns how many entries.
 
     The writer is frozen (SIGSTOP) while the pending count is read, so the
-    batch seen is the one it dies with.
+    batch seen is the one it dies with.  Until the writer has made its
+    consumer group (after its migrations, slow on a loaded machine) nothing
+    is pending.
     """
+    deadline = time.monotonic() + 30
     async with redis_connection(redis_url) as redis:
-        for _ in range(200):
+        while time.monotonic() < deadline:
             writer.signal(signal.SIGSTOP)
-            pending = int((await redis.call("XPENDING", STREAM, GROUP))[0])
+            groups = await redis.call("EXISTS", STREAM) and await redis.call("XINFO", "GROUPS", STREAM)
+            pending = int((await redis.call("XPENDING", STREAM, GROUP))[0]) if groups else 0
             if pending:
                 await writer.kill()
                 return pending

@@ -478,13 +478,26 @@ class RedisSet:
         """Start every server, then the Sentinel; wait until replication and the Sentinel are up."""
         for server in self.servers:
             server.ensure_running()
-        replicas = len(self.servers) - 1
-        self.wait(lambda: int(self.servers[0].info("replication").get("connected_slaves", 0)) == replicas
-                  and all(r.info("replication").get("master_link_status") == "up" for r in self.servers[1:]),
-                  timeout, "replicas in sync")
+        self.wait(lambda: self.in_sync(self.servers[0]), timeout, "replicas in sync")
         self.sentinel.ensure_running()
-        self.wait(lambda: self.sentinel.replicas() == replicas, timeout, "the Sentinel sees the replicas")
+        self.wait(lambda: self.sentinel.replicas() == len(self.servers) - 1, timeout, "the Sentinel sees the replicas")
         return self
+
+    def in_sync(self, primary):
+        """Whether every other server is a replica of ``primary`` with its link up."""
+        others = [server for server in self.servers if server is not primary]
+        return (primary.role() == "master"
+                and int(primary.info("replication").get("connected_slaves", 0)) == len(others)
+                and all(r.info("replication").get("master_link_status") == "up" for r in others))
+
+    def wait_healed(self, timeout):
+        """Wait until the primary the Sentinel names has every other server as a replica in sync; return it.
+
+        Whichever that is: on a loaded machine the Sentinel may fail over
+        again, back to a restarted old primary.
+        """
+        self.wait(lambda: self.in_sync(self.primary()), timeout, "every server a replica of the primary")
+        return self.primary()
 
     def ensure_running(self):
         """Start whatever a test left stopped (after a failover, the old primary comes back as a replica)."""

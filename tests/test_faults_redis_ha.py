@@ -106,18 +106,22 @@ async def test_old_primary_returns_as_replica(redis_set_case):
 
     Batches spool (no replica can confirm them) until the old primary,
     restarted, is made a replica by the Sentinel; then the spool replays.
+    (On a loaded machine the Sentinel may fail over once more, back to the
+    old primary: the set is whole again either way.)
     """
     servers, case = redis_set_case("old primary back as a replica (min_replicas 1)")
     async with case:
         node = await case.node("all", redis_min_replicas="1").start()
         await case.start_load(node)
         await case.at(3)
-        old, new = await kill_primary(servers, case)
+        old, _ = await kill_primary(servers, case)
         await deferToThread(old.start)
-        await deferToThread(servers.wait, lambda: old.role() == "slave", 60, "the old primary a replica")
+        primary = await deferToThread(servers.wait_healed, 60)
         case.fault_ended()
         await case.finish()
         case.note(f"{case.acked_during_fault()} acked (spooled) until the old primary was a replica")
+        if primary is old:
+            case.note("the Sentinel failed over again, back to the old primary")
         case.expect(case.acked_during_fault() > 0, "nothing acked while no replica could confirm")
-        case.expect(new.execute("XLEN", "bklit:events") == 0 and old.role() == "slave",
-                    "the old primary is not a replica of the new one")
+        case.expect(primary.execute("XLEN", "bklit:events") == 0 and servers.in_sync(primary),
+                    "the stream of the primary is not drained, or the set is not whole")

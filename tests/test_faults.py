@@ -106,10 +106,13 @@ async def kill_mid_batch(writer: Node, redis_url: str) -> int:
     """
     deadline = time.monotonic() + 30
     async with redis_connection(redis_url) as redis:
+        while not (await redis.call("EXISTS", STREAM) and await redis.call("XINFO", "GROUPS", STREAM)):
+            if time.monotonic() > deadline:
+                raise AssertionError("the writer never made its consumer group")
+            await pause(0.1)
         while time.monotonic() < deadline:
             writer.signal(signal.SIGSTOP)
-            groups = await redis.call("EXISTS", STREAM) and await redis.call("XINFO", "GROUPS", STREAM)
-            pending = int((await redis.call("XPENDING", STREAM, GROUP))[0]) if groups else 0
+            pending = int((await redis.call("XPENDING", STREAM, GROUP))[0])
             if pending:
                 await writer.kill()
                 return pending

@@ -41,10 +41,9 @@ async def test_demo_command_stores_visits_that_end(redis_url, clickhouse_url):
         await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT count() FROM page_view_event FINAL")
                          == [(played,)], timeout=10)
         # Every visit has ended: the demo closed its sockets.
-        sessions = await eventually(lambda: [r for r in clickhouse_rows(clickhouse_url, (
-            "SELECT session_id, ended_at IS NOT NULL, pageviews FROM tracked_session FINAL"))] or None)
-        await eventually(lambda: all(ended for _, ended, _ in clickhouse_rows(clickhouse_url, (
-            "SELECT session_id, ended_at IS NOT NULL, pageviews FROM tracked_session FINAL"))), timeout=10)
+        query = "SELECT session_id, ended_at IS NOT NULL, pageviews FROM tracked_session FINAL"
+        sessions = await eventually(lambda: (rows := clickhouse_rows(clickhouse_url, query))
+                                    and all(ended for _, ended, _ in rows) and rows, timeout=10)
         assert len(sessions) >= 6
         assert await daemon.service.sessions.live_count("p1") == 0
         ids = [s for s, _, _ in sessions]

@@ -34,7 +34,7 @@ async def test_sdk_pageview_and_event_are_acked_and_stored(redis_url, clickhouse
             "SELECT id, project_id, session_id, url, referrer, referrer_hostname, referrer_path,"
             " referrer_type, utm_source, utm_medium, gclid, user_agent, viewport_width,"
             " viewport_height, screen_width, screen_height, language, timezone,"
-            " is_new_visitor, landing_page, ip FROM page_view_event")), timeout=3)
+            " is_new_visitor, landing_page, ip FROM page_view_event")), timeout=10)
         assert rows == [(
             ack["eventId"], "p1", SESSION,
             "https://example.com/pricing?utm_source=news&utm_medium=email&gclid=abc",
@@ -46,7 +46,7 @@ async def test_sdk_pageview_and_event_are_acked_and_stored(redis_url, clickhouse
         )]
         events = await eventually(lambda: clickhouse_rows(clickhouse_url, (
             "SELECT id, project_id, session_id, tracking_id, event_type, event_definition_id,"
-            " metadata, trigger_method FROM tracked_event")), timeout=3)
+            " metadata, trigger_method FROM tracked_event")), timeout=10)
         assert events == [(event_ack["eventId"], "p1", SESSION, "cta-button", "click", "cta-button",
                            '{"position":"hero","triggerMethod":"manual"}', "manual")]
         client.sendClose()

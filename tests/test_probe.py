@@ -62,7 +62,9 @@ async def test_probe_passes_and_fails_with_a_wrong_key(tmp_path, redis_url, clic
         assert f"(not in the system's CAs): unable to get local issuer certificate (serial {leaf.serial_number:X}, " \
                f"sha256 {leaf_fingerprint(cert)})" in err and len(err.splitlines()) == 1
 
-        rows = await eventually(lambda: clickhouse_rows(clickhouse_url, "SELECT url FROM page_view_event"))
+        # the two probes' pageviews may be stored in two batches: wait for both
+        rows = await eventually(lambda: len(stored := clickhouse_rows(
+            clickhouse_url, "SELECT url FROM page_view_event")) >= 2 and stored)
         assert rows == [("https://bklit-probe.invalid/probe",)] * 2
 
 

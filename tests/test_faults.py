@@ -314,7 +314,11 @@ async def test_clickhouse_replica_stopped(replica_fault_case, clickhouse_replica
         case.fault_ended()
         await case.finish()
         acked = case.load.acked()
-        on_each = {server: acked - await deferToThread(thd_stored_ids, url) for server, url in only.items()}
+        for _ in range(50):  # the copy to the other replica is asynchronous
+            on_each = {server: acked - await deferToThread(thd_stored_ids, url) for server, url in only.items()}
+            if not any(on_each.values()):
+                break
+            await pause(0.2)
         case.note(f"replica 2 stored events acked after the stop {moved:.1f} s after it" if moved is not None
                   else "replica 2 stored nothing while replica 1 was down")
         case.expect(before is not None, "the writer stored nothing on replica 1 in its first 15 s")

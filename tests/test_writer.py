@@ -288,7 +288,7 @@ async def test_writer_backs_off_while_clickhouse_is_down_and_catches_up(redis_ur
                 await add(redis, *(record("page_view_event", row) for _, row in later))
                 started = time.monotonic()
                 await wait_drained(redis, timeout=5)
-                assert time.monotonic() - started < 1.0
+                assert time.monotonic() - started < 2.0  # the next run, not a leftover backoff (>= 2 s by now)
         finally:
             if not clickhouse_server.running:
                 await deferToThread(clickhouse_server.start)
